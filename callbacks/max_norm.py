@@ -1,0 +1,60 @@
+"""MaxNormConstraint: cap the norm of every unit's incoming weight vector after each optimizer step."""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback
+
+from ._common import log_scalars, weight_layers
+
+
+@torch.no_grad()
+def apply_max_norm(weight: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Rescale, in place, each row of a Linear weight / each output filter of a Conv weight whose L2
+    norm exceeds ``max_norm`` to norm ``max_norm``. Rows within the bound are multiplied by exactly 1.
+    Returns the boolean mask of rescaled units."""
+    norms = weight.detach().reshape(weight.shape[0], -1).float().norm(dim=1)
+    over = norms > max_norm
+    scale = torch.where(over, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+    weight.mul_(scale.to(weight.dtype).view((-1,) + (1,) * (weight.dim() - 1)))
+    return over
+
+
+class MaxNormConstraint(Callback):
+    """Max-norm regularisation (Srivastava et al.; the PlainNet paper uses ``max_norm=3``).
+
+    After every real optimizer step -- not after every batch when gradients accumulate -- each
+    unit's incoming weight vector (a row of a Linear weight, an output filter of a Conv weight)
+    with norm above ``max_norm`` is scaled back to ``max_norm``. ``include``/``exclude`` globs pick
+    layers; ``skip_classifier`` leaves the last Linear layer free. Layers with a reparameterised
+    weight (DiracConv2d normalises its filters itself) are skipped. Logs the share of units
+    rescaled per layer as ``max_norm/rescaled/<layer>`` every ``trainer.log_every_n_steps`` steps.
+    """
+
+    def __init__(self, max_norm: float = 3.0, include=None, exclude=None, skip_classifier: bool = False,
+                 log_every_n_steps: int | None = None):
+        if not max_norm or max_norm <= 0:
+            raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+        self.include, self.exclude, self.skip_classifier = include, exclude, skip_classifier
+        self.log_every_n_steps = log_every_n_steps
+        self._last_step = None
+
+    def setup(self, trainer, pl_module, stage):
+        self._layers = [(n, m) for n, m in weight_layers(pl_module, self.include, self.exclude, self.skip_classifier)
+                        if not callable(getattr(m, "effective_weight", None))]
+
+    def on_train_start(self, trainer, pl_module):
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._last_step:  # accumulating: no optimizer step happened
+            return
+        self._last_step = trainer.global_step
+        rescaled = {name: apply_max_norm(module.weight, self.max_norm) for name, module in self._layers}
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % max(1, every) == 0 and rescaled:
+            shares = torch.stack([mask.float().mean() for mask in rescaled.values()]).cpu().tolist()
+            log_scalars(trainer, {f"max_norm/rescaled/{n}": s for n, s in zip(rescaled, shares)})
+
+    def state_dict(self):
+        return {"max_norm": self.max_norm}

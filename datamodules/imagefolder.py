@@ -1,0 +1,80 @@
+"""Folder datasets (``<root>/train/<class>/*.jpg`` and ``<root>/val/<class>/*.jpg``), e.g. ImageNet.
+
+Images are decoded per sample with PIL, so this path keeps torchvision's ``DataLoader`` and
+transforms (ImageNet-style: random-resized crop + flip for training, resize + centre crop for
+evaluation). ``val/`` serves as both validation and test set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from deepplain.errors import ConfigError, DatasetError
+
+from .paths import candidate_roots
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    name = "imagefolder"
+
+    def __init__(self, data_dir=None, batch_size: int = 256, val_split: float = 0.0, seed: int = 0,
+                 download: bool = False, num_workers: int = 4, image_size: int = 224, eval_batch_size=None):
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+        self.data_dir, self.batch_size, self.seed = data_dir, batch_size, seed
+        self.num_workers, self.image_size = num_workers, image_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.input_shape = (3, image_size, image_size)
+        self.num_classes = self.split_sizes = None
+        self.validation_source = "val/ folder"
+        self._train = self._val = None
+
+    def find_root(self) -> Path:
+        roots = candidate_roots(self.data_dir)
+        for root in roots:
+            if (root / "train").is_dir() and (root / "val").is_dir():
+                return root
+        raise DatasetError(f"imagefolder not found: searched {', '.join(map(str, roots))}; expected train/<class>/ and "
+                           "val/<class>/ image folders under --data-dir")
+
+    def setup(self, stage=None):
+        if self._train is not None:
+            return
+        from torchvision import datasets, transforms
+        root = self.find_root()
+        normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        train_tf = transforms.Compose([transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),
+                                       transforms.ToTensor(), normalize])
+        eval_tf = transforms.Compose([transforms.Resize(int(self.image_size * 256 / 224)),
+                                      transforms.CenterCrop(self.image_size), transforms.ToTensor(), normalize])
+        self._train = datasets.ImageFolder(str(root / "train"), train_tf)
+        self._val = datasets.ImageFolder(str(root / "val"), eval_tf)
+        if self._train.classes != self._val.classes:
+            raise DatasetError(f"imagefolder: train/ and val/ under {root} have different class folders")
+        self.num_classes = len(self._train.classes)
+        self.split_sizes = {"train": len(self._train), "val": len(self._val), "test": len(self._val)}
+
+    def _loader(self, dataset, shuffle, batch_size):
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+                          generator=generator)
+
+    def train_dataloader(self):
+        return self._loader(self._train, True, self.batch_size)
+
+    def val_dataloader(self):
+        return self._loader(self._val, False, self.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader(self._val, False, self.eval_batch_size)
+
+    def probe_batch(self, size: int = 256, split: str = "val"):
+        xs, ys = zip(*(self._val[i] for i in range(min(size, len(self._val)))))
+        return torch.stack(xs), torch.tensor(ys)

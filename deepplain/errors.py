@@ -1,0 +1,20 @@
+"""User-facing errors: each one carries a single line that says what was wrong and what is valid.
+
+The CLI prints ``error: <message>`` for these and exits non-zero without a traceback.
+"""
+
+
+class DeepplainError(Exception):
+    """Base class for errors caused by the user's input rather than by a bug."""
+
+
+class ConfigError(DeepplainError, ValueError):
+    """An invalid model, depth, width, option or flag combination."""
+
+
+class DatasetError(DeepplainError, RuntimeError):
+    """A dataset that is missing, truncated or corrupt."""
+
+
+class DivergenceError(DeepplainError, RuntimeError):
+    """Training produced a non-finite loss or activation."""

@@ -1,0 +1,91 @@
+"""Building blocks shared by the model families: activations, norms and weight initialisation."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+ACTIVATIONS = ("relu", "lrelu", "prelu")
+NORMS = ("bn", "none")
+INITS = ("he-uniform", "he-normal", "glorot-uniform", "orthogonal", "default")
+
+
+def check_choice(what: str, value: str, choices) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def make_activation(name: str = "relu", negative_slope: float = 0.3, num_parameters: int = 1) -> nn.Module:
+    """A fresh activation module (never shared, so hooks on it identify one layer)."""
+    check_choice("activation", name, ACTIVATIONS)
+    if name == "relu":
+        return nn.ReLU()
+    if name == "lrelu":
+        return nn.LeakyReLU(negative_slope)
+    return nn.PReLU(num_parameters, init=negative_slope)
+
+
+def make_norm(norm: str, num_features: int, dims: int) -> nn.Module:
+    check_choice("norm", norm, NORMS)
+    if norm == "none":
+        return nn.Identity()
+    return nn.BatchNorm1d(num_features) if dims == 1 else nn.BatchNorm2d(num_features)
+
+
+def init_weights(model: nn.Module, scheme: str = "he-uniform", activation: str = "relu",
+                 negative_slope: float = 0.3) -> nn.Module:
+    """Initialise every Linear/Conv weight of ``model`` and zero their biases.
+
+    He initialisation uses the gain of the activation actually used (LeakyReLU's slope
+    enters the fan-in formula), as in He et al. 2015.
+    """
+    check_choice("init", scheme, INITS)
+    if scheme == "default":
+        return model
+    slope = negative_slope if activation in ("lrelu", "prelu") else 0.0
+    nonlinearity = "leaky_relu" if slope else "relu"
+    for module in model.modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or getattr(module, "skip_init", False):
+            continue
+        weight = module.weight
+        if scheme == "he-uniform":
+            nn.init.kaiming_uniform_(weight, a=slope, nonlinearity=nonlinearity)
+        elif scheme == "he-normal":
+            nn.init.kaiming_normal_(weight, a=slope, nonlinearity=nonlinearity)
+        elif scheme == "glorot-uniform":
+            nn.init.xavier_uniform_(weight)
+        else:
+            nn.init.orthogonal_(weight, gain=math.sqrt(2.0 / (1 + slope ** 2)))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
+
+
+def flat_features(input_shape) -> int:
+    return int(math.prod(input_shape))
+
+
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+def classifier_head(in_features: int, num_classes: int) -> nn.Linear:
+    return nn.Linear(in_features, num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.modules.batchnorm._BatchNorm):
+    """Return (weight, bias) of a layer followed by ``bn`` in eval mode, folded into one layer."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+    bias = torch.zeros_like(bn.running_mean) if bias is None else bias
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return weight * scale.reshape(shape), (bias - bn.running_mean) * scale + shift

@@ -1,0 +1,55 @@
+"""Highway networks (Srivastava, Greff & Schmidhuber, Training Very Deep Networks).
+
+MLP form: a plain Linear -> BN -> ReLU layer, then ``depth`` highway layers
+``y = H(x) * T(x) + x * (1 - T(x))`` with ``H = ReLU(BN(W_H x))`` and the transform gate
+``T = sigmoid(W_T x + b_T)``; ``b_T`` starts negative (``gate_bias``, default -2) so each layer
+begins by carrying its input, as the paper recommends for deep highway nets. Width 50 by default.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..layers import flat_features, init_weights, make_norm
+from ..registry import register
+
+PAPER = "Srivastava et al., Training Very Deep Networks"
+
+
+class HighwayLayer(nn.Module):
+    def __init__(self, width: int, norm: str, gate_bias: float):
+        super().__init__()
+        self.transform = nn.Sequential(OrderedDict(linear=nn.Linear(width, width, bias=norm == "none"),
+                                                   norm=make_norm(norm, width, 1), act=nn.ReLU()))
+        self.gate = nn.Linear(width, width)
+        self.gate_bias = gate_bias
+
+    def reset_gate(self):
+        nn.init.constant_(self.gate.bias, self.gate_bias)
+
+    def forward(self, x):
+        t = torch.sigmoid(self.gate(x))
+        return self.transform(x) * t + x * (1 - t)
+
+
+class HighwayMLP(nn.Module):
+    def __init__(self, depth, input_shape, num_classes, width=50, norm="bn", gate_bias=-2.0, init="he-normal"):
+        super().__init__()
+        self.stem = nn.Sequential(OrderedDict(flatten=nn.Flatten(),
+                                              linear=nn.Linear(flat_features(input_shape), width, bias=norm == "none"),
+                                              norm=make_norm(norm, width, 1), act=nn.ReLU()))
+        self.blocks = nn.Sequential(*[HighwayLayer(width, norm, gate_bias) for _ in range(depth)])
+        self.classifier = nn.Linear(width, num_classes)
+        init_weights(self, init)
+        for layer in self.blocks:
+            layer.reset_gate()  # after init_weights, which zeroes biases
+
+    def forward(self, x):
+        return self.classifier(self.blocks(self.stem(x)))
+
+
+@register("highway", "mlp", summary="gated skip connections: y = H*T + x*(1-T)", paper=PAPER)
+def highway_mlp(depth, *, input_shape, num_classes, width=50, norm="bn", gate_bias=-2.0, init="he-normal"):
+    return HighwayMLP(depth, input_shape, num_classes, width, norm, float(gate_bias), init)

@@ -1,0 +1,154 @@
+"""Pre-activation residual networks, with or without VAN skip gates.
+
+One implementation serves two families, since VAN is a pre-activation ResNet whose skip path
+is scaled by ``(1 - alpha)``:
+
+* ``resnet``: He et al.'s pre-activation ResNet (CIFAR basic blocks 6n+2, bottleneck 9n+2) and
+  an MLP residual form.
+* ``van`` (Monti et al.): ``x_{l+1} = F(x_l) + (1 - alpha_l) * x_l``, see ``deepplain.models.van``.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..layers import conv3x3, flat_features, init_weights
+
+
+class SkipGate(nn.Module):
+    """Scales a skip path by ``1 - alpha``, one alpha per unit (MLP) or channel (conv).
+
+    This is the VAN interface every callback relies on: a module with a parameter named
+    ``alpha`` (initialised to 0, kept in [0, 1]) and a buffer named ``lagrange_lambda`` (the
+    Lagrange multipliers, initialised to -1, saved in checkpoints). ``iter_skip_gates`` finds them.
+    """
+
+    def __init__(self, units: int, lambda_init: float = -1.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(units))
+        self.register_buffer("lagrange_lambda", torch.full((units,), float(lambda_init)))
+
+    def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (skip.dim() - 2)
+        return (1 - self.alpha).to(skip.dtype).view(shape) * skip
+
+    def extra_repr(self) -> str:
+        return f"units={self.alpha.numel()}"
+
+
+def iter_skip_gates(module: nn.Module):
+    """Yield ``(name, gate)`` for every VAN skip gate: a module with ``alpha`` and ``lagrange_lambda``."""
+    for name, sub in module.named_modules():
+        if isinstance(getattr(sub, "alpha", None), nn.Parameter) and isinstance(
+                getattr(sub, "lagrange_lambda", None), torch.Tensor):
+            yield name, sub
+
+
+class ResidualBlock(nn.Module):
+    """``residual(x) + shortcut(x)``, with the shortcut scaled by ``(1 - alpha)`` when gated."""
+
+    def __init__(self, residual: nn.Module, shortcut: nn.Module | None, units: int, gated: bool):
+        super().__init__()
+        self.residual = residual
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self.gate = SkipGate(units) if gated else None
+
+    def forward(self, x):
+        skip = self.shortcut(x)
+        if self.gate is not None:
+            skip = self.gate(skip)
+        return self.residual(x) + skip
+
+
+def preact_mlp_residual(width: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(norm=nn.BatchNorm1d(width), act=nn.ReLU(), linear=nn.Linear(width, width)))
+
+
+def preact_basic_residual(in_channels: int, channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        norm1=nn.BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=conv3x3(in_channels, channels, stride),
+        norm2=nn.BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels),
+    ))
+
+
+def preact_bottleneck_residual(in_channels: int, channels: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(
+        norm1=nn.BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=nn.Conv2d(in_channels, channels, 1, bias=False),
+        norm2=nn.BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels, stride),
+        norm3=nn.BatchNorm2d(channels), act3=nn.ReLU(), conv3=nn.Conv2d(channels, 4 * channels, 1, bias=False),
+    ))
+
+
+class ResidualNet(nn.Module):
+    """``stem -> blocks -> head``; each block is a ``ResidualBlock``."""
+
+    def __init__(self, stem: nn.Module, blocks: list, head: nn.Module, init: str):
+        super().__init__()
+        self.stem = stem
+        self.blocks = nn.Sequential(*blocks)
+        self.head = head
+        init_weights(self, init)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)))
+
+    def skip_gates(self):
+        return [block.gate for block in self.blocks if block.gate is not None]
+
+    def to_plain(self) -> nn.Sequential:
+        """The network with every skip path removed: exact when every VAN alpha is 1.
+
+        Raises ConfigError if a skip path still contributes (an ungated block, or any alpha < 1).
+        """
+        open_blocks = [i for i, b in enumerate(self.blocks) if b.gate is None]
+        if open_blocks:
+            raise ConfigError("only a VAN (every block gated) can be exported as a plain network; "
+                              f"{len(open_blocks)} block(s) have ungated skip connections")
+        alphas = torch.cat([g.alpha.detach().flatten() for g in self.skip_gates()])
+        if not bool(torch.all(alphas == 1)):
+            below = int((alphas < 1).sum())
+            raise ConfigError(f"VAN export needs every alpha == 1; {below} of {alphas.numel()} alphas are below 1 "
+                              f"(min {float(alphas.min()):.4g}); keep training with AlphaScheduler until they reach 1")
+        parts = [copy.deepcopy(self.stem)] + [copy.deepcopy(b.residual) for b in self.blocks]
+        return nn.Sequential(*parts, copy.deepcopy(self.head))
+
+
+def residual_mlp(depth: int, input_shape, num_classes: int, width: int, gated: bool, init: str) -> ResidualNet:
+    stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_features(input_shape), width))
+    blocks = [ResidualBlock(preact_mlp_residual(width), None, width, gated) for _ in range(depth)]
+    head = nn.Sequential(OrderedDict(norm=nn.BatchNorm1d(width), act=nn.ReLU(), linear=nn.Linear(width, num_classes)))
+    return ResidualNet(stem, blocks, head, init)
+
+
+def residual_cnn(input_shape, num_classes: int, group_widths, blocks_per_group: int, bottleneck: bool, gated: bool,
+                 init: str) -> ResidualNet:
+    stem_width = group_widths[0]
+    stem = conv3x3(input_shape[0], stem_width)
+    blocks, channels = [], stem_width
+    for group, width in enumerate(group_widths):
+        for index in range(blocks_per_group):
+            stride = 2 if group > 0 and index == 0 else 1
+            out_channels = 4 * width if bottleneck else width
+            make = preact_bottleneck_residual if bottleneck else preact_basic_residual
+            shortcut = None
+            if stride != 1 or channels != out_channels:
+                shortcut = nn.Conv2d(channels, out_channels, 1, stride=stride, bias=False)
+            blocks.append(ResidualBlock(make(channels, width, stride), shortcut, out_channels, gated))
+            channels = out_channels
+    head = nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(channels), act=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+                                     flatten=nn.Flatten(), linear=nn.Linear(channels, num_classes)))
+    return ResidualNet(stem, blocks, head, init)
+
+
+def blocks_for_depth(family: str, depth: int, per_block: int, extra: int = 2, groups: int = 3,
+                     examples: str = "") -> int:
+    """Blocks per group for ``depth = groups * per_block * n + extra``, or a ConfigError naming valid depths."""
+    step = groups * per_block
+    if depth < step + extra or (depth - extra) % step:
+        valid = ", ".join(str(step * n + extra) for n in range(1, 5))
+        raise ConfigError(f"{family} depth must be {step}n+{extra} ({valid}, ...{examples}), got {depth}")
+    return (depth - extra) // step
