@@ -98,23 +98,24 @@ class ActivationSaturationMonitor(Callback):
         if self.schedule.due(trainer):
             want = self.histograms and self.samples_taken % self.figure_every == 0 and trainer.global_rank == 0
             self._capture = LayerCapture(self._layers, self._reduce(want)).__enter__()
+            self._capture_step = trainer.global_step  # the step is counted up before on_train_batch_end
+            self.schedule.mark(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._capture is None:
             return
         capture, self._capture = self._capture, None
         capture.__exit__(None, None, None)
-        self.schedule.mark(trainer)
-        self._publish(trainer, capture.results, "train", gather=True)
+        self._publish(trainer, capture.results, "train", self._capture_step, gather=True)
 
     # -- probe samples -----------------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.global_rank != 0 or self.probe.ensure(trainer) is None:
             return
         results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce(self.histograms)))
-        self._publish(trainer, results, "probe", gather=False, force_figures=True)
+        self._publish(trainer, results, "probe", trainer.global_step, gather=False, force_figures=True)
 
-    def _publish(self, trainer, results: dict, source: str, gather: bool, force_figures: bool = False):
+    def _publish(self, trainer, results: dict, source: str, step: int, gather: bool, force_figures: bool = False):
         if not results:
             return
         names = list(results)
@@ -130,7 +131,6 @@ class ActivationSaturationMonitor(Callback):
         alive_parts = torch.split(alive.bool(), sizes, dim=1)
         stats = {name: combine(sums[:, i], alive_parts[i]) for i, name in enumerate(names)}
         self.last_stats = stats
-        step = trainer.global_step
         log_scalars(trainer, {f"saturation/{source}/{stat}/{name}": value
                               for name, row in stats.items() for stat, value in row.items()}, step)
         draw = force_figures or self.samples_taken % self.figure_every == 0

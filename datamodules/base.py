@@ -91,13 +91,14 @@ class TensorDataModule(L.LightningDataModule):
 
     def __init__(self, data_dir: str | os.PathLike | None = None, batch_size: int = 128, val_split: float = 0.1,
                  seed: int = 0, download: bool = False, num_workers: int = 0, eval_batch_size: int | None = None,
-                 augment: bool = True):
+                 augment: bool = True, verify_checksums: bool = True):
         super().__init__()
         _check_args(batch_size, val_split, seed)
         self.data_dir, self.batch_size, self.val_split = data_dir, batch_size, float(val_split)
         self.seed, self.download, self.num_workers = seed, download, num_workers  # workers unused: no per-image work
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
         self.use_augmentation = augment
+        self.verify_checksums = verify_checksums  # md5 against torchvision's published values, where it has them
         self.input_shape = self.num_classes = self.split_sizes = None
         self.validation_source = None
         self._splits = None

@@ -21,10 +21,6 @@ class _CifarDataModule(CropFlipMixin, TensorDataModule):
     label_key = "labels"
     torchvision_class = ""
 
-    def __init__(self, *args, verify_checksums: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.verify_checksums = verify_checksums
-
     @property
     def files(self):
         return [[f"{self.folder}/{name}"] for name in self.train_files + self.test_files]

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", help="data root (else $DEEPPLAIN_DATA, else ./data)")
     g.add_argument("--download", action="store_true", help="download the dataset with torchvision if missing")
     g.add_argument("--val-split", type=float, help="share of the training split held out (0 = validate on test)")
+    g.add_argument("--skip-checksums", dest="verify_checksums", action="store_false",
+                   help="do not check files against torchvision's published md5 (re-packed or custom files)")
     g.add_argument("--image-size", type=int, help="COIL-20 / imagefolder image side (default 32 / 224)")
     g.add_argument("--num-workers", type=int, help="DataLoader workers (folder datasets only)")
     g = p.add_argument_group("optimisation")
@@ -150,6 +152,8 @@ def make_datamodule(config: dict):
     from datamodules import get_datamodule
     kwargs = dict(data_dir=config.get("data_dir"), batch_size=config["batch_size"], val_split=config["val_split"],
                   seed=config["seed"], download=config["download"], num_workers=config["num_workers"])
+    if config["dataset"] != "imagefolder":
+        kwargs["verify_checksums"] = config["verify_checksums"]
     if config.get("image_size") is not None:
         if config["dataset"] not in ("coil20", "imagefolder"):
             raise ConfigError(f"--image-size applies to coil20 and imagefolder, got --dataset {config['dataset']}")

@@ -16,7 +16,7 @@ BASE = dict(
     logdir="runs", name=None, num_workers=0, fast_dev_run=False, limit_train_batches=None,
     limit_val_batches=None, resume=None, diagnostics="all", diag_every=None, alpha_mode="lagrangian",
     lambda_lr_ratio=None, phase_out_epochs=None, channels_last=False, compile=False, image_size=None,
-    accumulate_grad_batches=1, deterministic=False, progress=True,
+    accumulate_grad_batches=1, deterministic=False, progress=True, verify_checksums=True,
 )
 
 # The recipe a dataset implies when neither a preset nor a flag says otherwise.
@@ -46,7 +46,20 @@ def merge(explicit: dict) -> dict:
                               f"{', '.join(sorted(family.builders))}")
         config["depth"] = DEFAULT_DEPTH[key]
     check(config, explicit, preset)
+    validate_model(config)
     return config
+
+
+def validate_model(config: dict) -> None:
+    """Build the model on the meta device (no memory, no data) so that a bad depth, width or option
+    is reported before any dataset is read."""
+    import torch
+
+    from .registry import build_model
+    shape = (3, 32, 32) if config["arch"] == "conv" else (1, 28, 28)
+    with torch.device("meta"):
+        build_model(config["model"], config["depth"], arch=config["arch"], input_shape=shape, num_classes=10,
+                    **model_options(config))
 
 
 def check(config: dict, explicit: dict, preset: dict) -> None:

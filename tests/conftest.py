@@ -1,0 +1,51 @@
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# CI sets DEEPPLAIN_DATA; a developer checkout finds the shared copies beside the repo.
+os.environ.setdefault("DEEPPLAIN_DATA", str(REPO.parent / "shared" / "datasets"))
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ["DEEPPLAIN_DATA"])
+    if not (root / "MNIST").is_dir():
+        pytest.fail(f"DEEPPLAIN_DATA={root} does not hold the shared datasets")
+    return root
+
+
+def write_tiny_cifar(root: Path, kind: str = "cifar10", per_file: int = 40, seed: int = 0) -> Path:
+    """A CIFAR-format folder (python pickles) small enough to write in a test."""
+    rng = np.random.default_rng(seed)
+    if kind == "cifar10":
+        folder, names, key, classes = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + [
+            "test_batch"], "labels", 10
+    else:
+        folder, names, key, classes = root / "cifar-100-python", ["train", "test"], "fine_labels", 100
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        n = per_file if kind == "cifar10" else per_file * 5
+        entry = {"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 key: [int(i % classes) for i in range(n)]}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(entry, fh)
+    return root
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path) -> Path:
+    root = tmp_path / "data"
+    write_tiny_cifar(root, "cifar10")
+    write_tiny_cifar(root, "cifar100")
+    return root
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    return tmp_path / "runs"

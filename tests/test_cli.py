@@ -1,0 +1,148 @@
+"""train.py: a real run's outputs, presets and defaults, every family, and one-line errors for bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from deepplain.cli import build_parser, main
+from deepplain.config import merge
+from deepplain.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY_FIELDS = {"model", "depth", "dataset", "parameters", "epochs_done", "train_loss", "train_acc", "val_loss",
+                  "val_acc", "test_loss", "test_acc", "wall_seconds", "samples_per_second", "status"}
+
+
+def only_run(runs: Path) -> Path:
+    found = sorted(runs.glob("*/version_*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_usps_plain_run_writes_events_checkpoints_and_summary(runs):
+    assert main(["--model", "plain", "--depth", "10", "--dataset", "usps", "--epochs", "1", "--logdir", str(runs),
+                 "--no-progress"]) == 0
+    run = only_run(runs)
+    assert run.parent.name == "plain-mlp-10-usps"
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["status"] == "completed" and summary["epochs_done"] == 1 and summary["dataset"] == "usps"
+    assert summary["parameters"] > 800_000 and summary["samples_per_second"] > 0
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert 0 < summary[key] < 5
+    for key in ("train_acc", "val_acc", "test_acc"):
+        assert 0.3 < summary[key] <= 1
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
+    acc = EventAccumulator(str(run)).Reload()
+    assert {"train/loss_epoch", "val/acc", "test/acc"} <= set(acc.Tags()["scalars"])
+    # a second run never reuses the first one's folder
+    assert main(["--model", "plain", "--depth", "3", "--dataset", "usps", "--fast-dev-run", "--logdir", str(runs),
+                 "--name", "plain-mlp-10-usps", "--no-progress", "--diagnostics", "none"]) == 0
+    assert (runs / "plain-mlp-10-usps" / "version_1" / "summary.json").is_file()
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_checkpoint_rebuilds_model_without_arguments(runs):
+    main(["--model", "van", "--depth", "3", "--dataset", "usps", "--epochs", "1", "--limit-train-batches", "3",
+          "--logdir", str(runs), "--no-progress", "--diagnostics", "none"])
+    from deepplain.family_modules import VANModule
+    module = VANModule.load_from_checkpoint(only_run(runs) / "checkpoints" / "last.ckpt")
+    assert module.hparams.model == "van" and len(module.model.skip_gates()) == 3
+
+
+@pytest.mark.parametrize("model,depth", [("plain", 4), ("van", 3), ("dirac", 3), ("resnet", 3), ("highway", 3)])
+def test_fast_dev_run_every_family_on_usps(model, depth, runs):
+    assert main(["--model", model, "--depth", str(depth), "--dataset", "usps", "--fast-dev-run", "--logdir",
+                 str(runs), "--no-progress"]) == 0
+    assert json.loads((only_run(runs) / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize("model,depth,extra", [("plain", 8, []), ("van", 10, []), ("dirac", 10, []),
+                                               ("resnet", 8, []), ("plain", 50, ["--layout", "oyedotun-50"])])
+def test_fast_dev_run_conv_forms_on_cifar10(model, depth, extra, runs, tiny_cifar):
+    assert main(["--model", model, "--depth", str(depth), "--dataset", "cifar10", "--data-dir", str(tiny_cifar),
+                 "--skip-checksums", "--fast-dev-run", "--batch-size", "8", "--logdir", str(runs), "--no-progress",
+                 *extra]) == 0
+
+
+def test_default_recipe_is_van26_on_cifar10():
+    config = merge({"model": "van", "depth": 26})
+    assert (config["dataset"], config["arch"], config["optimizer"], config["lr"], config["momentum"]) == (
+        "cifar10", "conv", "sgd", 0.1, 0.9)
+    assert (config["epochs"], config["milestones"], config["batch_size"], config["schedule"]) == (
+        165, [82, 125], 128, "multistep")
+    assert merge({"model": "plain", "dataset": "usps"})["arch"] == "mlp"
+
+
+def test_preset_loads_and_flags_override():
+    config = merge({"preset": "oyedotun-mlp-100", "depth": 20})
+    assert config["depth"] == 20 and config["width"] == 300 and config["activation"] == "lrelu"
+    assert config["max_norm"] == 3.0 and config["norm"] == "bn" and config["init"] == "he-uniform"
+    assert merge({"preset": "van-26-cifar10"})["lambda_lr_ratio"] == 0.1
+    assert merge({"preset": "dirac-28-10-cifar10"})["width"] == 10
+
+
+def test_help_lists_presets(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("oyedotun-mlp-100", "oyedotun-conv-50", "van-26-cifar10", "van-mlp-mnist", "dirac-28-10-cifar10"):
+        assert name in out
+
+
+BAD_INPUTS = [
+    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--dataset", "svhn"], "invalid choice: 'svhn'"),
+    (["--model", "van", "--depth", "27"], "van conv depth must be 8n+2 (10, 18, 26, 34, ...; VAN-26 is n=3), got 27"),
+    (["--model", "plain", "--dataset", "usps", "--width", "0"], "--width must be a positive integer, got 0"),
+    (["--model", "plain", "--dataset", "usps", "--width", "-3"], "--width must be a positive integer, got -3"),
+    (["--model", "plain", "--dataset", "usps", "--epochs", "0"], "--epochs must be a positive integer, got 0"),
+    (["--model", "plain", "--dataset", "usps", "--depth", "0"], "--depth must be a positive integer, got 0"),
+    (["--resume", "/nonexistent/last.ckpt"], "--resume checkpoint /nonexistent/last.ckpt does not exist"),
+    (["--model", "plain", "--dataset", "usps", "--lr", "-1"], "--lr must be positive"),
+    (["--model", "plain", "--dataset", "usps", "--val-split", "1"], "--val-split must be in [0, 1)"),
+    (["--model", "plain", "--dataset", "usps", "--preset", "nope"], "unknown preset 'nope'; valid presets:"),
+    (["--model", "highway", "--arch", "conv"], "highway has no 'conv' form; valid: mlp"),
+    (["--model", "van", "--dataset", "usps", "--activation", "lrelu"], "van mlp does not take option(s) activation"),
+    (["--model", "plain", "--dataset", "usps", "--alpha-mode", "linear"], "--alpha-mode applies to --model van only"),
+    (["--model", "plain", "--dataset", "usps", "--diagnostics", "sat"], "unknown diagnostics sat; valid:"),
+    (["--model", "plain", "--depth", "lots"], "argument --depth: invalid int value: 'lots'"),
+    (["--model", "plain", "--dataset", "usps", "--max-norm", "0"], "--max-norm must be positive"),
+    (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_nonzero(argv, message, capsys, runs):
+    try:
+        code = main([*argv, "--logdir", str(runs), "--no-progress"])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not runs.exists() or not list(runs.glob("*/version_*/checkpoints/*"))
+
+
+def test_missing_dataset_names_paths_in_a_real_process(tmp_path):
+    env = {"DEEPPLAIN_DATA": str(tmp_path / "nothing"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--model", "plain", "--dataset", "mnist",
+                           "--logdir", str(tmp_path / "runs")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: MNIST not found: searched") and str(tmp_path / "nothing") in lines[0]
+    assert "MNIST/raw/train-images-idx3-ubyte.gz" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_config_check_rejects_van_flags_elsewhere():
+    with pytest.raises(ConfigError, match="--lambda-lr-ratio applies to --model van only"):
+        merge({"model": "plain", "dataset": "usps", "lambda_lr_ratio": 0.5})
