@@ -20,6 +20,9 @@ def batch_inputs(batch):
     raise TypeError("cannot find the input tensor in the batch; pass probe_batch= to the callback")
 
 
+_RUNNING_PROBE = []  # the capture of the probe forward in progress, if any
+
+
 class LayerCapture:
     """Attach forward hooks to ``layers`` on enter, remove them on exit.
 
@@ -35,7 +38,8 @@ class LayerCapture:
 
     def _hook(self, name):
         def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor):
+            # A probe forward run by one callback must not be seen by another callback's capture.
+            if not isinstance(output, torch.Tensor) or (_RUNNING_PROBE and _RUNNING_PROBE[-1] is not self):
                 return
             key, k = name, 1
             while key in self.results:
@@ -90,8 +94,12 @@ class ProbeBatch:
 
     def run(self, trainer, pl_module, capture: LayerCapture) -> dict:
         x = self.inputs.to(pl_module.device)
-        with eval_mode(pl_module), trainer.precision_plugin.forward_context(), capture:
-            pl_module(x)
+        _RUNNING_PROBE.append(capture)
+        try:
+            with eval_mode(pl_module), trainer.precision_plugin.forward_context(), capture:
+                pl_module(x)
+        finally:
+            _RUNNING_PROBE.pop()
         return capture.results
 
     def state_dict(self) -> dict:

@@ -275,3 +275,9 @@ def test_alpha_state_survives_checkpoint(tmp_path):
     assert not torch.equal(restored.model.skip_gates()[0].lagrange_lambda, torch.full((16,), -1.0))
     state = torch.load(path, weights_only=False)["callbacks"]
     assert any(k.startswith("AlphaScheduler") for k in state)
+
+
+def test_one_callbacks_probe_is_not_seen_by_anothers_training_capture(tmp_path):
+    saturation = ActivationSaturationMonitor(every_n_steps=1)
+    fit(ForeignMLP(), [saturation, ConditionNumberProbe(every_n_steps=1)], tmp_path, steps=2, logger=False)
+    assert list(saturation.last_stats) == ["body.1", "body.3", "body.5", "body.7"]
