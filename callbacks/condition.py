@@ -34,9 +34,12 @@ def condition_number(matrix) -> float:
 
     Returns ``math.inf`` when the matrix is numerically singular (sigma_min at or below
     ``sigma_max * max(M, N) * eps``, numpy's rank tolerance) or all zero. For a non-square matrix
-    the min(M, N) singular values are used, as ``numpy.linalg.cond`` does.
+    the min(M, N) singular values are used, as ``numpy.linalg.cond`` does. NaN if the matrix has
+    non-finite entries.
     """
     m = _as_matrix(matrix)
+    if not bool(torch.isfinite(m).all()):
+        return math.nan  # a diverged layer: reported as NaN, the divergence guard names it
     s = torch.linalg.svdvals(m)
     return _kappa(s, m.shape)
 
@@ -53,6 +56,8 @@ def _kappa(s: torch.Tensor, shape) -> float:
 def infinity_norm_condition(matrix) -> float:
     """kappa_inf = ||W||_inf * ||W^+||_inf (the pseudo-inverse for non-square W); inf if singular."""
     m = _as_matrix(matrix)
+    if not bool(torch.isfinite(m).all()):
+        return math.nan
     s = torch.linalg.svdvals(m)
     if math.isinf(_kappa(s, m.shape)):
         return math.inf
@@ -76,7 +81,10 @@ def representation_matrix(output: torch.Tensor, max_rows: int = 4096) -> torch.T
 
 def representation_stats(x: torch.Tensor, near_zero_rtol: float = 1e-3) -> dict[str, float]:
     """kappa, numerical rank, share of singular values below ``near_zero_rtol * sigma_max``, and the
-    mean absolute correlation between units (units with constant output are left out)."""
+    mean absolute correlation between units (units with constant output are left out). All NaN
+    when the representation has non-finite entries."""
+    if not bool(torch.isfinite(x).all()):
+        return dict.fromkeys(REPR_STATS, math.nan)
     s = torch.linalg.svdvals(x)
     tol = _numerical_tolerance(s, x.shape)
     smax = float(s.max()) if s.numel() else 0.0
@@ -158,7 +166,8 @@ class ConditionNumberProbe(Callback):
         self.last_stats, self.last_weight_stats = stats, weight_stats
         step = trainer.global_step
         scalars = {f"condition/{k}/{name}": v for name, row in stats.items() for k, v in row.items() if not math.isnan(v)}
-        scalars.update({f"condition/{k}/{name}": v for name, row in weight_stats.items() for k, v in row.items()})
+        scalars.update({f"condition/{k}/{name}": v for name, row in weight_stats.items() for k, v in row.items()
+                        if not math.isnan(v)})
         log_scalars(trainer, scalars, step)
         if self.samples_taken % self.figure_every == 0 and tensorboard_writers(trainer):
             self._draw(trainer, stats, weight_stats, matrices, step)

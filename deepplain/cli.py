@@ -5,12 +5,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from .config import MODEL_OPTION_KEYS, merge, model_options
-from .errors import ConfigError, DatasetError, DeepplainError
+from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError
 from .presets import describe_presets
 
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
@@ -186,7 +187,7 @@ def run(config: dict) -> dict:
     from .layers import count_parameters
     from .report import print_trainability_report
     from .rundir import atomic_write_json, reserve_run_dir
-    from .runtime import InterruptCheckpoint, RunStats
+    from .runtime import DivergenceGuard, InterruptCheckpoint, RNGState, RunStats
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     datamodule = make_datamodule(config)
@@ -204,10 +205,12 @@ def run(config: dict) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     stats, interrupt = RunStats(), InterruptCheckpoint(ckpt_dir)
     diagnostics = build_diagnostics(config)
+    # Two checkpointers: save_last alone would only refresh last.ckpt when val/acc improves.
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                 monitor="val/acc", mode="max", save_top_k=1, save_last=True),
+                                 monitor="val/acc", mode="max", save_top_k=1),
+                 ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
                  LearningRateMonitor(logging_interval="epoch"), RichModelSummary(max_depth=2), stats, interrupt,
-                 *diagnostics]
+                 RNGState(), DivergenceGuard(), *diagnostics]
     if config.get("progress", True):
         callbacks.append(RichProgressBar())
     trainer = L.Trainer(
@@ -221,6 +224,7 @@ def run(config: dict) -> dict:
         logger.experiment.add_text("warnings", "val_split=0: validation metrics are measured on the TEST set")
 
     status, error, metrics = "completed", None, {}
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first one; restored below
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("resume"))
         metrics.update(_floats(trainer.callback_metrics))  # trainer.test() resets callback_metrics
@@ -232,9 +236,10 @@ def run(config: dict) -> dict:
     except SystemExit:  # Lightning's Ctrl-C handling ends with sys.exit(1)
         status = "interrupted"
     except DeepplainError as exc:
-        status, error = ("diverged" if type(exc).__name__ == "DivergenceError" else "failed"), str(exc)
+        status, error = ("diverged" if isinstance(exc, DivergenceError) else "failed"), str(exc)
         raise
     finally:
+        signal.signal(signal.SIGINT, sigint)
         if not metrics:
             metrics.update(_floats(trainer.callback_metrics))
         summary = _summary(config, trainer, metrics, datamodule, stats, interrupt, status, error,
@@ -285,15 +290,20 @@ def main(argv=None) -> int:
     _quiet_libraries()
     try:
         config = load_resume_config(explicit) if explicit.get("resume") else merge(explicit)
-        run(config)
+        summary = run(config)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except DeepplainError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED if type(exc).__name__ == "DivergenceError" else EXIT_BAD_INPUT
+        return EXIT_DIVERGED if isinstance(exc, DivergenceError) else EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary["status"] == "interrupted":
+        where = summary["interrupt_checkpoint"] or "no checkpoint could be saved"
+        print(f"interrupted: {where}; resume with --resume {Path(summary['run_dir']) / 'checkpoints' / 'last.ckpt'}",
+              file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

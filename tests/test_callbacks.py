@@ -281,3 +281,10 @@ def test_one_callbacks_probe_is_not_seen_by_anothers_training_capture(tmp_path):
     saturation = ActivationSaturationMonitor(every_n_steps=1)
     fit(ForeignMLP(), [saturation, ConditionNumberProbe(every_n_steps=1)], tmp_path, steps=2, logger=False)
     assert list(saturation.last_stats) == ["body.1", "body.3", "body.5", "body.7"]
+
+
+def test_non_finite_matrices_give_nan_not_a_crash():
+    a = np.ones((4, 3))
+    a[1, 2] = np.nan
+    assert math.isnan(condition_number(a)) and math.isnan(infinity_norm_condition(a))
+    assert all(math.isnan(v) for v in representation_stats(torch.tensor(a)).values())
