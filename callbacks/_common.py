@@ -1,8 +1,9 @@
 """What every diagnostic callback shares: finding layers, deciding when to sample, logging."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-import math
+import time
 from typing import Iterable
 
 import torch
@@ -134,10 +135,51 @@ def add_figure(trainer, tag: str, figure, step: int) -> None:
     plt.close(figure)
 
 
-def finite_or_inf(x: float) -> float:
-    return x if math.isfinite(x) else math.inf
+class OverheadBudget:
+    """Keeps a callback's optional work (figures, rank-zero probes) under a share of training time.
 
+    ``allows()`` is False while the time already spent exceeds ``fraction`` of the wall time since
+    training started; the work is then postponed to a later sampling step. The first piece of work
+    is always allowed (global step 0 is always sampled). ``fraction=None`` disables the budget, so
+    that sampling follows ``every_n_steps`` exactly.
+    """
 
-def model_of(pl_module: nn.Module) -> nn.Module:
-    """Where to look for layers: the LightningModule itself (works for any module)."""
-    return pl_module
+    def __init__(self, fraction: float | None):
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(f"max_overhead must be in (0, 1) or None, got {fraction!r}")
+        self.fraction, self.spent, self.started, self.postponed = fraction, 0.0, None, 0
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def allows(self) -> bool:
+        if self.fraction is None or self.started is None or self.spent == 0.0:
+            return True
+        if self.spent <= self.fraction * (time.perf_counter() - self.started):
+            return True
+        self.postponed += 1
+        return False
+
+    def agreed(self, trainer) -> bool:
+        """``allows()`` as decided by rank zero and shared with every rank (for work that needs a
+        collective, which all ranks must enter together)."""
+        allowed = self.allows() if trainer.global_rank == 0 else True
+        if trainer.world_size > 1:
+            allowed = bool(trainer.strategy.broadcast(allowed, src=0))
+        return allowed
+
+    def timed(self, fn):
+        """``fn`` with its running time charged to this budget (for work done inside hooks)."""
+        def wrapper(*args, **kwargs):
+            with self.charge():
+                return fn(*args, **kwargs)
+        return wrapper
+
+    @contextlib.contextmanager
+    def charge(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent += time.perf_counter() - start

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback
 
 from . import figures
-from ._common import (SamplingSchedule, add_figure, hidden_layers, layer_weight, log_scalars, register_layout,
+from ._common import (OverheadBudget, SamplingSchedule, add_figure, hidden_layers, layer_weight, log_scalars, register_layout,
                       tensorboard_writers, weight_layers)
 from ._probe import LayerCapture, ProbeBatch
 
@@ -55,15 +55,21 @@ def _kappa(s: torch.Tensor, shape) -> float:
 
 def infinity_norm_condition(matrix) -> float:
     """kappa_inf = ||W||_inf * ||W^+||_inf (the pseudo-inverse for non-square W); inf if singular."""
+    return weight_conditions(matrix)[1]
+
+
+def weight_conditions(matrix) -> tuple[float, float]:
+    """(2-norm kappa, infinity-norm kappa) from one SVD: W^+ = V diag(1/s) U^T."""
     m = _as_matrix(matrix)
     if not bool(torch.isfinite(m).all()):
-        return math.nan
-    s = torch.linalg.svdvals(m)
-    if math.isinf(_kappa(s, m.shape)):
-        return math.inf
+        return math.nan, math.nan
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    kappa = _kappa(s, m.shape)
+    if math.isinf(kappa):
+        return kappa, math.inf
+    pinv = (vh.T / s) @ u.T
     norm = torch.linalg.matrix_norm(m, ord=math.inf)
-    inv_norm = torch.linalg.matrix_norm(torch.linalg.pinv(m), ord=math.inf)
-    return float(norm * inv_norm)
+    return kappa, float(norm * torch.linalg.matrix_norm(pinv, ord=math.inf))
 
 
 def representation_matrix(output: torch.Tensor, max_rows: int = 4096) -> torch.Tensor:
@@ -118,13 +124,17 @@ class ConditionNumberProbe(Callback):
     values and mean absolute correlation between units; per Linear/Conv layer: the 2-norm and
     infinity-norm condition numbers of its weight. Figures: depth profiles and heatmaps of units'
     responses over the probe batch for ``heatmap_layers`` (default: the middle and last hidden
-    layers). SVDs run in float64; the probe batch is saved in checkpoints.
+    layers). SVDs run in float64; the probe batch is saved in checkpoints. ``max_overhead`` (1% of
+    training time by default) postpones a sample while the probe has used more than that share of
+    the time since training started; ``None`` samples exactly every ``every_n_steps``.
     """
 
     def __init__(self, every_n_steps: int | None = None, probe_size: int = 256, probe_batch=None, include=None,
                  exclude=None, max_rows: int = 4096, near_zero_rtol: float = 1e-3, heatmap_layers=None,
-                 weights: bool = True, figure_every_n_samples: int = 1, use_log_every_n_steps: bool = False):
+                 weights: bool = True, figure_every_n_samples: int = 1, use_log_every_n_steps: bool = False,
+                 max_overhead: float | None = 0.01):
         self.schedule = SamplingSchedule(every_n_steps, default=1000, use_log_every_n_steps=use_log_every_n_steps)
+        self.budget = OverheadBudget(max_overhead)
         self.probe = ProbeBatch(probe_size, probe_batch)
         self.include, self.exclude = include, exclude
         self.max_rows, self.near_zero_rtol = max_rows, near_zero_rtol
@@ -143,6 +153,9 @@ class ConditionNumberProbe(Callback):
     def on_fit_start(self, trainer, pl_module):
         register_layout(trainer, "condition", {s: f"condition/{s}/.*" for s in REPR_STATS + WEIGHT_STATS})
 
+    def on_train_start(self, trainer, pl_module):
+        self.budget.start()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # Sampled before the step, so global step 0 shows the network as initialised.
         if self.probe.inputs is None:
@@ -150,8 +163,10 @@ class ConditionNumberProbe(Callback):
         if not self.schedule.due(trainer):
             return
         self.schedule.mark(trainer)
-        if trainer.global_rank == 0 and self.probe.inputs is not None:
-            self.sample(trainer, pl_module)
+        # rank zero alone probes (no collective), so its time budget can postpone a sample safely
+        if trainer.global_rank == 0 and self.probe.inputs is not None and self.budget.allows():
+            with self.budget.charge():
+                self.sample(trainer, pl_module)
 
     def sample(self, trainer, pl_module) -> dict:
         """Run the probe now and log; returns the per-layer representation statistics."""
@@ -161,8 +176,8 @@ class ConditionNumberProbe(Callback):
         weight_stats = {}
         if self.weights:
             for name, module in self._weights:
-                w = weight_matrix(module)
-                weight_stats[name] = {"weight_kappa": condition_number(w), "weight_kappa_inf": infinity_norm_condition(w)}
+                kappa, kappa_inf = weight_conditions(weight_matrix(module))
+                weight_stats[name] = {"weight_kappa": kappa, "weight_kappa_inf": kappa_inf}
         self.last_stats, self.last_weight_stats = stats, weight_stats
         step = trainer.global_step
         scalars = {f"condition/{k}/{name}": v for name, row in stats.items() for k, v in row.items() if not math.isnan(v)}

@@ -1,8 +1,6 @@
 """Matplotlib figures for the diagnostics (rendered only at sampling steps)."""
 from __future__ import annotations
 
-import math
-
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
@@ -13,7 +11,7 @@ import numpy as np  # noqa: E402
 def depth_profile(series: dict[str, list[float]], title: str, ylabel: str = "", log_y: bool = False,
                   thresholds: dict[str, float] | None = None, layer_names: list[str] | None = None):
     """Value against layer index, one line per series (the PlainNet paper's Fig. 2/4/5/A1)."""
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=72)
     for label, values in series.items():
         values = np.asarray(values, dtype=float)
         shown = np.where(np.isfinite(values), values, np.nan)
@@ -32,28 +30,16 @@ def depth_profile(series: dict[str, list[float]], title: str, ylabel: str = "", 
     ax.set_title(title, fontsize=10)
     if len(series) > 1 or any(np.isinf(np.asarray(v, dtype=float)).any() for v in series.values()):
         ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.14, top=0.9)  # fixed margins: tight_layout is slow
     return fig
 
 
 def unit_heatmap(matrix: np.ndarray, title: str):
     """Units' responses over the probe batch (samples x units), the PlainNet paper's Fig. 6-8."""
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=72)
     image = ax.imshow(matrix.T, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_xlabel("probe sample")
     ax.set_ylabel("unit")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    return fig
-
-
-def bar_profile(values: list[float], title: str, ylabel: str):
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    ax.bar(np.arange(1, len(values) + 1), values)
-    ax.set_yscale("log" if all(v > 0 and math.isfinite(v) for v in values) and values else "linear")
-    ax.set_xlabel("layer index")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    fig.tight_layout()
     return fig

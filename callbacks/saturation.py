@@ -6,7 +6,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
-from ._common import (SamplingSchedule, add_figure, gather_rows, hidden_layers, log_scalars, register_layout,
+from ._common import (OverheadBudget, SamplingSchedule, add_figure, gather_rows, hidden_layers, log_scalars, register_layout,
                       select_modules, tensorboard_writers)
 from ._probe import LayerCapture, ProbeBatch
 
@@ -48,22 +48,29 @@ class ActivationSaturationMonitor(Callback):
     Linear/Conv but the classifier; choose with ``layer_types`` and ``include``/``exclude`` globs
     on module names (e.g. ``include=["model.features.*"]``).
 
-    TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars, a depth profile figure and a
-    histogram per layer every ``figure_every_n_samples`` samples and at each probe.
+    TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars at every sample; depth-profile
+    figures and a histogram per layer at the first and then every ``figure_every_n_samples``-th
+    training sample and probe (figures cost far more than the statistics). ``max_overhead`` (1% of
+    training time by default) postpones samples, probes and figures while this callback has used
+    more than that share of the time since training started; ``None`` samples exactly on cadence.
     """
 
     def __init__(self, every_n_steps: int | None = None, low: float = 0.05, high: float = 50.0, include=None,
                  exclude=None, layer_types=None, probe_size: int = 256, probe_batch=None, histograms: bool = True,
-                 figure_every_n_samples: int = 10, use_log_every_n_steps: bool = False, warn: bool = True):
+                 figure_every_n_samples: int = 10, use_log_every_n_steps: bool = False, warn: bool = True,
+                 max_overhead: float | None = 0.01):
         self.schedule = SamplingSchedule(every_n_steps, default=200, use_log_every_n_steps=use_log_every_n_steps)
+        self.budget = OverheadBudget(max_overhead)
         self.low, self.high = float(low), float(high)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         self.probe = ProbeBatch(probe_size, probe_batch)
         self.histograms, self.figure_every = histograms, max(1, int(figure_every_n_samples))
         self.warn = warn
         self.samples_taken = 0
+        self.probes_taken = 0
         self.last_stats: dict[str, dict[str, float]] = {}
         self._warned: set[str] = set()
+        self._figures_due = {"train": True, "probe": True}
         self._capture = None
         self._layers = []
 
@@ -81,6 +88,12 @@ class ActivationSaturationMonitor(Callback):
         register_layout(trainer, "saturation", {
             f"{stat} ({src})": f"saturation/{src}/{stat}/.*" for src in ("train", "probe") for stat in STATS})
 
+    def on_train_start(self, trainer, pl_module):
+        self.budget.start()
+
+    def _wants_figures(self, trainer, source: str) -> bool:
+        return self._figures_due[source] and trainer.global_rank == 0 and bool(tensorboard_writers(trainer))
+
     def _reduce(self, want_histogram: bool):
         def reduce(name, output):
             sums, alive = activation_stats(output, self.low, self.high)
@@ -96,26 +109,34 @@ class ActivationSaturationMonitor(Callback):
         if self.probe.inputs is None:
             self.probe.ensure(trainer, batch)
         if self.schedule.due(trainer):
-            want = self.histograms and self.samples_taken % self.figure_every == 0 and trainer.global_rank == 0
-            self._capture = LayerCapture(self._layers, self._reduce(want)).__enter__()
-            self._capture_step = trainer.global_step  # the step is counted up before on_train_batch_end
             self.schedule.mark(trainer)
+            if not self.budget.agreed(trainer):  # postponed on every rank alike: the sample gathers
+                return
+            self._draw_now = self._wants_figures(trainer, "train")
+            reduce = self.budget.timed(self._reduce(self.histograms and self._draw_now))
+            self._capture = LayerCapture(self._layers, reduce).__enter__()
+            self._capture_step = trainer.global_step  # the step is counted up before on_train_batch_end
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._capture is None:
             return
         capture, self._capture = self._capture, None
         capture.__exit__(None, None, None)
-        self._publish(trainer, capture.results, "train", self._capture_step, gather=True)
+        with self.budget.charge():
+            self._publish(trainer, capture.results, "train", self._capture_step, gather=True, draw=self._draw_now)
 
     # -- probe samples -----------------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or trainer.global_rank != 0 or self.probe.ensure(trainer) is None:
             return
-        results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce(self.histograms)))
-        self._publish(trainer, results, "probe", trainer.global_step, gather=False, force_figures=True)
+        if not self.budget.allows():
+            return
+        with self.budget.charge():
+            draw = self._wants_figures(trainer, "probe")
+            results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce(self.histograms and draw)))
+            self._publish(trainer, results, "probe", trainer.global_step, gather=False, draw=draw)
 
-    def _publish(self, trainer, results: dict, source: str, step: int, gather: bool, force_figures: bool = False):
+    def _publish(self, trainer, results: dict, source: str, step: int, gather: bool, draw: bool):
         if not results:
             return
         names = list(results)
@@ -133,10 +154,12 @@ class ActivationSaturationMonitor(Callback):
         self.last_stats = stats
         log_scalars(trainer, {f"saturation/{source}/{stat}/{name}": value
                               for name, row in stats.items() for stat, value in row.items()}, step)
-        draw = force_figures or self.samples_taken % self.figure_every == 0
-        if source == "train":
-            self.samples_taken += 1
-        if draw and tensorboard_writers(trainer):
+        counter = "samples_taken" if source == "train" else "probes_taken"
+        setattr(self, counter, getattr(self, counter) + 1)
+        if getattr(self, counter) % self.figure_every == 0:
+            self._figures_due[source] = True  # drawn at the next sample the overhead budget allows
+        if draw:
+            self._figures_due[source] = False
             self._draw(trainer, stats, results, source, step)
         if self.warn:
             self._maybe_warn(stats)
@@ -174,9 +197,10 @@ class ActivationSaturationMonitor(Callback):
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self):
         return {"probe": self.probe.state_dict(), "samples_taken": self.samples_taken,
-                "last_sampled_step": self.schedule.last_sampled_step}
+                "probes_taken": self.probes_taken, "last_sampled_step": self.schedule.last_sampled_step}
 
     def load_state_dict(self, state_dict):
         self.probe.load_state_dict(state_dict.get("probe", {}))
         self.samples_taken = state_dict.get("samples_taken", 0)
+        self.probes_taken = state_dict.get("probes_taken", 0)
         self.schedule.last_sampled_step = state_dict.get("last_sampled_step", -1)

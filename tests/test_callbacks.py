@@ -117,9 +117,9 @@ def read_events(tmp_path):
 
 
 def all_diagnostics(every=2):
-    return [ActivationSaturationMonitor(every_n_steps=every, figure_every_n_samples=1),
-            ConditionNumberProbe(every_n_steps=every), GradientFlowMonitor(every_n_steps=every, figure_every_n_samples=1),
-            MaxNormConstraint(3.0)]
+    return [ActivationSaturationMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None),
+            ConditionNumberProbe(every_n_steps=every, max_overhead=None),
+            GradientFlowMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None), MaxNormConstraint(3.0)]
 
 
 @pytest.mark.parametrize("module_cls,kind", [(ForeignMLP, "mlp"), (ForeignCNN, "cnn")])
@@ -288,3 +288,25 @@ def test_non_finite_matrices_give_nan_not_a_crash():
     a[1, 2] = np.nan
     assert math.isnan(condition_number(a)) and math.isnan(infinity_norm_condition(a))
     assert all(math.isnan(v) for v in representation_stats(torch.tensor(a)).values())
+
+
+def test_overhead_budget_postpones_work_beyond_its_share():
+    from callbacks._common import OverheadBudget
+    import time
+    budget = OverheadBudget(0.5)
+    budget.start()
+    assert budget.allows()  # the first piece of work always runs
+    with budget.charge():
+        time.sleep(0.05)
+    assert not budget.allows() and budget.postponed == 1  # 0.05 s spent of ~0.05 s elapsed
+    time.sleep(0.12)
+    assert budget.allows()  # now under half of the elapsed time
+    assert OverheadBudget(None).allows()
+    with pytest.raises(ValueError, match="max_overhead must be in"):
+        OverheadBudget(1.5)
+
+
+def test_default_cadence_samples_step_zero_and_respects_budget(tmp_path):
+    probe = ConditionNumberProbe(every_n_steps=1, max_overhead=1e-6)
+    fit(ForeignMLP(), [probe], tmp_path, steps=4, logger=False)
+    assert probe.samples_taken == 1 and probe.budget.postponed == 3  # step 0 only; the rest postponed
