@@ -1,10 +1,10 @@
 """Wall time of N training steps with every diagnostic callback at its default cadence, divided by
 the same N steps without them (same model, data and seed; runs interleaved, median of repeats).
 
-    python benchmarks/diagnostics_overhead.py            # 100-layer PlainNet MLP (300 units), 4,001 steps
+    python benchmarks/diagnostics_overhead.py            # 100-layer PlainNet MLP (300 units), 2,001 steps
     python benchmarks/diagnostics_overhead.py --quick    # 20-layer MLP (128 units), 2,001 steps, under a minute
 
-The step counts end just past a sampling step of every callback (0, 500, ..., 4000), so each
+The step counts end just past a sampling step of every callback (0, 200, ..., 2000), so each
 callback's samples, figures and probes are all inside the timed window.
 
 Ends with ``diagnostics_overhead=<ratio>``.
@@ -49,8 +49,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
-    depth, width, steps = (20, 128, 2001) if args.quick else (100, 300, 4001)
-    repeats = args.repeats or (2 if args.quick else 5)
+    depth, width, steps = (20, 128, 2001) if args.quick else (100, 300, 2001)
+    repeats = args.repeats or (2 if args.quick else 3)
     print(f"machine: {machine()}")
     print(f"model: plain MLP depth {depth} width {width}, batch 128, {steps} steps, validation 2 batches/epoch; "
           f"{repeats} interleaved repeats")

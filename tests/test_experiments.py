@@ -1,0 +1,118 @@
+"""Sweep runner (resume, CSV schema), plots, and the PlainNet experiments' analysis on tiny runs."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from deepplain import experiments, plots
+from deepplain.sweep import CSV_FIELDS, Run, grid, main as sweep_main, parse_variant, read_csv
+from deepplain.errors import ConfigError
+
+TINY = ["--", "--limit-train-batches", "2", "--limit-val-batches", "1", "--diagnostics", "none", "--width", "16"]
+
+
+def sweep(out, *extra):
+    return sweep_main(["--out", str(out), "--dataset", "usps", "--models", "plain,van", "--depths", "1,2",
+                       "--seeds", "0", "--epochs", "1", *extra, *TINY])
+
+
+@pytest.mark.slow
+def test_sweep_runs_grid_writes_csv_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert sweep(out) == 0
+    rows = read_csv(out / "results.csv")
+    with open(out / "results.csv") as fh:
+        assert next(csv.reader(fh)) == CSV_FIELDS
+    assert sorted(r["run_id"] for r in rows) == ["plain-d1-s0", "plain-d2-s0", "van-d1-s0", "van-d2-s0"]
+    assert all(r["status"] == "completed" and r["dataset"] == "usps" for r in rows)
+    assert all(0 <= float(r["test_acc"]) <= 1 and int(r["parameters"]) > 0 for r in rows)
+    capsys.readouterr()
+
+    # an interrupted sweep: one run never finished, another was interrupted
+    (out / "runs" / "van-d2-s0" / "version_0" / "summary.json").unlink()
+    interrupted = out / "runs" / "plain-d1-s0" / "version_0" / "summary.json"
+    summary = json.loads(interrupted.read_text())
+    interrupted.write_text(json.dumps({**summary, "status": "interrupted"}))
+    assert sweep(out) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("skipped (done)") == 2
+    assert (out / "runs" / "van-d2-s0" / "version_1" / "summary.json").is_file()
+    assert (out / "runs" / "plain-d1-s0" / "version_1" / "summary.json").is_file()
+    assert not (out / "runs" / "plain-d2-s0" / "version_1").exists()
+    assert len(read_csv(out / "results.csv")) == 4
+
+
+def test_sweep_records_invalid_runs_as_failed(tmp_path):
+    out = tmp_path / "bad"
+    code = sweep_main(["--out", str(out), "--dataset", "usps", "--models", "van", "--depths", "27", "--epochs", "1",
+                       "--", "--arch", "conv"])
+    assert code == 1
+    row, = read_csv(out / "results.csv")
+    assert row["status"].startswith("failed (exit 2")
+    assert "van conv depth must be 8n+2" in (out / "runs" / "van-d27-s0" / "train.log").read_text()
+
+
+def test_grid_and_variants():
+    runs = grid(["plain"], [3, 5], [0, 1], [parse_variant("bn=--norm bn"), parse_variant("none=")], ["--lr", "0.1"])
+    assert len(runs) == 8 and runs[0].run_id == "plain-d3-s0-bn" and runs[0].flags == ["--norm", "bn", "--lr", "0.1"]
+    assert Run("van", 10, 2).run_id == "van-d10-s2"
+    with pytest.raises(ConfigError, match="NAME=FLAGS"):
+        parse_variant("--norm bn")
+
+
+def fake_rows():
+    rows = []
+    for model, accs in (("plain", {1: [0.9, 0.8], 10: [0.5, 0.3]}), ("van", {1: [0.9, 0.9], 10: [0.85, 0.87]})):
+        for depth, values in accs.items():
+            for seed, acc in enumerate(values):
+                rows.append({"model": model, "variant": "", "depth": str(depth), "seed": str(seed),
+                             "status": "completed", "test_acc": str(acc), "train_acc": str(min(1.0, acc + 0.05))})
+    rows.append({"model": "plain", "variant": "", "depth": "10", "seed": "2", "status": "diverged", "test_acc": "0.1",
+                 "train_acc": "0.1"})
+    return rows
+
+
+def test_aggregate_mean_and_spread_over_seeds():
+    table = plots.aggregate(fake_rows(), "test_acc")
+    mean, std, n = table["plain"][10]
+    assert (mean, n) == (pytest.approx(0.4), 2) and std == pytest.approx(0.1)  # the diverged run is left out
+    assert table["van"][1] == (pytest.approx(0.9), 0.0, 2)
+    md = plots.markdown_table(fake_rows())
+    assert "| plain | 85.00 ± 5.00 | 40.00 ± 10.00 |" in md
+
+
+def test_plots_write_figures(tmp_path):
+    paths = plots.plot_sweep(fake_rows(), tmp_path / "fig", "tiny")
+    assert [p.name for p in paths] == ["accuracy_vs_depth.png", "error_vs_depth.png"]
+    assert all(p.stat().st_size > 5000 for p in paths)
+    assert plots.main(["--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
+
+
+def test_ablation_table_lists_paper_rows():
+    rows = [{"variant": experiments.slug("BN + LReLU + max-norm"), "train_acc": "0.99", "test_acc": "0.95",
+             "status": "completed"}]
+    table = experiments.ablation_table(rows)
+    assert "| BN + LReLU + max-norm | 1.00% | 5.00% | 0.11% | 5.48% |" in table
+    assert "| BN | missing | missing | 84.56% | 83.21% |" in table
+    assert len(experiments.ABLATION) == 7
+
+
+def test_analyse_and_diagnostic_figures_on_a_tiny_run(tmp_path):
+    from deepplain.cli import main
+    for variant, flags in experiments.VARIANTS.items():
+        assert main(["--model", "plain", "--depth", "4", "--width", "16", "--dataset", "usps", "--epochs", "1",
+                     "--limit-train-batches", "3", "--limit-val-batches", "1", "--diagnostics", "none", "--logdir",
+                     str(tmp_path / "runs"), "--name", variant, "--no-progress", *flags]) == 0
+    results = {v: experiments.analyse(next((tmp_path / "runs" / v).glob("*/checkpoints/last.ckpt")), max_samples=500)
+               for v in experiments.VARIANTS}
+    for result in results.values():
+        assert len(result["stats"]) == 4 and len(result["weights"]) == 4 and result["samples"] == 500
+        assert result["responses"][2].shape == (500, 16)
+        assert all(math.isfinite(s["mean_abs"]) for s in result["stats"].values())
+    naive = results["naive"]["stats"]
+    assert all(s["frac_zero"] > 0 for s in naive.values())  # ReLU zeros
+    paths = experiments.diagnostic_figures(results, tmp_path / "fig", layers=(2, 3))
+    assert {p.name for p in paths} == {"mean_abs_activation.png", "max_abs_activation.png", "weight_condition_inf.png",
+                                       "share_above_0.05.png", "responses_layer2.png", "responses_layer3.png"}
