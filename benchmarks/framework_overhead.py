@@ -4,7 +4,7 @@ loop doing the same work: same model and initial weights, same batches, same opt
 parameter groups), cross-entropy and a running accuracy. Timed after warm-up steps; the two are
 run interleaved and the median of the paired ratios is reported.
 
-    python benchmarks/framework_overhead.py           # VAN-26 on CIFAR-10 shapes, 60 timed steps
+    python benchmarks/framework_overhead.py           # VAN-26 on CIFAR-10 shapes, 30 timed steps
     python benchmarks/framework_overhead.py --quick   # 20-layer PlainNet MLP on MNIST shapes, under a minute
 
 Ends with ``framework_ratio=<ratio>``.
@@ -93,7 +93,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    steps = 300 if args.quick else 60
+    steps = 300 if args.quick else 30
     what = "20-layer PlainNet MLP (512 units), MNIST shapes" if args.quick else "VAN-26, CIFAR-10 shapes"
     print(f"machine: {machine()}")
     print(f"model: {what}, batch 128, SGD; {steps} timed steps after {WARMUP} warm-up steps, {args.repeats} repeats")

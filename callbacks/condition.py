@@ -59,17 +59,25 @@ def infinity_norm_condition(matrix) -> float:
 
 
 def weight_conditions(matrix) -> tuple[float, float]:
-    """(2-norm kappa, infinity-norm kappa) from one SVD: W^+ = V diag(1/s) U^T."""
+    """(2-norm kappa, infinity-norm kappa). A square weight is inverted directly (LU, cheaper than an
+    SVD); otherwise W^+ = V diag(1/s) U^T from one SVD."""
     m = _as_matrix(matrix)
     if not bool(torch.isfinite(m).all()):
         return math.nan, math.nan
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    kappa = _kappa(s, m.shape)
-    if math.isinf(kappa):
-        return kappa, math.inf
-    pinv = (vh.T / s) @ u.T
+    if m.shape[0] == m.shape[1]:
+        s = torch.linalg.svdvals(m)
+        kappa = _kappa(s, m.shape)
+        if math.isinf(kappa):
+            return kappa, math.inf
+        inverse = torch.linalg.inv(m)
+    else:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        kappa = _kappa(s, m.shape)
+        if math.isinf(kappa):
+            return kappa, math.inf
+        inverse = (vh.T / s) @ u.T
     norm = torch.linalg.matrix_norm(m, ord=math.inf)
-    return kappa, float(norm * torch.linalg.matrix_norm(pinv, ord=math.inf))
+    return kappa, float(norm * torch.linalg.matrix_norm(inverse, ord=math.inf))
 
 
 def representation_matrix(output: torch.Tensor, max_rows: int = 4096) -> torch.Tensor:

@@ -63,8 +63,9 @@ class TensorBatchLoader:
         return order
 
     def __len__(self) -> int:
-        rank, world, _, _ = self._trainer_state()
-        return -(-len(self._indices(rank, world, 0)) // self.batch_size)
+        _, world, _, _ = self._trainer_state()
+        per_rank = -(-self.num_samples // world)
+        return -(-per_rank // self.batch_size)
 
     def __iter__(self):
         rank, world, epoch, device = self._trainer_state()
@@ -113,7 +114,8 @@ class TensorDataModule(L.LightningDataModule):
         """Download the dataset into ``root`` (torchvision's download where it has one)."""
         raise DatasetError(f"{self.name} cannot be downloaded automatically; {self.how_to_get}")
 
-    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # noqa: D401
+    def augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Training augmentation of a float batch in [0, 1]; none unless a subclass overrides it."""
         return x
 
     def has_files(self, root: Path) -> bool:

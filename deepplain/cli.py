@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import MODEL_OPTION_KEYS, merge, model_options
+from .config import merge, model_options
 from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError
 from .presets import describe_presets
 
@@ -180,7 +180,6 @@ def make_module(config: dict, input_shape, num_classes):
 def run(config: dict) -> dict:
     """Train, test and summarise one run; returns the summary written to ``summary.json``."""
     import lightning as L
-    import torch
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichModelSummary, RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -199,7 +198,7 @@ def run(config: dict) -> dict:
     config["run_dir"] = str(run_dir)
     is_rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     if is_rank_zero and not config.get("resume"):
-        atomic_write_json(run_dir / "config.json", {k: v for k, v in config.items()})
+        atomic_write_json(run_dir / "config.json", dict(config))
     logger = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name,
                                default_hp_metric=False)
     ckpt_dir = run_dir / "checkpoints"
@@ -235,8 +234,9 @@ def run(config: dict) -> dict:
             metrics.update(_floats(trainer.callback_metrics))
     except SystemExit:  # Lightning's Ctrl-C handling ends with sys.exit(1)
         status = "interrupted"
-    except DeepplainError as exc:
-        status, error = ("diverged" if isinstance(exc, DivergenceError) else "failed"), str(exc)
+    except Exception as exc:  # recorded in summary.json, then reported by main() or as a traceback (a bug)
+        status = "diverged" if isinstance(exc, DivergenceError) else "failed"
+        error = str(exc) if isinstance(exc, DeepplainError) else f"{type(exc).__name__}: {exc}"
         raise
     finally:
         signal.signal(signal.SIGINT, sigint)
@@ -275,7 +275,7 @@ def _summary(config, trainer, metrics, datamodule, stats, interrupt, status, err
         "split_sizes": getattr(datamodule, "split_sizes", None),
         "best_checkpoint": (ckpt.best_model_path or None) if ckpt else None,
         "interrupt_checkpoint": str(interrupt.saved) if interrupt.saved else None,
-        "run_dir": config["run_dir"], "config": {k: v for k, v in config.items()},
+        "run_dir": config["run_dir"], "config": dict(config),
     }
 
 

@@ -37,15 +37,15 @@ def merge(explicit: dict) -> dict:
     recipe = CONV_RECIPE if dataset in CONV_DATASETS else MLP_RECIPE
     config = {**BASE, **recipe, **preset, **explicit}
     config["dataset"] = dataset
+    from .registry import get_family
+    forms = sorted(get_family(config["model"]).builders)
+    if config["arch"] not in forms:
+        if "arch" in explicit or "arch" in preset:
+            raise ConfigError(f"{config['model']} has no {config['arch']!r} form; valid: {', '.join(forms)}")
+        config["arch"] = forms[0]  # e.g. highway has only an MLP form, also on CIFAR
     if config.get("depth") is None:
-        key = (config["model"], config["arch"])
-        if key not in DEFAULT_DEPTH:
-            from .registry import get_family
-            family = get_family(config["model"])
-            raise ConfigError(f"{config['model']} has no {config['arch']!r} form; valid: "
-                              f"{', '.join(sorted(family.builders))}")
-        config["depth"] = DEFAULT_DEPTH[key]
-    check(config, explicit, preset)
+        config["depth"] = DEFAULT_DEPTH[(config["model"], config["arch"])]
+    check(config, explicit)
     validate_model(config)
     return config
 
@@ -62,7 +62,7 @@ def validate_model(config: dict) -> None:
                     **model_options(config))
 
 
-def check(config: dict, explicit: dict, preset: dict) -> None:
+def check(config: dict, explicit: dict) -> None:
     def positive_int(key, flag):
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

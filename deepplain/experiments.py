@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .sweep import FINISHED, Run, latest_summary, run_grid
+from .sweep import FINISHED, Run, run_grid, split_at_double_dash
 
 COMMON = ["--init", "he-uniform", "--width", "300"]
 VARIANTS = {
@@ -94,7 +94,8 @@ def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> 
     import numpy as np
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    panels = [("mean_abs_activation", "mean |activation|", lambda r: [s["mean_abs"] for s in r["stats"].values()], True),
+    panels = [("mean_abs_activation", "mean |activation|",
+               lambda r: [s["mean_abs"] for s in r["stats"].values()], True),
               ("max_abs_activation", "max |activation|", lambda r: [s["max_abs"] for s in r["stats"].values()], True),
               ("weight_condition_inf", "infinity-norm condition number of weights",
                lambda r: [w["kappa_inf"] for w in r["weights"].values()], True),
@@ -162,8 +163,10 @@ def ablation_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|"]
     for name, (_, (paper_train, paper_test)) in ABLATION.items():
         r = by_variant.get(slug(name), {})
-        ours = [f"{100 * (1 - float(r[k])):.2f}%" if r.get(k) not in (None, "") else r.get("status", "missing")
-                for k in ("train_acc", "test_acc")]
+        if r.get("status") == "completed":
+            ours = [f"{100 * (1 - float(r[k])):.2f}%" for k in ("train_acc", "test_acc")]
+        else:  # a diverged run's last epoch metrics are not its result
+            ours = [r.get("status") or "missing"] * 2
         lines.append(f"| {name} | {ours[0]} | {ours[1]} | {paper_train:.2f}% | {paper_test:.2f}% |")
     return "\n".join(lines)
 
@@ -187,9 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", type=int, default=1)
-    p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then extra train.py flags")
-    args = p.parse_args(argv)
-    extra = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    own, extra = split_at_double_dash(argv)
+    args = p.parse_args(own)
     return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
 
 

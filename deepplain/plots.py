@@ -1,6 +1,6 @@
 """Figures from a sweep's results.csv: accuracy and error against depth, per family.
 
-    python -m deepplain.plots --csv sweeps/fmnist/results.csv --out docs/figures/fmnist
+    python -m deepplain.plots --csv sweeps/fmnist/results.csv [more.csv ...] --out docs/figures/fmnist
 
 writes ``accuracy_vs_depth.png`` (mean test accuracy over seeds with a +-1 std band: the VAN
 paper's Fig. 1/2) and ``error_vs_depth.png`` (train and test error: the PlainNet paper's Fig. 1),
@@ -8,7 +8,6 @@ and prints a markdown table of mean test accuracy per family and depth.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections import defaultdict
@@ -99,15 +98,16 @@ def markdown_table(rows: list[dict], metric: str = "test_acc") -> str:
 def main(argv=None) -> int:
     from .cli import OneLineParser
     p = OneLineParser(prog="python -m deepplain.plots", description=__doc__.split("\n\n")[0])
-    p.add_argument("--csv", required=True)
+    p.add_argument("--csv", required=True, nargs="+", help="one or more sweeps' results.csv (rows are combined)")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    path = Path(args.csv)
-    if not path.is_file():
-        print(f"error: {path} does not exist (run python -m deepplain.sweep first)", file=sys.stderr)
-        return 2
-    rows = read_csv(path)
+    rows = []
+    for path in map(Path, args.csv):
+        if not path.is_file():
+            print(f"error: {path} does not exist (run python -m deepplain.sweep first)", file=sys.stderr)
+            return 2
+        rows += read_csv(path)
     try:
         paths = plot_sweep(rows, Path(args.out), args.title)
     except ValueError as exc:

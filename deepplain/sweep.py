@@ -57,7 +57,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def grid(models, depths, seeds, variants, common_flags) -> list[Run]:
     variants = variants or [("", [])]
-    return [Run(m, d, s, v, [*vf, *common_flags]) for m, d, s, (v, vf) in itertools.product(models, depths, seeds, variants)]
+    return [Run(m, d, s, v, [*vf, *common_flags])
+            for m, d, s, (v, vf) in itertools.product(models, depths, seeds, variants)]
 
 
 def latest_summary(run_root: Path) -> dict | None:
@@ -174,13 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=[], help="NAME=FLAGS, repeatable (e.g. bn='--norm bn')")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--gpus", type=_csv_list(str), default=None, help="one GPU per concurrent run, e.g. 0,1,2,3")
-    p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then train.py flags shared by every run")
     return p
 
 
+def split_at_double_dash(argv) -> tuple[list[str], list[str]]:
+    """(own arguments, train.py flags after ``--``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+    own, flags = split_at_double_dash(argv)
+    args = build_parser().parse_args(own)
     try:
         if args.epochs < 1 or any(d < 1 for d in args.depths) or args.parallel < 1:
             raise ConfigError("--epochs, --depths and --parallel must be positive")

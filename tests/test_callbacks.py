@@ -310,3 +310,10 @@ def test_default_cadence_samples_step_zero_and_respects_budget(tmp_path):
     probe = ConditionNumberProbe(every_n_steps=1, max_overhead=1e-6)
     fit(ForeignMLP(), [probe], tmp_path, steps=4, logger=False)
     assert probe.samples_taken == 1 and probe.budget.postponed == 3  # step 0 only; the rest postponed
+
+
+def test_infinity_norm_condition_of_non_square_uses_pseudo_inverse():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(5, 8))
+    expected = np.linalg.norm(w, np.inf) * np.linalg.norm(np.linalg.pinv(w), np.inf)
+    assert infinity_norm_condition(w) == pytest.approx(expected, rel=1e-9)

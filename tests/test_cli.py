@@ -76,6 +76,8 @@ def test_default_recipe_is_van26_on_cifar10():
     assert (config["epochs"], config["milestones"], config["batch_size"], config["schedule"]) == (
         165, [82, 125], 128, "multistep")
     assert merge({"model": "plain", "dataset": "usps"})["arch"] == "mlp"
+    highway = merge({"model": "highway"})  # no conv form: its MLP form, on CIFAR-10 too
+    assert (highway["arch"], highway["dataset"], highway["depth"]) == ("mlp", "cifar10", 10)
 
 
 def test_preset_loads_and_flags_override():

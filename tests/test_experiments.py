@@ -2,7 +2,6 @@
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -92,8 +91,10 @@ def test_plots_write_figures(tmp_path):
 
 def test_ablation_table_lists_paper_rows():
     rows = [{"variant": experiments.slug("BN + LReLU + max-norm"), "train_acc": "0.99", "test_acc": "0.95",
-             "status": "completed"}]
+             "status": "completed"},
+            {"variant": experiments.slug("LReLU"), "train_acc": "0.2", "test_acc": "", "status": "diverged"}]
     table = experiments.ablation_table(rows)
+    assert "| LReLU | diverged | diverged | 92.37% | 92.03% |" in table
     assert "| BN + LReLU + max-norm | 1.00% | 5.00% | 0.11% | 5.48% |" in table
     assert "| BN | missing | missing | 84.56% | 83.21% |" in table
     assert len(experiments.ABLATION) == 7

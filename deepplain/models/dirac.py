@@ -40,7 +40,8 @@ class _DiracMixin:
 
     def effective_weight(self) -> torch.Tensor:
         out_f, in_f = self.weight.shape[:2]
-        w = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight) * self.b.view((-1,) + (1,) * (self.weight.dim() - 1))
+        scale = self.b.view((-1,) + (1,) * (self.weight.dim() - 1))
+        w = F.normalize(self.weight.flatten(1), dim=1).view_as(self.weight) * scale
         m = min(out_f, in_f)
         idx = torch.arange(m, device=w.device)
         centre = tuple(torch.full_like(idx, k // 2) for k in self.weight.shape[2:])
@@ -108,7 +109,7 @@ class DiracNet(nn.Module):
         """A plain Conv2d/Linear + ReLU chain equal to this network in eval mode."""
         stem = [copy.deepcopy(m) for m in self.stem]
         folded = []
-        for i, module in enumerate(stem):  # fold the stem's batch norm into the layer before it
+        for module in stem:  # fold the stem's batch norm into the layer before it
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 prev = folded.pop()
                 w, b = fold_batchnorm(prev.weight, prev.bias, module)

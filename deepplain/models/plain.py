@@ -16,7 +16,7 @@ from collections import OrderedDict
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import check_choice, conv3x3, flat_features, init_weights, make_activation, make_norm
+from ..layers import check_choice, flat_features, init_weights, make_activation, make_norm
 from ..registry import register
 
 PAPER = "Oyedotun et al., Revisiting the Training of Very Deep Neural Networks without Skip Connections"
@@ -31,7 +31,8 @@ OYEDOTUN_50 = _G1 + ["M2"] + _G2 + ["M3"] + _G3
 CONV_LAYOUTS = ("vgg", "oyedotun-50")
 
 
-def dense_layer(in_features: int, out_features: int, norm: str, activation: str, negative_slope: float) -> nn.Sequential:
+def dense_layer(in_features: int, out_features: int, norm: str, activation: str,
+                negative_slope: float) -> nn.Sequential:
     # A bias is redundant in front of batch norm, so it is only kept without one.
     return nn.Sequential(OrderedDict(
         linear=nn.Linear(in_features, out_features, bias=norm == "none"),
