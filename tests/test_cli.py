@@ -148,3 +148,21 @@ def test_missing_dataset_names_paths_in_a_real_process(tmp_path):
 def test_config_check_rejects_van_flags_elsewhere():
     with pytest.raises(ConfigError, match="--lambda-lr-ratio applies to --model van only"):
         merge({"model": "plain", "dataset": "usps", "lambda_lr_ratio": 0.5})
+
+
+def test_dirac_imagenet_form_on_an_image_folder(tmp_path, runs):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / "images" / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    assert main(["--model", "dirac", "--depth", "18", "--dataset", "imagefolder", "--data-dir",
+                 str(tmp_path / "images"), "--image-size", "64", "--batch-size", "4", "--fast-dev-run",
+                 "--logdir", str(runs), "--no-progress"]) == 0
+    summary = json.loads((only_run(runs) / "summary.json").read_text())
+    assert summary["config"]["arch"] == "conv" and summary["split_sizes"] == {"train": 8, "val": 8, "test": 8}
+    assert summary["parameters"] > 11_000_000  # the ImageNet layout, 2 classes
