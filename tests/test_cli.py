@@ -166,3 +166,13 @@ def test_dirac_imagenet_form_on_an_image_folder(tmp_path, runs):
     summary = json.loads((only_run(runs) / "summary.json").read_text())
     assert summary["config"]["arch"] == "conv" and summary["split_sizes"] == {"train": 8, "val": 8, "test": 8}
     assert summary["parameters"] > 11_000_000  # the ImageNet layout, 2 classes
+
+
+def test_dirac_module_logs_mean_a_and_b_per_layer(runs):
+    assert main(["--model", "dirac", "--depth", "3", "--dataset", "usps", "--epochs", "1", "--limit-train-batches",
+                 "2", "--limit-val-batches", "1", "--diagnostics", "none", "--logdir", str(runs), "--no-progress"]) == 0
+    acc = EventAccumulator(str(only_run(runs))).Reload()
+    tags = acc.Tags()["scalars"]
+    for i in range(3):
+        assert f"dirac/a/features.{i}.dirac" in tags and f"dirac/b/features.{i}.dirac" in tags
+    assert acc.Scalars("dirac/a/features.0.dirac")[0].value == pytest.approx(1.0, abs=0.05)  # a starts at 1
