@@ -143,24 +143,11 @@ class DivergenceGuard(Callback):
 def first_non_finite_layer(pl_module, batch) -> str | None:
     """The first leaf module, in forward order, whose output on ``batch`` has a NaN or inf."""
     import torch
+
+    from callbacks._probe import LayerCapture, batch_inputs, eval_mode
     if batch is None:
         return None
-    x = batch[0] if isinstance(batch, (list, tuple)) else batch
-    found = []
-
-    def hook(name):
-        def fn(module, inputs, output):
-            if not found and isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
-                found.append(name)
-        return fn
-    handles = [m.register_forward_hook(hook(n)) for n, m in pl_module.named_modules() if n and not list(m.children())]
-    was_training = pl_module.training
-    try:
-        pl_module.eval()
-        with torch.no_grad():
-            pl_module(x)
-    finally:
-        pl_module.train(was_training)
-        for h in handles:
-            h.remove()
-    return found[0] if found else None
+    leaves = [(n, m) for n, m in pl_module.named_modules() if n and not list(m.children())]
+    with eval_mode(pl_module), LayerCapture(leaves, lambda name, out: bool(torch.isfinite(out).all())) as capture:
+        pl_module(batch_inputs(batch))
+    return next((name for name, finite in capture.results.items() if not finite), None)
