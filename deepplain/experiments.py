@@ -58,14 +58,13 @@ def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
     """Per-layer statistics of a trained run on its whole training split, with the callbacks' functions."""
     from callbacks._common import hidden_layers, weight_layers
     from callbacks._probe import LayerCapture, eval_mode
-    from callbacks.condition import representation_matrix, weight_conditions
+    from callbacks.condition import representation_matrix, weight_conditions, weight_matrix
     from callbacks.saturation import activation_stats, combine
     from datamodules import get_datamodule
 
     from .family_modules import module_class
-    hp = torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]
-    module = module_class(hp["model"]).load_from_checkpoint(checkpoint, map_location="cpu")
     config = json.loads((checkpoint.parent.parent / "config.json").read_text())
+    module = module_class(config["model"]).load_from_checkpoint(checkpoint, map_location="cpu")
     dm = get_datamodule(config["dataset"], val_split=config["val_split"], seed=config["seed"])
     dm.setup()
     x = dm.probe_batch(max_samples, split="train")[0]
@@ -82,7 +81,7 @@ def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
         responses[index] = matrix
     weights = {}
     for name, layer in weight_layers(module, skip_classifier=True):
-        kappa, kappa_inf = weight_conditions(layer.weight.reshape(layer.weight.shape[0], -1))
+        kappa, kappa_inf = weight_conditions(weight_matrix(layer))
         weights[name] = {"kappa": kappa, "kappa_inf": kappa_inf}
     return {"stats": stats, "weights": weights, "responses": responses, "samples": int(x.shape[0])}
 
