@@ -127,8 +127,7 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
     lock = threading.Lock()
     rows = []
 
-    def task(index_run):
-        index, run = index_run
+    def task(run):
         gpu = None
         if gpus:
             with lock:
@@ -148,7 +147,7 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
         return r
     workers = max(1, min(parallel, len(gpus) if gpus else parallel))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(task, enumerate(runs)))
+        list(pool.map(task, runs))
     write_csv(rows, out / "results.csv")
     return rows
 
