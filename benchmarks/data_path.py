@@ -35,7 +35,8 @@ def per_image(dm, workers: int) -> float:
     class PILImages(Dataset):
         def __init__(self):
             self.array = images.permute(0, 2, 3, 1).numpy()
-            self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+            self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                                 transforms.RandomHorizontalFlip(),
                                                  transforms.ToTensor(), transforms.Normalize(mean, std)])
 
         def __len__(self):
@@ -55,7 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    from datamodules import FakeDataModule
+    from deepplain.datamodules import FakeDataModule
     n = 10_000 if args.quick else 50_000
     dm = FakeDataModule(input_shape=(3, 32, 32), num_classes=10, train_size=n, test_size=100, batch_size=128,
                         val_split=0.0, augment=True)

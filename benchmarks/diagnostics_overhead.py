@@ -12,9 +12,8 @@ Ends with ``diagnostics_overhead=<ratio>``.
 from __future__ import annotations
 
 import argparse
-import tempfile
-
 import statistics
+import tempfile
 
 from _util import Timer, machine
 
@@ -23,10 +22,10 @@ def run_once(depth: int, width: int, steps: int, with_diagnostics: bool, logdir:
     """(wall seconds of fit, seconds the callbacks themselves accounted for)."""
     import lightning as L
     import torch
+    from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
+    from deepplain.datamodules import FakeDataModule
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
-    from datamodules import FakeDataModule
     from deepplain.family_modules import PlainNetModule
 
     L.seed_everything(0, verbose=False)
@@ -35,7 +34,8 @@ def run_once(depth: int, width: int, steps: int, with_diagnostics: bool, logdir:
     dm.setup()
     module = PlainNetModule(model="plain", depth=depth, arch="mlp", input_shape=(1, 16, 16), num_classes=10,
                             model_options={"width": width, "activation": "lrelu"}, lr=0.01)
-    callbacks = [ActivationSaturationMonitor(), ConditionNumberProbe(), GradientFlowMonitor()] if with_diagnostics else []
+    callbacks = ([ActivationSaturationMonitor(), ConditionNumberProbe(), GradientFlowMonitor()]
+                 if with_diagnostics else [])
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir),
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, limit_val_batches=2, log_every_n_steps=50)

@@ -23,8 +23,8 @@ WARMUP = 10
 
 def setup(quick: bool, steps: int):
     import lightning as L
+    from deepplain.datamodules import FakeDataModule
 
-    from datamodules import FakeDataModule
     from deepplain.family_modules import module_class
     L.seed_everything(0, verbose=False)
     if quick:

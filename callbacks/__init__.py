@@ -1,14 +1,18 @@
-"""Diagnostic callbacks that drop into any Lightning project.
+"""Diagnostic callbacks that drop into any Lightning project (installed as ``deepplain.callbacks``).
 
-Each subclasses ``lightning.pytorch.Callback``, finds its layers itself (forward hooks on module
-types, chosen with ``include``/``exclude`` globs on module names) and logs through the trainer's
-loggers under its own prefix: ``saturation/``, ``condition/``, ``alpha/``, ``max_norm/``,
-``grad_flow/``.
+Each subclasses ``lightning.pytorch.Callback``, depends on nothing of deepplain's models, finds
+its layers itself (forward hooks on module types, chosen with ``include``/``exclude`` globs on
+module names) and logs through the trainer's loggers under its own prefix: ``saturation/``,
+``condition/``, ``grad_flow/``, ``max_norm/``, ``alpha/``. The sampling ones share
+``deepplain.callbacks.sampling`` (cadence, time budget, probe batch, state); the building
+blocks for looking inside a model are public in ``deepplain.callbacks.probing``.
 """
 from .alpha import AlphaScheduler
-from .condition import ConditionNumberProbe, condition_number, infinity_norm_condition
+from .condition import ConditionNumberProbe
 from .grad_flow import GradientFlowMonitor
+from .linalg import condition_number, infinity_norm_condition, weight_conditions
 from .max_norm import MaxNormConstraint, apply_max_norm
+from .sampling import SamplingCallback
 from .saturation import ActivationSaturationMonitor
 
 DIAGNOSTICS = {
@@ -18,4 +22,5 @@ DIAGNOSTICS = {
 }
 
 __all__ = ["ActivationSaturationMonitor", "ConditionNumberProbe", "MaxNormConstraint", "AlphaScheduler",
-           "GradientFlowMonitor", "condition_number", "infinity_norm_condition", "apply_max_norm", "DIAGNOSTICS"]
+           "GradientFlowMonitor", "SamplingCallback", "condition_number", "infinity_norm_condition",
+           "weight_conditions", "apply_max_norm", "DIAGNOSTICS"]

@@ -1,141 +1,335 @@
-"""AlphaScheduler: phase out VAN skip connections by driving every alpha to 1."""
+r"""AlphaScheduler: phase out VAN skip connections by driving every alpha to 1.
+
+A VAN block computes ``x_{l+1} = F(x_l) + (1 - alpha_l) * x_l`` (Monti et al., eq. 4), with alpha
+starting at 0 (a ResNet) and constrained to 1 (a plain network) at the end of training through
+Lagrange multipliers lambda (eq. 6-8)::
+
+    alpha <- clip(alpha - eta_alpha (dC/dalpha + lambda), 0, 1)        (eq. 7)
+    lambda <- lambda + eta_lambda (alpha - 1),   lambda_0 = -1          (eq. 8)
+
+The paper gives eta_lambda / eta = 0.5 (MLPs) or 0.1 (CIFAR) but not how fast the skips should go,
+and eq. 7 taken literally with the network's own learning rate removes them within ~1/eta steps
+(10 steps at eta = 0.1), while its Fig. 2 shows them fading over about 120 of 165 epochs.
+
+**Calibrated step sizes** (mode ``lagrangian``, the default). alpha and lambda take their own SGD
+steps -- no momentum, no weight decay, independent of the learning-rate schedule -- sized so
+that every skip is gone after a chosen share of training. Write ``u = 1 - alpha`` for one unit
+and ``r = eta_lambda / eta_alpha`` (the paper's ratio). The constraint term dominates eq. 7
+(measured ``|dC/dalpha|`` <= 0.04 against ``|lambda|`` >= 1), and without dC/dalpha eq. 7-8 read
+``u_{t+1} = u_t + eta_alpha lambda_t``, ``lambda_{t+1} = lambda_t - r eta_alpha u_{t+1}``: for small
+steps ``u'' = -r eta_alpha^2 u`` with ``u(0) = 1``, ``u'(0) = -eta_alpha``, so
+
+    u(t) = cos(w t) - sin(w t) / sqrt(r),    w = sqrt(r) eta_alpha,
+
+which reaches 0 when ``w T = arctan(sqrt(r))``. Hence, for skips gone at step T,
+
+    eta_alpha = arctan(sqrt(r)) / (sqrt(r) T),    eta_lambda = r eta_alpha
+
+(within one step of T for T >= 20; r -> 0 gives 1/T). The mean alpha residual
+``(1/L) sum_l mean((1 - alpha_l)^2)`` then falls smoothly from 1 to 0 at T -- a quarter of the
+way down at T/2 -- and lambda ends near -1 - r/2 (-1.2 for r = 0.5, -1.05 for r = 0.1), holding
+alpha at 1 afterwards. The network's gradient still acts: where the loss resists, alpha lags
+and lambda grows to compensate, which is the Lagrangian's job; a unit whose loss gradient
+outweighs lambda can stay open past T (seen on the VAN MLP recipe in short runs). The paper asks
+for alpha = 1 only at the end of training, and its Fig. 2 keeps the skips removed after they go,
+so from step T on the constraint is enforced exactly: the remaining alphas are set to 1 and
+lambda is frozen. The run reports how many units that closed and the residual they had. T is
+``phase_out`` times the run's optimizer steps (a share below 1, an epoch number from 1), by
+default 120/165, the share of the paper's Fig. 2.
+
+Other modes: ``literal`` (eq. 7-8 per step with eta = the optimizer's current learning rate,
+without its momentum), ``unconstrained`` (lambda = 0, the paper's "VAN (lambda=0)": alpha follows
+its gradient at the optimizer's learning rate), ``linear`` and ``cosine`` (alpha set
+deterministically, reaching 1 at ``phase_out``).
+
+In every mode alpha is updated here, in ``on_before_optimizer_step`` (after DDP's all-reduce
+and the mixed-precision unscale), and its gradient is then cleared, so the model's optimizer
+never moves it, whatever optimizer it is.
+"""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
-from deepplain.errors import ConfigError
-from deepplain.models.residual import iter_skip_gates
+from .probing import skip_gates
+from .tensorboard import log_scalars, write_layout
 
-from ._common import log_scalars, register_layout
+MODES = ("lagrangian", "literal", "unconstrained", "linear", "cosine")
+DEFAULT_PHASE_OUT = 120 / 165  # the VAN paper's Fig. 2: skips gone at about epoch 120 of 165
 
-MODES = ("lagrangian", "unconstrained", "linear", "cosine")
+
+def calibrated_step_sizes(target_steps: int, lambda_lr_ratio: float) -> tuple[float, float]:
+    """(eta_alpha, eta_lambda) that close every skip after ``target_steps`` steps (module docstring)."""
+    if target_steps < 1:
+        raise ValueError(f"target_steps must be >= 1, got {target_steps}")
+    r = float(lambda_lr_ratio)
+    factor = math.atan(math.sqrt(r)) / math.sqrt(r) if r > 0 else 1.0
+    eta_alpha = factor / target_steps
+    return eta_alpha, r * eta_alpha
 
 
 class AlphaScheduler(Callback):
-    """Drives the ``alpha`` of every VAN skip gate (a module with an ``alpha`` parameter and a
-    ``lagrange_lambda`` buffer, see ``deepplain.models.residual.SkipGate``) towards 1.
+    """Drives the ``alpha`` of every VAN skip gate to 1; see the module docstring for the dynamics.
 
-    Modes:
-    * ``lagrangian`` (Monti et al., eq. 7-8): before each optimizer step lambda is added to alpha's
-      gradient, so SGD takes ``alpha <- alpha - eta (dL/dalpha + lambda)``; after it alpha is clipped
-      to [0, 1] and ``lambda <- lambda + eta' (alpha - 1)`` with ``eta' = lambda_lr_ratio * lr``.
-      lambda starts at -1 and only decreases, pushing alpha up until it reaches 1.
-    * ``unconstrained``: lambda = 0 (the paper's "VAN (lambda=0)"); alpha is only clipped.
-    * ``linear`` / ``cosine``: alpha is set deterministically, reaching 1 at ``end_epoch``
-      (default: half of ``max_epochs``) and excluded from gradient updates.
+    A skip gate is any module with a parameter ``alpha`` and a buffer ``lagrange_lambda`` of the
+    same shape (deepplain's ``SkipGate``; ``include``/``exclude`` globs pick some by name).
 
-    Logs ``alpha/residual`` = (1/L) sum_l mean((1 - alpha_l)^2), and per gate ``alpha/mean/<gate>``
-    and ``alpha/lambda/<gate>`` every ``every_n_steps`` steps. lambda lives in the model's buffers
-    and the step counter in this callback's state, so both survive checkpoint and resume.
+    Args:
+        mode: ``lagrangian`` (calibrated eq. 7-8, default), ``literal``, ``unconstrained``,
+            ``linear`` or ``cosine``.
+        lambda_lr_ratio: ``r = eta_lambda / eta_alpha``: the paper's 0.5 for MLPs, 0.1 on CIFAR.
+        phase_out: when the skips must be gone: a share of training (< 1) or an epoch (>= 1).
+            Default 120/165. Used by ``lagrangian``, ``linear`` and ``cosine``.
+        alpha_lr: ``eta_alpha`` given directly instead of derived from ``phase_out``.
+        every_n_steps: logging interval of the ``alpha/*`` scalars (also logged at epoch ends).
+
+    TensorBoard: ``alpha/residual`` (the paper's mean alpha residual), ``alpha/share_removed``
+    (share of units with alpha = 1), ``alpha/lambda``, and per gate ``alpha/mean/<gate>`` and
+    ``alpha/lambda/<gate>``. At the end of training it reports the step at which every skip was
+    gone, or how far the alphas still are from 1.
+
+    Example::
+
+        import lightning as L
+        from deepplain.callbacks import AlphaScheduler
+        trainer = L.Trainer(max_epochs=50, logger=False, enable_checkpointing=False,
+                            callbacks=[AlphaScheduler("lagrangian", lambda_lr_ratio=0.5, phase_out=0.75)])
     """
 
-    def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: float = 0.5, end_epoch: int | None = None,
-                 every_n_steps: int = 50):
+    def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: float = 0.5, phase_out: Optional[float] = None,
+                 alpha_lr: Optional[float] = None, include: Optional[list[str]] = None,
+                 exclude: Optional[list[str]] = None, every_n_steps: int = 50):
         if mode not in MODES:
-            raise ConfigError(f"AlphaScheduler mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise ValueError(f"AlphaScheduler mode must be one of {', '.join(MODES)}, got {mode!r}")
+        for name, value in (("lambda_lr_ratio", lambda_lr_ratio), ("phase_out", phase_out), ("alpha_lr", alpha_lr)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if lambda_lr_ratio < 0:
-            raise ConfigError(f"lambda_lr_ratio must be >= 0, got {lambda_lr_ratio}")
-        self.mode, self.lambda_lr_ratio, self.end_epoch = mode, float(lambda_lr_ratio), end_epoch
-        self.every_n_steps = max(1, int(every_n_steps))
+            raise ValueError(f"lambda_lr_ratio must be >= 0, got {lambda_lr_ratio}")
+        if phase_out is not None and phase_out <= 0:
+            raise ValueError(f"phase_out must be a share of training in (0, 1) or an epoch >= 1, got {phase_out}")
+        if alpha_lr is not None and alpha_lr <= 0:
+            raise ValueError(f"alpha_lr must be positive, got {alpha_lr}")
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        self.mode, self.lambda_lr_ratio = mode, float(lambda_lr_ratio)
+        self.phase_out = float(phase_out) if phase_out is not None else DEFAULT_PHASE_OUT
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.every_n_steps = every_n_steps
+        self.alpha_lr = float(alpha_lr) if alpha_lr is not None else None
+        self.lambda_lr = None if alpha_lr is None else self.lambda_lr_ratio * self.alpha_lr
+        self.target_step: Optional[int] = None
+        self.removed_step: Optional[int] = None
+        self.closed_at_target: Optional[dict] = None  # units the projection at T closed, and their residual
+        self.steps_per_epoch: Optional[float] = None
         self._gates = []
-        self._last_step = None
+        self._removed_at: Optional[torch.Tensor] = None  # on the device: first step with every alpha == 1
+        self._last_update_step: Optional[int] = None
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
+    def tensorboard_layout(self) -> dict:
+        return {"alpha": {"alpha residual": "alpha/residual", "mean alpha": "alpha/mean/.*",
+                          "lambda": "alpha/lambda/.*"}}
+
+    # -- setup -----------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
-        self._gates = list(iter_skip_gates(pl_module))
+        self._gates = skip_gates(pl_module, self.include, self.exclude)
         if not self._gates:
-            raise ConfigError(f"AlphaScheduler found no VAN skip gates in {type(pl_module).__name__}: it needs modules "
-                              "with an 'alpha' parameter and a 'lagrange_lambda' buffer (deepplain's van family)")
+            raise ValueError(f"AlphaScheduler found no VAN skip gates in {type(pl_module).__name__}: it needs modules "
+                             "with an 'alpha' parameter and a 'lagrange_lambda' buffer of the same shape (e.g. "
+                             "deepplain's van family)")
 
     def on_fit_start(self, trainer, pl_module):
-        register_layout(trainer, "alpha", {"mean alpha": "alpha/mean/.*", "lambda": "alpha/lambda/.*",
-                                           "alpha residual": "alpha/residual"})
-        if self.mode in ("linear", "cosine"):
-            for _, gate in self._gates:
-                gate.alpha.requires_grad_(False)
-            self._set_scheduled(trainer)
-        elif self.mode == "unconstrained":
-            for _, gate in self._gates:
-                gate.lagrange_lambda.zero_()
+        if self.mode == "unconstrained":
+            with torch.no_grad():
+                for _, gate in self._gates:
+                    gate.lagrange_lambda.zero_()
 
     def on_train_start(self, trainer, pl_module):
-        self._last_step = trainer.global_step
+        write_layout(trainer, self)
+        total = float(trainer.estimated_stepping_batches)
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self.steps_per_epoch = total / epochs if epochs and math.isfinite(total) else None
+        if self.target_step is None and self.mode in ("lagrangian", "linear", "cosine"):
+            self.target_step = self._target_steps(total)
+        if self.mode == "lagrangian" and self.alpha_lr is None:
+            self.alpha_lr, self.lambda_lr = calibrated_step_sizes(self.target_step, self.lambda_lr_ratio)
+        device = self._gates[0][1].alpha.device
+        self._removed_at = torch.tensor(-1 if self.removed_step is None else self.removed_step, device=device)
+        self._last_update_step = None
+        if self.mode in ("linear", "cosine"):
+            self._set_scheduled(trainer.global_step)
         self._log(trainer)
 
-    # -- lagrangian: lambda enters alpha's gradient ------------------------------------------------
+    def _target_steps(self, total: float) -> int:
+        if not math.isfinite(total):
+            raise ValueError("AlphaScheduler needs a run of known length (max_epochs or max_steps) to place phase_out")
+        if self.phase_out < 1:
+            steps = self.phase_out * total
+        elif self.steps_per_epoch is None:
+            raise ValueError(f"phase_out={self.phase_out:g} is an epoch, but the trainer has no max_epochs; give a "
+                             "share of training (< 1) instead")
+        else:
+            steps = self.phase_out * self.steps_per_epoch
+        return int(min(total, max(1, round(steps))))
+
+    # -- the update --------------------------------------------------------------------------------------
+    def _optimizer_lr(self, optimizer) -> float:
+        alpha_ids = {id(gate.alpha) for _, gate in self._gates}
+        for group in optimizer.param_groups:
+            if any(id(p) in alpha_ids for p in group["params"]):
+                return float(group["lr"])
+        return float(optimizer.param_groups[0]["lr"])
+
+    def _unscale(self, trainer, optimizer, gate) -> float:
+        """1 / loss scale when alpha's gradient was not unscaled (16-mixed, alpha outside the optimizer)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or any(p is gate.alpha for g in optimizer.param_groups for p in g["params"]):
+            return 1.0
+        return 1.0 / float(scaler.get_scale())
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if self.mode != "lagrangian":
+        step = trainer.global_step
+        if step == self._last_update_step:  # one update per optimizer step
             return
-        for _, gate in self._gates:
-            if gate.alpha.grad is not None:
-                gate.alpha.grad.add_(gate.lagrange_lambda.to(gate.alpha.grad.dtype))
-            else:
-                gate.alpha.grad = gate.lagrange_lambda.clone().to(gate.alpha.dtype)
+        self._last_update_step = step
+        if self.mode in ("linear", "cosine"):
+            for _, gate in self._gates:
+                gate.alpha.grad = None
+            return
+        if self.mode == "lagrangian":
+            if step + 1 >= self.target_step:  # from T on the constraint holds exactly: a plain network
+                self._enforce_constraint(step + 1)
+                return
+            eta_alpha, eta_lambda = self.alpha_lr, self.lambda_lr
+        else:
+            eta_alpha = self._optimizer_lr(optimizer)
+            eta_lambda = self.lambda_lr_ratio * eta_alpha if self.mode == "literal" else 0.0
+        with torch.no_grad():
+            for _, gate in self._gates:
+                alpha, lam, grad = gate.alpha, gate.lagrange_lambda, gate.alpha.grad
+                if grad is None:
+                    continue
+                grad = grad.to(alpha.dtype) * self._unscale(trainer, optimizer, gate)
+                finite = torch.isfinite(grad).all()  # a step the loss scaler skips is skipped here too
+                push = grad + lam.to(alpha.dtype) if self.mode != "unconstrained" else grad
+                alpha.copy_(torch.where(finite, (alpha - eta_alpha * push).clamp(0.0, 1.0), alpha))
+                if eta_lambda:
+                    lam.add_(torch.where(finite, eta_lambda * (alpha.to(lam.dtype) - 1.0), torch.zeros_like(lam)))
+                gate.alpha.grad = None  # the optimizer must not move alpha (no momentum, no weight decay)
+            self._note_removal(step + 1)
+
+    def _enforce_constraint(self, step: int) -> None:
+        with torch.no_grad():
+            if self.closed_at_target is None:  # the first time: record what the projection changes
+                alphas = torch.cat([g.alpha.detach().flatten().float() for _, g in self._gates])
+                self.closed_at_target = {"step": step, "units": int((alphas < 1).sum()),
+                                         "residual": float((1 - alphas).pow(2).mean())}
+            for _, gate in self._gates:
+                gate.alpha.fill_(1.0)
+                gate.alpha.grad = None
+            self._note_removal(step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.mode in ("linear", "cosine"):
-            self._set_scheduled(trainer, batch_idx)
+            self._set_scheduled(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self._last_step:  # no optimizer step (gradient accumulation)
-            return
-        self._last_step = trainer.global_step
-        if self.mode in ("lagrangian", "unconstrained"):
-            lr = self._alpha_lr(trainer)
-            with torch.no_grad():
-                for _, gate in self._gates:
-                    gate.alpha.clamp_(0.0, 1.0)
-                    if self.mode == "lagrangian":
-                        gate.lagrange_lambda.add_(self.lambda_lr_ratio * lr * (gate.alpha.detach() - 1.0))
         if trainer.global_step % self.every_n_steps == 0:
             self._log(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._log(trainer)
 
-    # -- helpers -------------------------------------------------------------------------------------
-    def _alpha_lr(self, trainer) -> float:
-        alpha_ids = {id(gate.alpha) for _, gate in self._gates}
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                if any(id(p) in alpha_ids for p in group["params"]):
-                    return float(group["lr"])
-        return float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 0.0
+    def on_train_end(self, trainer, pl_module):
+        report = self.report(trainer.global_step)
+        if report:
+            rank_zero_info(report)
 
-    def scheduled_alpha(self, trainer, batch_idx: int = 0) -> float:
-        end = self.end_epoch or max(1, (trainer.max_epochs or 2) // 2)
-        batches = max(1, int(trainer.num_training_batches) if math.isfinite(trainer.num_training_batches) else 1)
-        progress = min(1.0, (trainer.current_epoch + batch_idx / batches) / end)
+    def _note_removal(self, step: int) -> None:
+        """Record, on the device and without a host sync, the first step after which every alpha is 1."""
+        closed = torch.cat([gate.alpha.detach().flatten() for _, gate in self._gates]).min() >= 1
+        self._removed_at = torch.where(closed & (self._removed_at < 0), torch.full_like(self._removed_at, step),
+                                       self._removed_at)
+
+    def scheduled_alpha(self, step: int) -> float:
+        progress = min(1.0, step / max(1, self.target_step or 1))
         return progress if self.mode == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
 
-    def _set_scheduled(self, trainer, batch_idx: int = 0):
-        value = self.scheduled_alpha(trainer, batch_idx)
+    def _set_scheduled(self, step: int) -> None:
+        value = self.scheduled_alpha(step)
         with torch.no_grad():
             for _, gate in self._gates:
                 gate.alpha.fill_(value)
+        if value >= 1.0:
+            self._note_removal(step)
 
+    # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> dict:
-        """Mean alpha and lambda per gate and the alpha residual, as floats."""
+        """``residual`` (mean over gates of mean (1 - alpha)^2), ``share_removed`` (units with
+        alpha = 1), ``lambda`` (mean), ``removed_step`` (first step with every alpha = 1, or None),
+        and per gate ``mean/<gate>`` and ``lambda/<gate>``."""
         with torch.no_grad():
-            alphas = [gate.alpha.detach().float() for _, gate in self._gates]
-            lambdas = [gate.lagrange_lambda.detach().float() for _, gate in self._gates]
-            rows = torch.stack([torch.stack([a.mean(), lam.mean(), (1 - a).pow(2).mean()])
-                                for a, lam in zip(alphas, lambdas)]).cpu()
-        out = {"residual": float(rows[:, 2].mean())}
-        for (name, _), (alpha, lam, _) in zip(self._gates, rows.tolist()):
+            rows = torch.stack([torch.stack([g.alpha.float().mean(), g.lagrange_lambda.float().mean(),
+                                             (1 - g.alpha.float()).pow(2).mean(), (g.alpha == 1).float().sum(),
+                                             torch.tensor(float(g.alpha.numel()), device=g.alpha.device)])
+                                for _, g in self._gates]).cpu()
+            if self._removed_at is not None and int(self._removed_at) >= 0:
+                self.removed_step = int(self._removed_at)
+        out = {"residual": float(rows[:, 2].mean()), "share_removed": float(rows[:, 3].sum() / rows[:, 4].sum()),
+               "lambda": float((rows[:, 1] * rows[:, 4]).sum() / rows[:, 4].sum()), "removed_step": self.removed_step}
+        for (name, _), (alpha, lam, *_rest) in zip(self._gates, rows.tolist()):
             out[f"mean/{name}"] = alpha
             out[f"lambda/{name}"] = lam
         return out
 
     def _log(self, trainer):
         if self._gates:
-            log_scalars(trainer, {f"alpha/{k}": v for k, v in self.summary().items()})
+            log_scalars(trainer, {f"alpha/{k}": v for k, v in self.summary().items() if k != "removed_step"})
 
+    def report(self, step: int) -> str:
+        """One line: when every skip was gone, or how far the alphas are from 1."""
+        if not self._gates:
+            return ""
+        s = self.summary()
+        if s["removed_step"] is not None:
+            where = f"step {s['removed_step']}"
+            if self.steps_per_epoch:
+                where += f" (epoch {s['removed_step'] / self.steps_per_epoch:.2f})"
+            closed = ""
+            if self.closed_at_target and self.closed_at_target["units"]:
+                c = self.closed_at_target
+                closed = (f" ({c['units']} units still open at the target step {c['step']} were closed there; their "
+                          f"residual was {c['residual']:.3g})")
+            return (f"AlphaScheduler ({self.mode}): every skip connection removed at {where}{closed}; the network is "
+                    "plain")
+        alphas = torch.cat([g.alpha.detach().flatten().float() for _, g in self._gates])
+        below = int((alphas < 1).sum())
+        return (f"AlphaScheduler ({self.mode}): {below} of {alphas.numel()} alphas are still below 1 at step {step} "
+                f"(max 1 - alpha = {float((1 - alphas).max()):.3g}, residual {s['residual']:.3g}): skip connections "
+                "remain, and deepplain.fold needs every alpha == 1")
+
+    # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self):
-        return {"mode": self.mode, "lambda_lr_ratio": self.lambda_lr_ratio, "end_epoch": self.end_epoch}
+        if self._removed_at is not None and int(self._removed_at) >= 0:
+            self.removed_step = int(self._removed_at)
+        return {"mode": self.mode, "lambda_lr_ratio": self.lambda_lr_ratio, "phase_out": self.phase_out,
+                "alpha_lr": self.alpha_lr, "lambda_lr": self.lambda_lr, "target_step": self.target_step,
+                "removed_step": self.removed_step, "closed_at_target": self.closed_at_target}
 
     def load_state_dict(self, state_dict):
         if state_dict.get("mode", self.mode) != self.mode:
-            raise ConfigError(f"checkpoint was trained with alpha mode {state_dict['mode']!r}, not {self.mode!r}")
+            raise ValueError(f"the checkpoint was trained with alpha mode {state_dict['mode']!r}, not {self.mode!r}")
+        # The step sizes fixed when training started are kept, so a resumed run follows the same trajectory.
+        for key in ("alpha_lr", "lambda_lr", "target_step", "removed_step", "closed_at_target"):
+            if state_dict.get(key) is not None:
+                setattr(self, key, state_dict[key])

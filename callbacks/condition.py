@@ -2,87 +2,35 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
-from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
-from ._common import (OverheadBudget, SamplingSchedule, add_figure, hidden_layers, layer_weight, log_scalars, register_layout,
-                      tensorboard_writers, weight_layers)
-from ._probe import LayerCapture, ProbeBatch
+from .linalg import (
+    REPR_STATS,
+    condition_number,
+    infinity_norm_condition,
+    representation_stats,
+    singular_values,
+    weight_condition_stats,
+    weight_conditions,
+)
+from .probing import LayerCapture, has_forward, hidden_layers, layer_weight, weight_layers
+from .sampling import SamplingCallback
+from .tensorboard import add_image, log_scalars
 
-REPR_STATS = ("kappa", "rank", "near_zero", "collinearity")
 WEIGHT_STATS = ("weight_kappa", "weight_kappa_inf")
+MIN_PROBE, MAX_PROBE = 256, 4096
 
-
-def _as_matrix(matrix) -> torch.Tensor:
-    m = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, torch.Tensor) else matrix)
-    m = m.detach().to(torch.float64)
-    if m.dim() != 2:
-        raise ValueError(f"condition_number needs a 2-D matrix, got shape {tuple(m.shape)}")
-    return m
-
-
-def _numerical_tolerance(singular_values: torch.Tensor, shape) -> float:
-    # numpy.linalg.matrix_rank's default: S.max() * max(M, N) * eps
-    return float(singular_values.max()) * max(shape) * torch.finfo(torch.float64).eps if singular_values.numel() else 0.0
-
-
-def condition_number(matrix) -> float:
-    """kappa = sigma_max / sigma_min of a 2-D matrix, in float64.
-
-    Returns ``math.inf`` when the matrix is numerically singular (sigma_min at or below
-    ``sigma_max * max(M, N) * eps``, numpy's rank tolerance) or all zero. For a non-square matrix
-    the min(M, N) singular values are used, as ``numpy.linalg.cond`` does. NaN if the matrix has
-    non-finite entries.
-    """
-    m = _as_matrix(matrix)
-    if not bool(torch.isfinite(m).all()):
-        return math.nan  # a diverged layer: reported as NaN, the divergence guard names it
-    s = torch.linalg.svdvals(m)
-    return _kappa(s, m.shape)
-
-
-def _kappa(s: torch.Tensor, shape) -> float:
-    if s.numel() == 0 or float(s.max()) == 0.0:
-        return math.inf
-    smin = float(s.min())
-    if smin <= _numerical_tolerance(s, shape):
-        return math.inf
-    return float(s.max()) / smin
-
-
-def infinity_norm_condition(matrix) -> float:
-    """kappa_inf = ||W||_inf * ||W^+||_inf (the pseudo-inverse for non-square W); inf if singular."""
-    return weight_conditions(matrix)[1]
-
-
-def weight_conditions(matrix) -> tuple[float, float]:
-    """(2-norm kappa, infinity-norm kappa). A square weight is inverted directly (LU, cheaper than an
-    SVD); otherwise W^+ = V diag(1/s) U^T from one SVD."""
-    m = _as_matrix(matrix)
-    if not bool(torch.isfinite(m).all()):
-        return math.nan, math.nan
-    if m.shape[0] == m.shape[1]:
-        s = torch.linalg.svdvals(m)
-        kappa = _kappa(s, m.shape)
-        if math.isinf(kappa):
-            return kappa, math.inf
-        inverse = torch.linalg.inv(m)
-    else:
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        kappa = _kappa(s, m.shape)
-        if math.isinf(kappa):
-            return kappa, math.inf
-        inverse = (vh.T / s) @ u.T
-    norm = torch.linalg.matrix_norm(m, ord=math.inf)
-    return kappa, float(norm * torch.linalg.matrix_norm(inverse, ord=math.inf))
+__all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition", "weight_conditions",
+           "representation_matrix", "weight_matrix", "probe_size_for"]
 
 
 def representation_matrix(output: torch.Tensor, max_rows: int = 4096) -> torch.Tensor:
-    """A layer's output as samples x units (conv: every position is a row, channels are units),
-    with at most ``max_rows`` evenly spaced rows, in float64 on the CPU."""
+    """A layer's output as samples x units (conv: every position of every sample is a row and the
+    channels are the units), with at most ``max_rows`` evenly spaced rows, in float32 on its device."""
     x = output.detach().float()
     if x.dim() > 2:
         x = x.movedim(1, -1).reshape(-1, x.shape[1])
@@ -90,132 +38,185 @@ def representation_matrix(output: torch.Tensor, max_rows: int = 4096) -> torch.T
         x = x.unsqueeze(1)
     if x.shape[0] > max_rows:
         x = x[torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()]
-    return x.to(torch.float64).cpu()
-
-
-def representation_stats(x: torch.Tensor, near_zero_rtol: float = 1e-3) -> dict[str, float]:
-    """kappa, numerical rank, share of singular values below ``near_zero_rtol * sigma_max``, and the
-    mean absolute correlation between units (units with constant output are left out). All NaN
-    when the representation has non-finite entries."""
-    if not bool(torch.isfinite(x).all()):
-        return dict.fromkeys(REPR_STATS, math.nan)
-    s = torch.linalg.svdvals(x)
-    tol = _numerical_tolerance(s, x.shape)
-    smax = float(s.max()) if s.numel() else 0.0
-    rank = int((s > tol).sum()) if smax > 0 else 0
-    near_zero = float((s <= near_zero_rtol * smax).double().mean()) if smax > 0 else 1.0
-    centred = x - x.mean(dim=0, keepdim=True)
-    std = centred.pow(2).mean(dim=0).sqrt()
-    varying = std > 1e-12 * max(1.0, float(std.max()) if std.numel() else 1.0)
-    if int(varying.sum()) >= 2:
-        z = centred[:, varying] / std[varying]
-        corr = (z.T @ z) / x.shape[0]
-        k = corr.shape[0]
-        collinearity = float((corr.abs().sum() - corr.diagonal().abs().sum()) / (k * (k - 1)))
-    else:
-        collinearity = math.nan
-    return {"kappa": _kappa(s, x.shape), "rank": float(rank), "near_zero": near_zero, "collinearity": collinearity}
+    return x
 
 
 def weight_matrix(module) -> torch.Tensor:
-    """A layer's weight as units x inputs (a conv filter flattened to one row)."""
+    """A layer's (effective) weight as units x inputs: a conv filter flattened to one row."""
     w = layer_weight(module).detach()
     return w.reshape(w.shape[0], -1)
 
 
-class ConditionNumberProbe(Callback):
-    """Singularity diagnostics on a fixed probe batch (the PlainNet paper, Sec. V-B and Fig. 5-8).
+def _norm_name(norm) -> str:
+    """"inf" or "2", also from the numbers a YAML list gives (``[inf, 2]``)."""
+    if isinstance(norm, (int, float)) and not isinstance(norm, bool):
+        return "inf" if math.isinf(norm) else (str(int(norm)) if float(norm).is_integer() else str(norm))
+    return str(norm).lower()
 
-    Every ``every_n_steps`` optimizer steps (step 0 included) it runs the probe batch through the
-    model in eval mode and logs, per hidden layer: the condition number of its representation
-    (``condition/kappa/<layer>``, inf when singular), numerical rank, share of near-zero singular
-    values and mean absolute correlation between units; per Linear/Conv layer: the 2-norm and
-    infinity-norm condition numbers of its weight. Figures: depth profiles and heatmaps of units'
-    responses over the probe batch for ``heatmap_layers`` (default: the middle and last hidden
-    layers). SVDs run in float64; the probe batch is saved in checkpoints. ``max_overhead`` (1% of
-    training time by default) postpones a sample while the probe has used more than that share of
-    the time since training started; ``None`` samples exactly every ``every_n_steps``.
+
+def probe_size_for(layer_shapes: Sequence[tuple[int, int]]) -> int:
+    """Probe samples so that every representation matrix has at least twice as many rows as units.
+
+    ``layer_shapes``: (units, positions per sample) of each hidden layer; an MLP layer of 300 units
+    needs 600 samples, a conv layer of 640 channels on 8 x 8 positions needs 20. The result is
+    at least 256 and at most 4096 samples.
+    """
+    need = max((math.ceil(2 * units / max(1, positions)) for units, positions in layer_shapes), default=0)
+    return int(min(MAX_PROBE, max(MIN_PROBE, need)))
+
+
+class ConditionNumberProbe(SamplingCallback):
+    """Singularity diagnostics on a fixed probe batch (the PlainNet paper, Sec. II-B and Fig. 5-8).
+
+    At each sample (see ``deepplain.callbacks.sampling`` for the cadence and time budget) the
+    probe batch goes through the model in eval mode, before that step's update; one more sample
+    is taken after the last update. Logged per hidden layer, on its representation ``H`` as a
+    samples x units matrix (conv: positions x channels): the condition number
+    ``kappa = sigma_max / sigma_min`` (``inf`` when numerically singular), the numerical rank, the
+    share of singular values below ``near_zero_rtol * sigma_max`` and the mean |correlation|
+    between units; per Linear/Conv layer, the infinity-norm condition number of its weight (Fig. 5)
+    and, with ``weight_norms=("inf", "2")``, the 2-norm one too.
+
+    ``probe_size=None`` takes ``max(256, 2 x units)`` samples (at most 4,096): with fewer samples
+    than units the matrix cannot have full unit rank, and collinear units would be invisible. It
+    comes from ``datamodule.probe_batch(n)`` when the datamodule has one (deepplain's do), else
+    from the first training batch. Spectra are float32 where accurate (kappa < 1e4), float64 above.
+
+    TensorBoard: ``condition/{kappa,rank,near_zero,collinearity,weight_kappa_inf}/<layer>``;
+    images ``condition/profile`` (kappa, collinearity and weight kappa against layer index) and
+    ``condition/heatmap/<layer>`` (units' responses, Fig. 6-8) for the first and last samples, drawn
+    when training ends.
+
+    Example::
+
+        import lightning as L
+        from deepplain.callbacks import ConditionNumberProbe
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                            callbacks=[ConditionNumberProbe(num_samples=10, weight_norms=["inf", "2"])])
     """
 
-    def __init__(self, every_n_steps: int | None = None, probe_size: int = 256, probe_batch=None, include=None,
-                 exclude=None, max_rows: int = 4096, near_zero_rtol: float = 1e-3, heatmap_layers=None,
-                 weights: bool = True, figure_every_n_samples: int = 1, use_log_every_n_steps: bool = False,
-                 max_overhead: float | None = 0.01):
-        self.schedule = SamplingSchedule(every_n_steps, default=1000, use_log_every_n_steps=use_log_every_n_steps)
-        self.budget = OverheadBudget(max_overhead)
-        self.probe = ProbeBatch(probe_size, probe_batch)
-        self.include, self.exclude = include, exclude
-        self.max_rows, self.near_zero_rtol = max_rows, near_zero_rtol
-        self.heatmap_layers, self.weights = heatmap_layers, weights
-        self.figure_every = max(1, int(figure_every_n_samples))
-        self.samples_taken = 0
-        self.last_stats: dict[str, dict[str, float]] = {}
+    prefix = "condition"
+
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, probe_size: Optional[int] = None,
+                 probe_batch: Any = None, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
+                 max_rows: int = 4096, near_zero_rtol: float = 1e-3,
+                 heatmap_layers: Optional[list[Union[int, str]]] = None, weights: bool = True,
+                 weight_norms: Sequence[Union[str, int, float]] = ("inf",),
+                 figure_every_n_samples: Optional[int] = None,
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01):
+        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
+                         use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
+                         figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
+                         probe_size=probe_size or MIN_PROBE, probe_batch=probe_batch)
+        if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
+                                       or probe_size < 2):
+            raise ValueError(f"probe_size must be an integer >= 2 or None (automatic), got {probe_size!r}")
+        weight_norms = [_norm_name(n) for n in weight_norms]
+        unknown = sorted(set(weight_norms) - {"inf", "2"})
+        if unknown or not weight_norms:
+            raise ValueError(f"weight_norms must be a non-empty subset of ['inf', '2'], got {list(weight_norms)}")
+        self.auto_probe_size = probe_size is None and probe_batch is None
+        self.max_rows, self.near_zero_rtol = int(max_rows), float(near_zero_rtol)
+        self.heatmap_layers, self.weights = heatmap_layers, bool(weights)
+        self.weight_norms = tuple(weight_norms)
         self.last_weight_stats: dict[str, dict[str, float]] = {}
+        self._layers, self._weights = [], []
+
+    def tensorboard_layout(self) -> dict:
+        stats = REPR_STATS + tuple(s for s in WEIGHT_STATS if s != "weight_kappa" or "2" in self.weight_norms)
+        return {"condition": {s: f"condition/{s}/.*" for s in stats}}
 
     def setup(self, trainer, pl_module, stage):
         self._layers = hidden_layers(pl_module, self.include, self.exclude)
-        self._weights = weight_layers(pl_module, self.include, self.exclude)
+        self._weights = weight_layers(pl_module, self.include, self.exclude) if self.weights else []
         if not self._layers:
-            raise ValueError(f"ConditionNumberProbe found no layers in {type(pl_module).__name__}")
+            raise ValueError(f"ConditionNumberProbe found no hidden layers in {type(pl_module).__name__}: no "
+                             f"activation, Linear or Conv module matches include={self.include}, "
+                             f"exclude={self.exclude}")
+        if not has_forward(pl_module):
+            raise ValueError(f"ConditionNumberProbe runs its probe batch through {type(pl_module).__name__}(x), which "
+                             "has no forward() method; define forward(x) to return the model's output")
 
-    def on_fit_start(self, trainer, pl_module):
-        register_layout(trainer, "condition", {s: f"condition/{s}/.*" for s in REPR_STATS + WEIGHT_STATS})
-
-    def on_train_start(self, trainer, pl_module):
-        self.budget.start()
+    def _size_probe(self, trainer, pl_module, batch) -> None:
+        """Choose the probe size from the model's layer widths, once, before the probe is drawn."""
+        if not self.auto_probe_size or self.probe.inputs is not None:
+            return
+        from .probing import ProbeBatch
+        tiny = ProbeBatch(2)
+        if tiny.ensure(trainer, batch) is None:
+            return
+        shapes = tiny.run(trainer, pl_module, LayerCapture(
+            self._layers, lambda name, out: (int(out.shape[1]) if out.dim() > 1 else 1, int(out[0, 0].numel())
+                                             if out.dim() > 2 else 1)))
+        self.probe.size = probe_size_for(list(shapes.values()))
+        widest = max((units for units, _ in shapes.values()), default=0)
+        self.max_rows = max(self.max_rows, 2 * widest)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # Sampled before the step, so global step 0 shows the network as initialised.
-        if self.probe.inputs is None:
-            self.probe.ensure(trainer, batch)
-        if not self.schedule.due(trainer):
+        # Sampled before the step, so global step 0 shows the network as initialised; the last
+        # sample is the one after the final update (on_train_end).
+        if trainer.global_rank != 0 or (self.schedule.is_last(trainer.global_step) and self.samples_taken):
             return
-        self.schedule.mark(trainer)
-        # rank zero alone probes (no collective), so its time budget can postpone a sample safely
-        if trainer.global_rank == 0 and self.probe.inputs is not None and self.budget.allows():
-            with self.budget.charge():
-                self.sample(trainer, pl_module)
+        if self.probe.inputs is None:
+            self._size_probe(trainer, pl_module, batch)
+            self.ensure_probe(trainer, batch)
+            self._check_probe_rows()
+        if self.probe.inputs is not None and self.decide(trainer):
+            self.sample(trainer, pl_module)
 
-    def sample(self, trainer, pl_module) -> dict:
+    def on_train_end(self, trainer, pl_module):
+        if trainer.global_rank == 0 and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step:
+            self.sample(trainer, pl_module, final=True)
+        super().on_train_end(trainer, pl_module)
+
+    def _check_probe_rows(self):
+        if self.probe.inputs is not None and self.auto_probe_size and self.probe.inputs.shape[0] < self.probe.size:
+            rank_zero_warn(f"ConditionNumberProbe: the probe batch has {self.probe.inputs.shape[0]} samples, fewer "
+                           f"than the {self.probe.size} the widest layer needs for full unit rank; the condition "
+                           "numbers of wider layers are infinite by construction (give the datamodule a "
+                           "probe_batch(n) method or pass probe_batch=)")
+
+    def sample(self, trainer, pl_module, final: bool = False) -> dict:
         """Run the probe now and log; returns the per-layer representation statistics."""
-        capture = LayerCapture(self._layers, lambda name, out: representation_matrix(out, self.max_rows))
-        matrices = self.probe.run(trainer, pl_module, capture)
-        stats = {name: representation_stats(m, self.near_zero_rtol) for name, m in matrices.items()}
-        weight_stats = {}
-        if self.weights:
-            for name, module in self._weights:
-                kappa, kappa_inf = weight_conditions(weight_matrix(module))
-                weight_stats[name] = {"weight_kappa": kappa, "weight_kappa_inf": kappa_inf}
-        self.last_stats, self.last_weight_stats = stats, weight_stats
         step = trainer.global_step
-        scalars = {f"condition/{k}/{name}": v for name, row in stats.items() for k, v in row.items() if not math.isnan(v)}
-        scalars.update({f"condition/{k}/{name}": v for name, row in weight_stats.items() for k, v in row.items()
-                        if not math.isnan(v)})
-        log_scalars(trainer, scalars, step)
-        if self.samples_taken % self.figure_every == 0 and tensorboard_writers(trainer):
-            self._draw(trainer, stats, weight_stats, matrices, step)
-        self.samples_taken += 1
+        with self.timed_sample(mandatory=True if final else None) as cost:
+            capture = LayerCapture(self._layers, lambda name, out: representation_matrix(out, self.max_rows))
+            matrices = self.probe.run(trainer, pl_module, capture)
+            names = list(matrices)
+            spectra = singular_values([matrices[n] for n in names])
+            stats = {n: representation_stats(matrices[n], s, self.near_zero_rtol) for n, s in zip(names, spectra)}
+            weight_stats = {}
+            if self._weights:
+                with torch.no_grad():
+                    rows = weight_condition_stats([weight_matrix(m) for _, m in self._weights], self.weight_norms)
+                weight_stats = {name: row for (name, _), row in zip(self._weights, rows)}
+            self.last_stats, self.last_weight_stats = stats, weight_stats
+            scalars = {f"condition/{k}/{name}": v for name, row in stats.items() for k, v in row.items()
+                       if not math.isnan(v)}
+            scalars.update({f"condition/{k}/{name}": v for name, row in weight_stats.items() for k, v in row.items()
+                            if not math.isnan(v)})
+            log_scalars(trainer, scalars, step)
+            heatmaps = {name: matrices[name].detach().cpu() for name in self._heatmap_names(names)}
+            self.keep_for_figures(trainer, "probe", step, (stats, weight_stats, heatmaps))
+        self.record(step, cost[0])
         return stats
 
-    def _draw(self, trainer, stats, weight_stats, matrices, step):
+    def draw(self, trainer, key: str, step: int, payload) -> None:
+        stats, weight_stats, heatmaps = payload
         names = list(stats)
-        fig = figures.depth_profile({"representation kappa": [stats[n]["kappa"] for n in names]},
-                                    f"condition number of hidden representations (step {step})", "kappa", log_y=True)
-        add_figure(trainer, "condition/profile_representation", fig, step)
-        fig = figures.depth_profile({"mean |corr| between units": [stats[n]["collinearity"] for n in names],
-                                     "share of near-zero singular values": [stats[n]["near_zero"] for n in names]},
-                                    f"collinearity and singularity (step {step})", "share")
-        add_figure(trainer, "condition/profile_collinearity", fig, step)
-        if weight_stats:
-            wn = list(weight_stats)
-            fig = figures.depth_profile({"2-norm": [weight_stats[n]["weight_kappa"] for n in wn],
-                                         "inf-norm": [weight_stats[n]["weight_kappa_inf"] for n in wn]},
-                                        f"condition number of weights (step {step})", "kappa", log_y=True)
-            add_figure(trainer, "condition/profile_weights", fig, step)
-        for name in self._heatmap_names(names):
-            m = matrices[name]
-            fig = figures.unit_heatmap(m.numpy(), f"units' responses at {name} (step {step})")
-            add_figure(trainer, f"condition/heatmap/{name}", fig, step)
+        kappas = {"representation": [stats[n]["kappa"] for n in names]}
+        for key, label in (("weight_kappa_inf", "weight (inf-norm)"), ("weight_kappa", "weight (2-norm)")):
+            values = [row[key] for row in weight_stats.values() if key in row]
+            if values:
+                kappas[label] = values
+        shares = {"mean |corr| between units": [stats[n]["collinearity"] for n in names],
+                  "share of near-zero singular values": [stats[n]["near_zero"] for n in names]}
+        fig = figures.depth_profiles([(kappas, "condition number", True, None), (shares, "share", False, None)],
+                                     f"conditioning by depth (step {step})")
+        add_image(trainer, "condition/profile", figures.to_image(fig), step)
+        for name, matrix in heatmaps.items():
+            fig = figures.unit_heatmap(matrix.numpy(), f"units' responses at {name} (step {step})")
+            add_image(trainer, f"condition/heatmap/{name}", figures.to_image(fig), step)
 
     def _heatmap_names(self, names: list[str]) -> list[str]:
         if self.heatmap_layers is None:
@@ -229,10 +230,10 @@ class ConditionNumberProbe(Callback):
         return chosen
 
     def state_dict(self):
-        return {"probe": self.probe.state_dict(), "samples_taken": self.samples_taken,
-                "last_sampled_step": self.schedule.last_sampled_step}
+        return {**super().state_dict(), "max_rows": self.max_rows}
 
     def load_state_dict(self, state_dict):
-        self.probe.load_state_dict(state_dict.get("probe", {}))
-        self.samples_taken = state_dict.get("samples_taken", 0)
-        self.schedule.last_sampled_step = state_dict.get("last_sampled_step", -1)
+        super().load_state_dict(state_dict)
+        self.max_rows = state_dict.get("max_rows", self.max_rows)
+        if self.probe.inputs is not None:
+            self.probe.size = int(self.probe.inputs.shape[0])

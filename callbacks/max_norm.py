@@ -1,10 +1,14 @@
 """MaxNormConstraint: cap the norm of every unit's incoming weight vector after each optimizer step."""
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 from lightning.pytorch import Callback
 
-from ._common import log_scalars, weight_layers
+from .probing import weight_layers
+from .tensorboard import log_scalars
 
 
 @torch.no_grad()
@@ -20,28 +24,56 @@ def apply_max_norm(weight: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 class MaxNormConstraint(Callback):
-    """Max-norm regularisation (Srivastava et al.; the PlainNet paper uses ``max_norm=3``).
+    """Max-norm regularisation (Srivastava et al.; the PlainNet paper uses ``max_norm=3`` on every
+    hidden unit).
 
     After every real optimizer step -- not after every batch when gradients accumulate -- each
     unit's incoming weight vector (a row of a Linear weight, an output filter of a Conv weight)
     with norm above ``max_norm`` is scaled back to ``max_norm``. ``include``/``exclude`` globs pick
-    layers; ``skip_classifier`` leaves the last Linear layer free. Layers with a reparameterised
-    weight (DiracConv2d normalises its filters itself) are skipped. Logs the share of units
-    rescaled per layer as ``max_norm/rescaled/<layer>`` every ``trainer.log_every_n_steps`` steps.
+    layers; ``skip_classifier=True`` leaves the last Linear layer (the output layer) free, as the
+    paper does. Layers with a reparameterised weight (``effective_weight()``, e.g. DiracNet's,
+    which normalises its filters itself) are skipped. Logs the share of units rescaled per layer
+    as ``max_norm/rescaled/<layer>`` every ``log_every_n_steps`` steps (default: the trainer's).
+
+    Example::
+
+        import lightning as L
+        from deepplain.callbacks import MaxNormConstraint
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                            callbacks=[MaxNormConstraint(max_norm=3.0, skip_classifier=True)])
     """
 
-    def __init__(self, max_norm: float = 3.0, include=None, exclude=None, skip_classifier: bool = False,
-                 log_every_n_steps: int | None = None):
-        if not max_norm or max_norm <= 0:
-            raise ValueError(f"max_norm must be positive, got {max_norm!r}")
+    def __init__(self, max_norm: float = 3.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
+                 skip_classifier: bool = False, log_every_n_steps: Optional[int] = None):
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
+                or max_norm <= 0:
+            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise ValueError(f"log_every_n_steps must be a positive integer or None, got {log_every_n_steps!r}")
         self.max_norm = float(max_norm)
-        self.include, self.exclude, self.skip_classifier = include, exclude, skip_classifier
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.skip_classifier = bool(skip_classifier)
         self.log_every_n_steps = log_every_n_steps
-        self._last_step = None
+        self._layers = []
+        self._last_step: Optional[int] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(max_norm=self.max_norm, include=self.include, exclude=self.exclude,
+                                        skip_classifier=self.skip_classifier)
 
     def setup(self, trainer, pl_module, stage):
         self._layers = [(n, m) for n, m in weight_layers(pl_module, self.include, self.exclude, self.skip_classifier)
                         if not callable(getattr(m, "effective_weight", None))]
+        if not self._layers:
+            raise ValueError(f"MaxNormConstraint found no Linear or Conv layer to constrain in "
+                             f"{type(pl_module).__name__} (include={self.include}, exclude={self.exclude}, "
+                             f"skip_classifier={self.skip_classifier})")
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [name for name, _ in self._layers]
 
     def on_train_start(self, trainer, pl_module):
         self._last_step = trainer.global_step

@@ -1,14 +1,15 @@
 """ActivationSaturationMonitor: vanishing, exploding and dead units, layer by layer."""
 from __future__ import annotations
 
+from typing import Any, Optional, Sequence
+
 import torch
-from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
-from ._common import (OverheadBudget, SamplingSchedule, add_figure, gather_rows, hidden_layers, log_scalars, register_layout,
-                      select_modules, tensorboard_writers)
-from ._probe import LayerCapture, ProbeBatch
+from .probing import LayerCapture, has_forward, hidden_layers, select_modules
+from .sampling import SamplingCallback
+from .tensorboard import add_histogram, add_image, log_scalars
 
 STATS = ("mean_abs", "max_abs", "frac_low", "frac_high", "frac_zero", "frac_dead")
 
@@ -37,108 +38,155 @@ def combine(sums: torch.Tensor, alive: torch.Tensor) -> dict[str, float]:
     return dict(zip(STATS, values))
 
 
-class ActivationSaturationMonitor(Callback):
+def gather_rows(trainer, stats: torch.Tensor) -> torch.Tensor:
+    """Stack ``stats`` from every DDP rank along a new first dimension (one rank: unsqueeze)."""
+    if trainer.world_size <= 1:
+        return stats.unsqueeze(0)
+    return trainer.strategy.all_gather(stats)
+
+
+class ActivationSaturationMonitor(SamplingCallback):
     """Per layer: mean |a|, max |a|, share of values with |a| < ``low`` and > ``high`` (the PlainNet
     paper's 0.05 and 50), share of exact zeros and share of dead units (zero on the whole batch).
 
-    Sampled on the training batch every ``every_n_steps`` optimizer steps (step 0 included) and on
-    a fixed probe batch at each validation end. Between samples no hook is attached.
+    Sampled on the training batch (see ``deepplain.callbacks.sampling`` for the cadence and the
+    time budget) and, in eval mode, on a fixed probe batch at validation ends: always at the first
+    and at the one after the last training step, at the others as the budget allows. Between
+    samples no hook is attached. Under DDP the training-batch statistics cover every rank's batch.
 
     Layers: activation modules (ReLU, LeakyReLU, PReLU, ...) or, when a model has none, every
     Linear/Conv but the classifier; choose with ``layer_types`` and ``include``/``exclude`` globs
-    on module names (e.g. ``include=["model.features.*"]``).
+    on module names (``include=["model.features.*"]``).
 
-    TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars at every sample; depth-profile
-    figures and a histogram per layer at the first and then every ``figure_every_n_samples``-th
-    training sample and probe (figures cost far more than the statistics). ``max_overhead`` (1% of
-    training time by default) postpones samples, probes and figures while this callback has used
-    more than that share of the time since training started; ``None`` samples exactly on cadence.
+    TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars; a ``saturation/<source>/profile``
+    image (mean and max |a| with the 0.05 and 50 lines, and the saturated shares, against layer
+    index: the paper's Fig. 2/4 and A1) and histograms of ``histogram_layers`` evenly spaced layers
+    for the first and last samples, drawn when training ends.
+
+    Example::
+
+        import lightning as L
+        from deepplain.callbacks import ActivationSaturationMonitor
+        trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False,
+                            callbacks=[ActivationSaturationMonitor(num_samples=10, low=0.05, high=50)])
     """
 
-    def __init__(self, every_n_steps: int | None = None, low: float = 0.05, high: float = 50.0, include=None,
-                 exclude=None, layer_types=None, probe_size: int = 256, probe_batch=None, histograms: bool = True,
-                 figure_every_n_samples: int = 10, use_log_every_n_steps: bool = False, warn: bool = True,
-                 max_overhead: float | None = 0.01):
-        self.schedule = SamplingSchedule(every_n_steps, default=200, use_log_every_n_steps=use_log_every_n_steps)
-        self.budget = OverheadBudget(max_overhead)
+    prefix = "saturation"
+
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, low: float = 0.05,
+                 high: float = 50.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
+                 layer_types: Optional[Sequence[type]] = None, probe: bool = True, probe_size: int = 256,
+                 probe_batch: Any = None, histogram_layers: int = 8, figure_every_n_samples: Optional[int] = None,
+                 use_log_every_n_steps: bool = False, warn: bool = True, max_overhead: Optional[float] = 0.01):
+        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
+                         use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
+                         figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
+                         probe_size=probe_size if probe else None, probe_batch=probe_batch if probe else None)
+        if not 0 <= float(low) < float(high):
+            raise ValueError(f"need 0 <= low < high, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
-        self.include, self.exclude, self.layer_types = include, exclude, layer_types
-        self.probe = ProbeBatch(probe_size, probe_batch)
-        self.histograms, self.figure_every = histograms, max(1, int(figure_every_n_samples))
-        self.warn = warn
-        self.samples_taken = 0
+        self.layer_types = tuple(layer_types) if layer_types else None
+        if isinstance(histogram_layers, bool) or not isinstance(histogram_layers, int) or histogram_layers < 0:
+            raise ValueError(f"histogram_layers must be an integer >= 0, got {histogram_layers!r}")
+        self.histogram_layers, self.warn = histogram_layers, bool(warn)
+        self._histogram_names: set[str] = set()
         self.probes_taken = 0
-        self.last_stats: dict[str, dict[str, float]] = {}
+        self.last_probe_step = -1
+        self.last_probe_stats: dict[str, dict[str, float]] = {}
         self._warned: set[str] = set()
-        self._figures_due = {"train": True, "probe": True}
         self._capture = None
         self._layers = []
 
-    # -- setup ----------------------------------------------------------------------------------
+    def state_key_fields(self) -> dict:
+        types = [t.__name__ for t in self.layer_types] if self.layer_types else None
+        return {**super().state_key_fields(), "layer_types": types}
+
+    def tensorboard_layout(self) -> dict:
+        return {"saturation": {f"{stat} ({src})": f"saturation/{src}/{stat}/.*"
+                               for src in ("train", "probe") for stat in STATS}}
+
     def setup(self, trainer, pl_module, stage):
         if self.layer_types is not None:
-            self._layers = select_modules(pl_module, tuple(self.layer_types), self.include, self.exclude)
+            self._layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
         else:
             self._layers = hidden_layers(pl_module, self.include, self.exclude)
         if not self._layers:
-            raise ValueError(f"ActivationSaturationMonitor found no layers to watch in {type(pl_module).__name__} "
-                             f"(include={self.include}, exclude={self.exclude})")
+            raise ValueError(f"ActivationSaturationMonitor found no layers to watch in {type(pl_module).__name__}: "
+                             f"no activation, Linear or Conv module matches include={self.include}, "
+                             f"exclude={self.exclude}")
+        if self.probe is not None and not has_forward(pl_module):
+            rank_zero_warn(f"ActivationSaturationMonitor: {type(pl_module).__name__} has no forward(), so the "
+                           "eval-mode probe is off; the training batches are still sampled")
+            self.probe = None
+        names = [n for n, _ in self._layers]
+        count = min(self.histogram_layers, len(names))
+        self._histogram_names = {names[round(i * (len(names) - 1) / max(1, count - 1))] for i in range(count)}
 
-    def on_fit_start(self, trainer, pl_module):
-        register_layout(trainer, "saturation", {
-            f"{stat} ({src})": f"saturation/{src}/{stat}/.*" for src in ("train", "probe") for stat in STATS})
-
-    def on_train_start(self, trainer, pl_module):
-        self.budget.start()
-
-    def _wants_figures(self, trainer, source: str) -> bool:
-        return self._figures_due[source] and trainer.global_rank == 0 and bool(tensorboard_writers(trainer))
-
-    def _reduce(self, want_histogram: bool):
+    def _reduce(self):
         def reduce(name, output):
             sums, alive = activation_stats(output, self.low, self.high)
             sample = None
-            if want_histogram:
+            if name in self._histogram_names:
                 flat = output.flatten()
                 sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
             return sums, alive, sample
         return reduce
 
-    # -- training-batch samples --------------------------------------------------------------------
+    # -- training-batch samples ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.probe.inputs is None:
-            self.probe.ensure(trainer, batch)
-        if self.schedule.due(trainer):
-            self.schedule.mark(trainer)
-            if not self.budget.agreed(trainer):  # postponed on every rank alike: the sample gathers
-                return
-            self._draw_now = self._wants_figures(trainer, "train")
-            reduce = self.budget.timed(self._reduce(self.histograms and self._draw_now))
-            self._capture = LayerCapture(self._layers, reduce).__enter__()
-            self._capture_step = trainer.global_step  # the step is counted up before on_train_batch_end
+        self.ensure_probe(trainer, batch)
+        if self._capture is None and self.decide(trainer, collective=True):
+            step = trainer.global_step
+            reduce = self.budget.timed(self._reduce(), optional=not self._mandatory)
+            self._capture = (LayerCapture(self._layers, reduce), step)
+            self._capture[0].__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self._capture is None:
             return
-        capture, self._capture = self._capture, None
+        (capture, step), self._capture = self._capture, None
         capture.__exit__(None, None, None)
-        with self.budget.charge():
-            self._publish(trainer, capture.results, "train", self._capture_step, gather=True, draw=self._draw_now)
+        with self.timed_sample() as cost:
+            stats = self._publish(trainer, capture.results, "train", step, gather=True)
+            if stats is not None:
+                self.last_stats = stats
+        self.record(step, cost[0])
 
-    # -- probe samples -----------------------------------------------------------------------------
+    def on_exception(self, trainer, pl_module, exception):
+        if self._capture is not None:  # never leave hooks behind
+            self._capture[0].__exit__(None, None, None)
+            self._capture = None
+
+    # -- probe samples ---------------------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or trainer.global_rank != 0 or self.probe.ensure(trainer) is None:
+        if trainer.sanity_checking or self.probe is None or trainer.global_rank != 0 or trainer.state.fn != "fit":
             return
-        if not self.budget.allows():
+        step = trainer.global_step
+        if step == self.last_probe_step or self.ensure_probe(trainer) is None:
             return
-        with self.budget.charge():
-            draw = self._wants_figures(trainer, "probe")
-            results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce(self.histograms and draw)))
-            self._publish(trainer, results, "probe", trainer.global_step, gather=False, draw=draw)
+        final = self.schedule.total_steps is not None and step >= self.schedule.total_steps
+        if not (self.probes_taken == 0 or final or self.budget.allows()):
+            self.note_postponed(trainer, "the probe", step)
+            return
+        self._probe_now(trainer, pl_module, step, final)
 
-    def _publish(self, trainer, results: dict, source: str, step: int, gather: bool, draw: bool):
+    def on_train_end(self, trainer, pl_module):
+        # The final state is always probed, also when no validation ran after the last step.
+        if self.probe is not None and trainer.global_rank == 0 and self.last_probe_step != trainer.global_step \
+                and self.ensure_probe(trainer) is not None:
+            self._probe_now(trainer, pl_module, trainer.global_step, final=True)
+        super().on_train_end(trainer, pl_module)
+
+    def _probe_now(self, trainer, pl_module, step: int, final: bool):
+        with self.timed_sample(mandatory=final or self.probes_taken == 0):
+            results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce()))
+            self.last_probe_stats = self._publish(trainer, results, "probe", step, gather=False) or {}
+        self.probes_taken += 1
+        self.last_probe_step = step
+
+    def _publish(self, trainer, results: dict, source: str, step: int, gather: bool):
         if not results:
-            return
+            return None
         names = list(results)
         sums = torch.stack([results[n][0] for n in names])                     # layers x 6
         alive = torch.cat([results[n][1] for n in names]).float()              # all units
@@ -148,40 +196,31 @@ class ActivationSaturationMonitor(Callback):
         else:
             sums, alive = sums.unsqueeze(0), alive.unsqueeze(0)
         if trainer.global_rank != 0:
-            return
+            return None
         alive_parts = torch.split(alive.bool(), sizes, dim=1)
         stats = {name: combine(sums[:, i], alive_parts[i]) for i, name in enumerate(names)}
-        self.last_stats = stats
         log_scalars(trainer, {f"saturation/{source}/{stat}/{name}": value
                               for name, row in stats.items() for stat, value in row.items()}, step)
-        counter = "samples_taken" if source == "train" else "probes_taken"
-        setattr(self, counter, getattr(self, counter) + 1)
-        if getattr(self, counter) % self.figure_every == 0:
-            self._figures_due[source] = True  # drawn at the next sample the overhead budget allows
-        if draw:
-            self._figures_due[source] = False
-            self._draw(trainer, stats, results, source, step)
+        samples = {name: results[name][2] for name in names if results[name][2] is not None}
+        self.keep_for_figures(trainer, source, step, (stats, samples))
         if self.warn:
             self._maybe_warn(stats)
+        return stats
 
-    def _draw(self, trainer, stats, results, source, step):
+    def draw(self, trainer, source: str, step: int, payload) -> None:
+        stats, samples = payload
         names = list(stats)
-        fig = figures.depth_profile(
-            {"mean |a|": [stats[n]["mean_abs"] for n in names], "max |a|": [stats[n]["max_abs"] for n in names]},
-            f"activation magnitude by depth ({source}, step {step})", "|activation|", log_y=True,
-            thresholds={f"low {self.low:g}": self.low, f"high {self.high:g}": self.high})
-        add_figure(trainer, f"saturation/{source}/profile_magnitude", fig, step)
-        fig = figures.depth_profile(
-            {f"|a| < {self.low:g}": [stats[n]["frac_low"] for n in names],
-             f"|a| > {self.high:g}": [stats[n]["frac_high"] for n in names],
-             "dead units": [stats[n]["frac_dead"] for n in names]},
-            f"saturated share by depth ({source}, step {step})", "share")
-        add_figure(trainer, f"saturation/{source}/profile_shares", fig, step)
-        for writer in tensorboard_writers(trainer):
-            for name in names:
-                sample = results[name][2]
-                if sample is not None and sample.numel():
-                    writer.add_histogram(f"saturation/{source}/hist/{name}", sample, global_step=step)
+        magnitude = {"mean |a|": [stats[n]["mean_abs"] for n in names], "max |a|": [stats[n]["max_abs"] for n in names]}
+        shares = {f"|a| < {self.low:g}": [stats[n]["frac_low"] for n in names],
+                  f"|a| > {self.high:g}": [stats[n]["frac_high"] for n in names],
+                  "dead units": [stats[n]["frac_dead"] for n in names]}
+        fig = figures.depth_profiles(
+            [(magnitude, "|activation|", True, {f"low {self.low:g}": self.low, f"high {self.high:g}": self.high}),
+             (shares, "share", False, None)], f"activations by depth ({source}, step {step})")
+        add_image(trainer, f"saturation/{source}/profile", figures.to_image(fig), step)
+        for name, sample in samples.items():
+            if sample.numel():
+                add_histogram(trainer, f"saturation/{source}/hist/{name}", sample, step)
 
     def _maybe_warn(self, stats):
         vanished = [n for n, s in stats.items() if s["mean_abs"] < self.low]
@@ -194,13 +233,12 @@ class ActivationSaturationMonitor(Callback):
                 rank_zero_warn(f"ActivationSaturationMonitor: activations {kind} ({rule}) in {len(layers)} "
                                f"layer(s): {shown}")
 
-    # -- checkpointing -------------------------------------------------------------------------------
+    # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self):
-        return {"probe": self.probe.state_dict(), "samples_taken": self.samples_taken,
-                "probes_taken": self.probes_taken, "last_sampled_step": self.schedule.last_sampled_step}
+        return {**super().state_dict(), "probes_taken": self.probes_taken, "last_probe_step": self.last_probe_step}
 
     def load_state_dict(self, state_dict):
-        self.probe.load_state_dict(state_dict.get("probe", {}))
-        self.samples_taken = state_dict.get("samples_taken", 0)
+        super().load_state_dict(state_dict)
         self.probes_taken = state_dict.get("probes_taken", 0)
-        self.schedule.last_sampled_step = state_dict.get("last_sampled_step", -1)
+        self.last_probe_step = state_dict.get("last_probe_step", -1)
+

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
@@ -20,6 +22,17 @@ from .paths import candidate_roots
 from .splits import stratified_split
 
 log = logging.getLogger("deepplain.data")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset is, known before any file is read: used to check flags, estimate memory
+    and check the decoded files (counts, label range)."""
+
+    input_shape: tuple
+    num_classes: int
+    train_size: Optional[int] = None  # the whole training split, before a validation share is held out
+    test_size: Optional[int] = None
 
 
 def _check_args(batch_size, val_split, seed):
@@ -43,6 +56,22 @@ class TensorBatchLoader:
         self.dm, self.split = datamodule, split
         self.batch_size, self.train = batch_size, train
         self.num_samples = int(datamodule._splits[split][1].numel())
+        self._resume: Optional[tuple[int, int]] = None  # (epoch, batches already trained) from a checkpoint
+
+    # Lightning saves and restores these with every checkpoint (the loader is "stateful"), so a run
+    # stopped in the middle of an epoch continues with the very next batch. The position is the
+    # trainer's count of processed batches, not the batches this loader handed out: Lightning
+    # fetches one batch ahead.
+    def state_dict(self) -> dict:
+        trainer = self.dm.trainer
+        if trainer is None or not self.train:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": int(trainer.current_epoch), "batches_done": int(progress.processed)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("epoch") is not None:
+            self._resume = (int(state_dict["epoch"]), int(state_dict.get("batches_done", 0)))
 
     def _trainer_state(self):
         trainer = self.dm.trainer
@@ -73,7 +102,14 @@ class TensorBatchLoader:
         augment = self.dm.augment_fn if self.train else None
         mean, std = self.dm.mean.to(images.device), self.dm.std.to(images.device)
         order = self._indices(rank, world, epoch).to(images.device)
-        for batch_index, start in enumerate(range(0, order.numel(), self.batch_size)):
+        first = 0
+        if self._resume is not None:
+            resume_epoch, done = self._resume
+            self._resume = None
+            first = done if resume_epoch == epoch else 0
+        starts = range(0, order.numel(), self.batch_size)
+        for batch_index in range(first, len(starts)):
+            start = starts[batch_index]
             idx = order[start: start + self.batch_size]
             x = images[idx].float().div_(255)
             if augment is not None:
@@ -84,9 +120,10 @@ class TensorBatchLoader:
 
 
 class TensorDataModule(L.LightningDataModule):
-    """Base class: subclasses say which files they need and how to decode them."""
+    """Base class: subclasses say which files they need, what the dataset is and how to decode it."""
 
     name = "dataset"
+    folder = ""  # the dataset's folder under the data root: present but incomplete is an error
     files: list[list[str]] = []  # per required file: alternative paths relative to the data root
     how_to_get = ""
 
@@ -99,13 +136,18 @@ class TensorDataModule(L.LightningDataModule):
         self.seed, self.download, self.num_workers = seed, download, num_workers  # workers unused: no per-image work
         self.eval_batch_size = eval_batch_size or max(batch_size, 256)
         self.use_augmentation = augment
-        self.verify_checksums = verify_checksums  # md5 against torchvision's published values, where it has them
+        self.verify_checksums = verify_checksums  # published checksums, where the dataset has them
         self.input_shape = self.num_classes = self.split_sizes = None
         self.validation_source = None
+        self.root: Optional[Path] = None
         self._splits = None
         self._device_cache = {}
 
     # -- what subclasses provide ------------------------------------------------------------
+    def info(self) -> DatasetInfo:
+        """Input shape, classes and split sizes, known without reading the files."""
+        raise NotImplementedError
+
     def decode(self, root: Path) -> dict:
         """Return ``{"train": (uint8 NCHW, int64 labels), "test": (...)}`` read from ``root``."""
         raise NotImplementedError
@@ -118,15 +160,27 @@ class TensorDataModule(L.LightningDataModule):
         """Training augmentation of a float batch in [0, 1]; none unless a subclass overrides it."""
         return x
 
-    def has_files(self, root: Path) -> bool:
-        return all(any((root / rel).is_file() for rel in alternatives) for alternatives in self.files)
+    def missing(self, root: Path) -> list[str]:
+        """The required files not present under ``root`` (each named by its first alternative)."""
+        return [alternatives[0] for alternatives in self.files
+                if not any((root / rel).is_file() for rel in alternatives)]
 
     # -- finding the data ---------------------------------------------------------------------
     def find_root(self) -> Path:
+        """The data folder holding the whole dataset. A folder with only part of it is an error,
+        never a reason to look elsewhere; an explicit ``data_dir`` is the only folder searched."""
+        if self.root is not None:
+            return self.root
         roots = candidate_roots(self.data_dir)
         for root in roots:
-            if self.has_files(root):
+            missing = self.missing(root)
+            if not missing:
+                self.root = root
                 return root
+            if self.folder and (root / self.folder).exists() and not self.download:
+                shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+                raise DatasetError(f"{self.name} in {root} is incomplete: {shown} missing; "
+                                   f"{self.how_to_get or 'pass --download to fetch it'}")
         if self.download:
             target = roots[0]
             try:
@@ -137,14 +191,16 @@ class TensorDataModule(L.LightningDataModule):
                 raise DatasetError(f"{self.name}: download into {target} failed ({type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
                                    f"{self._not_found_hint(roots)}") from None
-            if self.has_files(target):
+            if not self.missing(target):
+                self.root = target
                 return target
         raise DatasetError(f"{self.name} not found: {self._not_found_hint(roots)}")
 
     def _not_found_hint(self, roots) -> str:
         expected = ", ".join(" or ".join(alts) for alts in self.files)
         searched = ", ".join(str(r) for r in roots)
-        return (f"searched {searched} (from --data-dir, then $DEEPPLAIN_DATA, then ./data); expected {expected}; "
+        source = "--data-dir" if self.data_dir else "$DEEPPLAIN_DATA, then ./data"
+        return (f"searched {searched} (from {source}); expected {expected}; "
                 f"{self.how_to_get or 'pass --download to fetch it'}")
 
     # -- Lightning hooks ------------------------------------------------------------------------
@@ -155,12 +211,17 @@ class TensorDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
             return
-        data = self.decode(self.find_root())
+        root = self.find_root()
+        data = self.decode(root)
+        self._check_decoded(data, root)
         train_x, train_y = data["train"]
         test_x, test_y = data["test"]
         self.mean, self.std = channel_stats(train_x)
         if self.val_split > 0:
             keep, held = stratified_split(train_y, self.val_split, self.seed)
+            if torch.unique(train_y[keep]).numel() < torch.unique(train_y).numel():
+                raise ConfigError(f"--val-split {self.val_split:g} holds out every training sample of some class of "
+                                  f"{self.name}; use a smaller share")
             val = (train_x[held], train_y[held])
             train = (train_x[keep], train_y[keep])
             self.validation_source = "train split (held out)"
@@ -170,8 +231,28 @@ class TensorDataModule(L.LightningDataModule):
             log.warning("%s: val_split=0, so validation metrics are measured on the TEST set", self.name)
         self._splits = {"train": train, "val": val, "test": (test_x, test_y)}
         self.input_shape = tuple(train_x.shape[1:])
-        self.num_classes = int(max(int(train_y.max()), int(test_y.max())) + 1)
+        self.num_classes = self.info().num_classes
         self.split_sizes = {k: int(v[1].numel()) for k, v in self._splits.items()}
+
+    def _check_decoded(self, data: dict, root: Path) -> None:
+        """Counts and label ranges against what the dataset is (``info()``): a file with a wrong
+        number of labels or an impossible label is an error, not a smaller or larger model. The
+        published split sizes are checked with the checksums (``verify_checksums``)."""
+        info = self.info()
+        for split, expected in (("train", info.train_size), ("test", info.test_size)):
+            images, labels = data[split]
+            if images.shape[0] != labels.numel():
+                raise DatasetError(f"{self.name} in {root}: the {split} split has {images.shape[0]} images but "
+                                   f"{labels.numel()} labels; a file is corrupt or from another dataset")
+            if expected is not None and self.verify_checksums and labels.numel() != expected:
+                raise DatasetError(f"{self.name} in {root}: the {split} split has {labels.numel()} samples, expected "
+                                   f"{expected}; a file is truncated or from another dataset")
+            if tuple(images.shape[1:]) != tuple(info.input_shape):
+                raise DatasetError(f"{self.name} in {root}: {split} images have shape {tuple(images.shape[1:])}, "
+                                   f"expected {tuple(info.input_shape)}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= info.num_classes):
+                raise DatasetError(f"{self.name} in {root}: {split} labels range over {int(labels.min())}.."
+                                   f"{int(labels.max())}, expected 0..{info.num_classes - 1}; a label file is corrupt")
 
     @property
     def augment_fn(self):

@@ -10,7 +10,7 @@ import torch
 
 from deepplain.errors import DatasetError
 
-from .base import CropFlipMixin, TensorDataModule
+from .base import CropFlipMixin, DatasetInfo, TensorDataModule
 from .readers import read_pickle
 
 
@@ -20,6 +20,10 @@ class _CifarDataModule(CropFlipMixin, TensorDataModule):
     test_files: list[str] = []
     label_key = "labels"
     torchvision_class = ""
+    num_classes_total = 10
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo((3, 32, 32), self.num_classes_total, 50000, 10000)
 
     @property
     def files(self):
@@ -69,4 +73,5 @@ class CIFAR100DataModule(_CifarDataModule):
     test_files = ["test"]
     label_key = "fine_labels"
     torchvision_class = "CIFAR100"
+    num_classes_total = 100
     how_to_get = "pass --download (torchvision) or extract cifar-100-python.tar.gz into the data folder"

@@ -6,6 +6,7 @@ permutation, so every object is in both splits. Images are resized from 128x128 
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,17 @@ import torch
 
 from deepplain.errors import ConfigError, DatasetError
 
-from .base import TensorDataModule
+from .base import DatasetInfo, TensorDataModule
 
 OBJECTS, POSES = 20, 72
 FOLDER = "coil20/coil-20-proc"
+SUMS = "coil20/SHA256SUMS"  # optional: "<sha256>  objK__N.png" per line, checked when present
 URL = "http://www.cs.columbia.edu/CAVE/databases/SLAM_coil-20_coil-100/coil-20/coil-20-proc.zip"
 
 
 class COIL20DataModule(TensorDataModule):
     name = "COIL-20"
+    folder = FOLDER
     files = [[f"{FOLDER}/objK__N.png (K = 1..20, N = 0..71)"]]
     how_to_get = f"pass --download or unzip coil-20-proc.zip ({URL}) into <data>/coil20/"
 
@@ -31,11 +34,32 @@ class COIL20DataModule(TensorDataModule):
             raise ConfigError(f"COIL-20 image_size must be an integer >= 4, got {image_size!r}")
         self.image_size, self.train_fraction = image_size, train_fraction
 
-    def has_files(self, root: Path) -> bool:
-        return (root / FOLDER / "obj1__0.png").is_file()
+    def info(self) -> DatasetInfo:
+        n_train = int(round(self.train_fraction * POSES))
+        return DatasetInfo((1, self.image_size, self.image_size), OBJECTS, OBJECTS * n_train,
+                           OBJECTS * (POSES - n_train))
+
+    def missing(self, root: Path) -> list[str]:
+        return [f"{FOLDER}/obj{obj + 1}__{pose}.png" for obj in range(OBJECTS) for pose in range(POSES)
+                if not (root / FOLDER / f"obj{obj + 1}__{pose}.png").is_file()]
+
+    def _check_sums(self, root: Path) -> None:
+        sums = root / SUMS
+        if not self.verify_checksums or not sums.is_file():
+            return
+        for line in sums.read_text().splitlines():
+            if not line.strip():
+                continue
+            expected, name = line.split(maxsplit=1)
+            path = root / FOLDER / name.strip().lstrip("*")
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+            if digest != expected:
+                raise DatasetError(f"checksum mismatch for {path} (sha256 {digest}, {SUMS} says {expected}); "
+                                   "the file is corrupt: unzip the archive again")
 
     def decode(self, root: Path) -> dict:
         from PIL import Image, UnidentifiedImageError
+        self._check_sums(root)
         folder = root / FOLDER
         images = np.zeros((OBJECTS, POSES, self.image_size, self.image_size), dtype=np.uint8)
         for obj in range(OBJECTS):

@@ -11,7 +11,7 @@ import torch
 
 from deepplain.errors import ConfigError
 
-from .base import CropFlipMixin, TensorDataModule
+from .base import CropFlipMixin, DatasetInfo, TensorDataModule
 
 
 class FakeDataModule(CropFlipMixin, TensorDataModule):
@@ -27,6 +27,9 @@ class FakeDataModule(CropFlipMixin, TensorDataModule):
                               f"{train_size}")
         self.fake_shape, self.fake_classes = tuple(int(s) for s in input_shape), int(num_classes)
         self.train_size, self.test_size = int(train_size), int(test_size)
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(self.fake_shape, self.fake_classes, self.train_size, self.test_size)
 
     def find_root(self) -> Path:
         return Path(".")

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from deepplain.errors import ConfigError, DatasetError
 
+from .base import DatasetInfo
 from .paths import candidate_roots
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -34,6 +35,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.num_classes = self.split_sizes = None
         self.validation_source = "val/ folder"
         self._train = self._val = None
+
+    def info(self) -> DatasetInfo:
+        """The class count is the number of class folders under train/ (listed, not read)."""
+        classes = [p for p in (self.find_root() / "train").iterdir() if p.is_dir()]
+        if len(classes) < 2:
+            raise DatasetError(f"imagefolder: {self.find_root() / 'train'} needs at least two class folders, "
+                               f"found {len(classes)}")
+        return DatasetInfo((3, self.image_size, self.image_size), len(classes))
 
     def find_root(self) -> Path:
         roots = candidate_roots(self.data_dir)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import TensorDataModule
+from .base import DatasetInfo, TensorDataModule
 from .paths import first_existing
 from .readers import read_idx
 
@@ -15,10 +15,13 @@ class _IdxDataModule(TensorDataModule):
     folder = ""
     torchvision_class = ""
 
+    def info(self) -> DatasetInfo:
+        return DatasetInfo((1, 28, 28), 10, 60000, 10000)
+
     @classmethod
     def _alternatives(cls, stem: str) -> list[str]:
         # The .gz originals are decoded directly, so a read-only data folder is fine.
-        return [f"{cls.folder}/raw/{stem}.gz", f"{cls.folder}/raw/{stem}"]
+        return [f"{cls.folder}/{stem}.gz", f"{cls.folder}/{stem}"]
 
     @property
     def files(self):
@@ -51,12 +54,12 @@ class _IdxDataModule(TensorDataModule):
 class MNISTDataModule(_IdxDataModule):
     name = "MNIST"
     how_to_get = "pass --download (torchvision) or copy MNIST/raw/*.gz into the data folder"
-    folder = "MNIST"
+    folder = "MNIST/raw"
     torchvision_class = "MNIST"
 
 
 class FashionMNISTDataModule(_IdxDataModule):
     name = "Fashion-MNIST"
     how_to_get = "pass --download (torchvision) or copy FashionMNIST/raw/*.gz into the data folder"
-    folder = "FashionMNIST"
+    folder = "FashionMNIST/raw"
     torchvision_class = "FashionMNIST"

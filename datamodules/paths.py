@@ -1,4 +1,4 @@
-"""Where datasets are looked for: ``--data-dir``, then ``$DEEPPLAIN_DATA``, then ``./data``."""
+"""Where datasets are looked for: ``--data-dir`` alone when given, else ``$DEEPPLAIN_DATA``, then ``./data``."""
 from __future__ import annotations
 
 import os
@@ -7,10 +7,27 @@ from pathlib import Path
 ENV_VAR = "DEEPPLAIN_DATA"
 
 
+def resolve_data_env() -> None:
+    """Make ``$DEEPPLAIN_DATA`` absolute, against the directory the program was started from.
+
+    Called once at start-up by every entry point, so that processes started later in another
+    directory (DDP workers, sweep runs) find the same folder.
+    """
+    value = os.environ.get(ENV_VAR)
+    if value:
+        os.environ[ENV_VAR] = str(Path(value).expanduser().absolute())
+
+
 def candidate_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The data folders to search, in order, without duplicates."""
+    """The data folders to search, in order, without duplicates.
+
+    An explicit ``data_dir`` is authoritative: it is the only folder searched. Without one,
+    ``$DEEPPLAIN_DATA`` and then ``./data``.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return [Path(data_dir).expanduser()]
     roots = []
-    for root in (data_dir, os.environ.get(ENV_VAR) or None, "data"):
+    for root in (os.environ.get(ENV_VAR) or None, "data"):
         if root is None:
             continue
         path = Path(root).expanduser()

@@ -14,7 +14,7 @@ import torch
 
 from deepplain.errors import DatasetError
 
-from .base import TensorDataModule
+from .base import DatasetInfo, TensorDataModule
 from .readers import check_md5, read_libsvm_images
 
 _LIBSVM = {"train": "usps/usps.bz2", "test": "usps/usps.t.bz2"}
@@ -23,11 +23,17 @@ _H5 = "usps/usps.h5"
 
 class USPSDataModule(TensorDataModule):
     name = "USPS"
+    folder = "usps"
     files = [[_H5, "usps/usps.bz2 + usps/usps.t.bz2"]]
     how_to_get = "pass --download (torchvision fetches usps.bz2 and usps.t.bz2) or provide usps/usps.h5"
 
-    def has_files(self, root: Path) -> bool:
-        return (root / _H5).is_file() or all((root / rel).is_file() for rel in _LIBSVM.values())
+    def info(self) -> DatasetInfo:
+        return DatasetInfo((1, 16, 16), 10, 7291, 2007)
+
+    def missing(self, root: Path) -> list[str]:
+        if (root / _H5).is_file() or all((root / rel).is_file() for rel in _LIBSVM.values()):
+            return []
+        return [_H5 + " (or usps/usps.bz2 and usps/usps.t.bz2)"]
 
     def decode(self, root: Path) -> dict:
         if all((root / rel).is_file() for rel in _LIBSVM.values()):

@@ -18,3 +18,7 @@ class DatasetError(DeepplainError, RuntimeError):
 
 class DivergenceError(DeepplainError, RuntimeError):
     """Training produced a non-finite loss or activation."""
+
+
+class RunFailure(DeepplainError, RuntimeError):
+    """The machine stopped the run: a full disk, an unwritable folder, a DDP peer that never came."""

@@ -56,12 +56,10 @@ def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: 
 @torch.no_grad()
 def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
     """Per-layer statistics of a trained run on its whole training split, with the callbacks' functions."""
-    from callbacks._common import hidden_layers, weight_layers
-    from callbacks._probe import LayerCapture, eval_mode
-    from callbacks.condition import representation_matrix, weight_conditions, weight_matrix
-    from callbacks.saturation import activation_stats, combine
-    from datamodules import get_datamodule
-
+    from .callbacks.condition import representation_matrix, weight_conditions, weight_matrix
+    from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_layers
+    from .callbacks.saturation import activation_stats, combine
+    from .datamodules import get_datamodule
     from .family_modules import module_class
     config = json.loads((checkpoint.parent.parent / "config.json").read_text())
     module = module_class(config["model"]).load_from_checkpoint(checkpoint, map_location="cpu")

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from .callbacks.alpha import MODES as SCHEDULER_MODES
 from .errors import ConfigError
 from .models.dirac import _DiracMixin
 from .module import ImageClassifier
 
-ALPHA_MODES = ("lagrangian", "unconstrained", "linear", "cosine", "off")
+ALPHA_MODES = SCHEDULER_MODES + ("off",)
 
 
 class PlainNetModule(ImageClassifier):
@@ -23,26 +24,32 @@ class HighwayModule(ImageClassifier):
 
 
 class VANModule(ImageClassifier):
-    """VAN: adds ``callbacks.AlphaScheduler`` to drive every alpha to 1.
+    """VAN: adds ``deepplain.callbacks.AlphaScheduler`` to drive every alpha to 1.
 
-    ``lambda_lr_ratio`` is eta'/eta: the paper uses 0.5 for its MLPs and 0.1 on CIFAR.
-    ``phase_out_epochs`` is when the deterministic ``linear``/``cosine`` modes reach alpha = 1.
+    ``lambda_lr_ratio`` is eta'/eta: the paper uses 0.5 for its MLPs and 0.1 on CIFAR (the
+    default follows ``arch``). ``phase_out`` is when the skips must be gone: a share of training
+    (< 1) or an epoch (default 120/165, the paper's Fig. 2). ``alpha_mode="off"`` adds no scheduler.
     """
 
     def __init__(self, *args, alpha_mode: str = "lagrangian", lambda_lr_ratio: float | None = None,
-                 phase_out_epochs: int | None = None, **kwargs):
+                 phase_out: float | None = None, **kwargs):
         if alpha_mode not in ALPHA_MODES:
             raise ConfigError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}, got {alpha_mode!r}")
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
 
-    def configure_callbacks(self):
-        callbacks = super().configure_callbacks()
+    @property
+    def lambda_lr_ratio(self) -> float:
+        hp = self.hparams
+        return hp.lambda_lr_ratio if hp.lambda_lr_ratio is not None else (0.1 if hp.arch == "conv" else 0.5)
+
+    def make_callbacks(self) -> list:
+        callbacks = super().make_callbacks()
         hp = self.hparams
         if hp.alpha_mode != "off":
-            from callbacks import AlphaScheduler
-            ratio = hp.lambda_lr_ratio if hp.lambda_lr_ratio is not None else (0.1 if hp.arch == "conv" else 0.5)
-            callbacks.append(AlphaScheduler(mode=hp.alpha_mode, lambda_lr_ratio=ratio, end_epoch=hp.phase_out_epochs))
+            from .callbacks import AlphaScheduler
+            callbacks.append(AlphaScheduler(mode=hp.alpha_mode, lambda_lr_ratio=self.lambda_lr_ratio,
+                                            phase_out=hp.phase_out))
         return callbacks
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .layers import count_parameters
@@ -16,14 +17,15 @@ class ImageClassifier(L.LightningModule):
 
     Every constructor argument is saved with ``save_hyperparameters``, so
     ``ImageClassifier.load_from_checkpoint(path)`` (or the family's subclass) rebuilds the model
-    with no extra arguments.
+    with no extra arguments. The training epoch's loss and accuracy are metric states saved in
+    checkpoints, so a run resumed in the middle of an epoch reports the whole epoch.
     """
 
     def __init__(self, model: str = "plain", depth: int = 10, arch: str = "mlp", input_shape=(1, 28, 28),
                  num_classes: int = 10, model_options: dict | None = None, optimizer: str = "sgd", lr: float = 0.1,
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0, schedule: str = "none",
                  milestones=(0.5, 0.75), gamma: float = 0.1, max_norm: float | None = None,
-                 channels_last: bool = False, compile: bool = False):
+                 max_norm_classifier: bool = False, channels_last: bool = False, compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model, depth, arch=arch, input_shape=tuple(input_shape), num_classes=num_classes,
@@ -31,15 +33,21 @@ class ImageClassifier(L.LightningModule):
         self.example_input_array = torch.zeros(2, *input_shape)
         for stage in ("train", "val", "test"):
             setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes, average="micro"))
+            setattr(self, f"{stage}_loss", MeanMetric())
+        self.train_acc.persistent(True)
+        self.train_loss.persistent(True)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._compiled = None
+        self._method_callbacks = None
 
     @property
     def num_parameters(self) -> int:
         return count_parameters(self.model)
 
     def forward(self, x):
+        if x.is_floating_point() and self.dtype == torch.float64:
+            x = x.double()  # --precision 64: the data path yields float32
         if self.hparams.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.hparams.compile:
@@ -52,12 +60,12 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
-        metric = getattr(self, f"{stage}_acc")
-        metric(logits.detach(), y)
+        accuracy, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
+        accuracy(logits.detach(), y)
+        mean_loss(loss.detach(), weight=y.shape[0])
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), on_step=on_step, on_epoch=True, prog_bar=True,
-                 sync_dist=stage != "train", batch_size=y.shape[0])
-        self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log(f"{stage}/loss", mean_loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -69,18 +77,48 @@ class ImageClassifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
+    def on_train_epoch_start(self):
+        # The training metrics are saved in checkpoints for a resume in mid-epoch; an epoch that
+        # starts from its first batch starts them from zero.
+        loop = self.trainer.fit_loop.epoch_loop
+        if not (loop.restarting and loop.batch_progress.current.completed > 0):
+            self.train_acc.reset()
+            self.train_loss.reset()
+
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = make_optimizer(self.model, hp.optimizer, hp.lr, hp.momentum, hp.nesterov, hp.weight_decay)
-        epochs = self.trainer.max_epochs if self.trainer and self.trainer.max_epochs else 1
-        scheduler = make_scheduler(optimizer, hp.schedule, epochs, hp.milestones, hp.gamma)
+        scheduler = make_scheduler(optimizer, hp.schedule, self._planned_epochs, hp.milestones, hp.gamma)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def _planned_epochs(self) -> int:
+        trainer = self._trainer
+        return trainer.max_epochs if trainer is not None and trainer.max_epochs and trainer.max_epochs > 0 else 1
+
+    def on_train_start(self):
+        # After a resume the optimizer holds the learning rate the saved run computed for this epoch;
+        # recompute it from the schedule of this run's length (the same value when --epochs is unchanged).
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs,
+                                               scheduler.lr_lambdas):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
     def configure_callbacks(self):
+        # Lightning asks again at every fit/test; the same instances keep their state across them.
+        if self._method_callbacks is None:
+            self._method_callbacks = self.make_callbacks()
+        return list(self._method_callbacks)
+
+    def make_callbacks(self) -> list:
+        """The callbacks the method itself needs (max-norm here; subclasses add theirs)."""
         callbacks = []
         if self.hparams.max_norm:
-            from callbacks import MaxNormConstraint
-            callbacks.append(MaxNormConstraint(self.hparams.max_norm))
+            from .callbacks import MaxNormConstraint
+            # The PlainNet paper constrains "every hidden unit": the classifier is free unless asked.
+            callbacks.append(MaxNormConstraint(self.hparams.max_norm,
+                                               skip_classifier=not self.hparams.get("max_norm_classifier", False)))
         return callbacks

@@ -1,6 +1,8 @@
 """Optimizers and learning-rate schedules for the classifier module."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -47,11 +49,26 @@ def resolve_milestones(milestones, epochs: int) -> list[int]:
     return sorted(set(out))
 
 
-def make_scheduler(optimizer, name: str, epochs: int, milestones, gamma: float):
+def lr_factor(name: str, epoch: int, epochs: int, milestones, gamma: float) -> float:
+    """The learning rate of ``epoch`` as a multiple of the initial one, in closed form."""
+    if name == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(1, epochs)))
+    if name == "multistep":
+        return gamma ** sum(epoch >= m for m in resolve_milestones(milestones, epochs))
+    return 1.0
+
+
+def make_scheduler(optimizer, name: str, epochs, milestones, gamma: float):
+    """A per-epoch schedule, or None for ``"none"``.
+
+    ``epochs`` is a number or a callable returning the run's current number of epochs: the rate is
+    recomputed from it at every epoch, so a run resumed with a different ``--epochs`` follows the
+    schedule of its new length (a cosine never rises again, fractional milestones move).
+    """
     if name not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
     if name == "none":
         return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    return torch.optim.lr_scheduler.MultiStepLR(optimizer, resolve_milestones(milestones, epochs), gamma=gamma)
+    total = epochs if callable(epochs) else (lambda: epochs)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda epoch: lr_factor(name, epoch, max(1, int(total())), milestones, gamma))

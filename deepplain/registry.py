@@ -71,9 +71,11 @@ def build_model(name: str, depth: int, *, arch: str = "mlp", input_shape=(1, 28,
     return builder(depth, input_shape=tuple(input_shape), num_classes=num_classes, **options)
 
 
-def family_options(name: str, arch: str) -> list[str]:
-    builder = get_family(name).builders[arch]
-    return [p for p in inspect.signature(builder).parameters if p not in ("depth", "input_shape", "num_classes")]
+def describe_models() -> str:
+    """One line per family for ``--help``: forms, what it is, and its paper."""
+    _ensure_loaded()
+    return "\n".join(f"  {f.name:<8} ({', '.join(sorted(f.builders))}) {f.summary}; {f.paper}"
+                     for f in sorted(_FAMILIES.values(), key=lambda f: f.name))
 
 
 def _ensure_loaded() -> None:

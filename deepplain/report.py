@@ -9,7 +9,7 @@ from rich.table import Table
 
 def trainability_findings(callbacks, low: float = 0.05, high: float = 50.0) -> dict[str, list[str]]:
     """Layer names per finding, from the diagnostics' latest samples (empty when none ran)."""
-    from callbacks import ActivationSaturationMonitor, ConditionNumberProbe
+    from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe
     findings = {"vanished": [], "exploded": [], "dead units": [], "singular": [], "ill-conditioned": []}
     for cb in callbacks:
         if isinstance(cb, ActivationSaturationMonitor):

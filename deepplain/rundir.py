@@ -1,4 +1,15 @@
-"""Run folders that are never overwritten, and files written atomically."""
+"""Run folders that are never overwritten, and files written atomically.
+
+Who creates the folder:
+
+* a plain run, or rank zero of a DDP run that Lightning launches: the first free
+  ``<logdir>/<name>/version_N`` (an atomic ``mkdir``, so concurrent runs never share one); the
+  processes Lightning starts for the other ranks inherit it through ``$DEEPPLAIN_RUN_DIR``;
+* under torchrun, every rank starts on its own: global rank zero creates ``version_N`` and the
+  others receive its path once the process group is up (``runtime.RunFolderSync``);
+* a SLURM batch job uses ``job_<SLURM_JOB_ID>`` (``job_<array id>_<task id>`` for arrays), the same
+  on every rank and again after a requeue, so a requeued job continues in its own folder.
+"""
 from __future__ import annotations
 
 import json
@@ -6,23 +17,54 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 RUN_DIR_ENV = "DEEPPLAIN_RUN_DIR"  # set by rank zero so DDP worker processes log into the same run
 
 
-def reserve_run_dir(logdir: str | os.PathLike, name: str) -> Path:
-    """Create and return ``<logdir>/<name>/version_N`` for the first N not taken (atomic mkdir)."""
+def launcher_rank() -> int:
+    """This process's global rank as its launcher set it (0 when started alone)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key)
+        if value is not None and value.isdigit():
+            if key == "SLURM_PROCID" and int(os.environ.get("SLURM_NTASKS", "1") or 1) <= 1:
+                continue
+            return int(value)
+    return 0
+
+
+def slurm_job_folder() -> Optional[str]:
+    """``job_<id>`` inside a SLURM batch job (not in an interactive allocation), else None."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("SLURM_JOB_NAME", "") in ("bash", "interactive", "sh", "zsh"):
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    name = f"job_{array_job}_{array_task}" if array_job and array_task else f"job_{job}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def run_dir_for(logdir, name: str) -> tuple[Path, bool]:
+    """``(run folder, created here)`` for this process; see the module docstring for who creates it."""
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited and os.environ.get("LOCAL_RANK", "0") != "0":
-        return Path(inherited)
+        return Path(inherited), False
+    base = Path(logdir) / name
+    job = slurm_job_folder()
+    if launcher_rank() != 0:
+        return base / (job or "rank-zero-folder"), False  # the real path arrives by broadcast
+    if job:
+        base.mkdir(parents=True, exist_ok=True)
+        run = base / job
+        run.mkdir(exist_ok=True)
+        os.environ[RUN_DIR_ENV] = str(run)
+        return run, True
+    return reserve_run_dir(logdir, name), True
+
+
+def reserve_run_dir(logdir, name: str) -> Path:
+    """Create and return ``<logdir>/<name>/version_N`` for the first N not taken (atomic mkdir)."""
     base = Path(logdir) / name
     base.mkdir(parents=True, exist_ok=True)
-    external_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-    if os.environ.get("WORLD_SIZE", "1") != "1" and external_id and external_id != "none" and not inherited:
-        # torchrun / SLURM start every rank independently: name the run after the job so they agree.
-        run = base / f"job_{external_id}"
-        run.mkdir(exist_ok=True)
-        return run
     while True:
         taken = [int(m.group(1)) for p in base.iterdir() if (m := re.fullmatch(r"version_(\d+)", p.name))]
         run = base / f"version_{max(taken, default=-1) + 1}"
@@ -38,7 +80,7 @@ def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
     """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=True, default=_jsonable)
@@ -58,6 +100,4 @@ def _jsonable(value):
         return value.item()
     if isinstance(value, (set, tuple)):
         return list(value)
-    if isinstance(value, Path):
-        return str(value)
     return str(value)

@@ -1,10 +1,16 @@
-"""Callbacks the CLI adds to every run: throughput bookkeeping and the interrupt checkpoint."""
+"""Callbacks the CLI adds to every run: bookkeeping, exact resume, the divergence guard and stop signals."""
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
+import torch
 from lightning.pytorch import Callback
+
+from .errors import DivergenceError
 
 
 class RunStats(Callback):
@@ -48,23 +54,6 @@ class RunStats(Callback):
         return time.perf_counter() - self.started
 
 
-class InterruptCheckpoint(Callback):
-    """On Ctrl-C, save ``checkpoints/interrupted.ckpt`` before Lightning shuts the run down."""
-
-    def __init__(self, checkpoint_dir: Path):
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.saved: Path | None = None
-
-    def on_exception(self, trainer, pl_module, exception):
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
-            path = self.checkpoint_dir / "interrupted.ckpt"
-            try:
-                trainer.save_checkpoint(path)
-                self.saved = path
-            except Exception:  # the run is stopping anyway; the summary says no checkpoint was saved
-                self.saved = None
-
-
 class RNGState(Callback):
     """Saves and restores the torch, numpy and Python random generators with each checkpoint."""
 
@@ -72,7 +61,6 @@ class RNGState(Callback):
         import random
 
         import numpy as np
-        import torch
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         # plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True)
         return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
@@ -83,7 +71,6 @@ class RNGState(Callback):
         import random
 
         import numpy as np
-        import torch
         torch.set_rng_state(state_dict["torch"])
         kind, keys, pos, has_gauss, cached = state_dict["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -92,62 +79,178 @@ class RNGState(Callback):
             torch.cuda.set_rng_state_all(state_dict["cuda"])
 
 
+# -- divergence ----------------------------------------------------------------------------------------
 class DivergenceGuard(Callback):
     """Stops a run whose loss becomes non-finite, naming the step and the first layer whose output
-    is non-finite, before a checkpoint of the diverged weights can be written.
+    went non-finite on that step, before that step's update is applied.
 
-    The loss is checked on the device every step (no synchronisation); the host reads the flag
-    every ``check_every_n_steps`` steps and always before validation and at epoch end, which is
-    before ModelCheckpoint (always last) saves.
+    The loss is read in ``on_before_backward``: at every step when training runs on the CPU (the
+    value is already on the host), every ``check_every_n_steps`` steps on an accelerator (a read
+    stalls the device; a flag kept on the device still gives the exact first bad step, but the
+    culprit is then searched with the weights of the step that noticed it). The weights are checked
+    before every validation and at every epoch end, which is before ModelCheckpoint saves, so a
+    checkpoint of diverged weights is never written.
     """
 
-    def __init__(self, check_every_n_steps: int = 50):
-        self.check_every = max(1, int(check_every_n_steps))
-        self._first_bad_step = None
-        self._last_batch = None
+    def __init__(self, check_every_n_steps: Optional[int] = None):
+        self.check_every_n_steps = check_every_n_steps
+        self.every = check_every_n_steps or 1
+        self._first_bad_step: Optional[torch.Tensor] = None
+        self._batch = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        import torch
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
-            return
+    def on_train_start(self, trainer, pl_module):
+        on_cpu = trainer.strategy.root_device.type == "cpu"
+        self.every = self.check_every_n_steps or (1 if on_cpu else 50)
+        self._first_bad_step = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._batch = batch
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        step = trainer.global_step
         bad = ~torch.isfinite(loss.detach())
-        step = torch.tensor(trainer.global_step - 1, device=bad.device)
+        if self.every == 1:
+            diverged = bool(bad)
+            if trainer.world_size > 1:
+                diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+            if diverged:
+                raise self._error(pl_module, step, self._batch, same_step=True)
+            return
         if self._first_bad_step is None:
             self._first_bad_step = torch.full((), -1, dtype=torch.long, device=bad.device)
-        self._first_bad_step = torch.where(bad & (self._first_bad_step < 0), step, self._first_bad_step)
-        self._last_batch = batch
-        if trainer.global_step % self.check_every == 0:
-            self.check(trainer, pl_module)
+        first = self._first_bad_step
+        self._first_bad_step = torch.where(bad & (first < 0), torch.full_like(first, step), first)
+        if step % self.every == 0:
+            self._check_flag(trainer, pl_module)
 
     def on_validation_start(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self.check(trainer, pl_module)
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._check_flag(trainer, pl_module)
+            self.check_weights(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.check(trainer, pl_module)
+        self._check_flag(trainer, pl_module)
+        self.check_weights(trainer, pl_module)
 
-    def check(self, trainer, pl_module):
+    def _check_flag(self, trainer, pl_module):
         if self._first_bad_step is None:
             return
-        diverged = trainer.strategy.reduce_boolean_decision(bool(self._first_bad_step >= 0), all=False)
-        if not diverged:
-            return
-        from .errors import DivergenceError
-        step = int(self._first_bad_step)
-        layer = first_non_finite_layer(pl_module, self._last_batch)
+        diverged = bool(self._first_bad_step >= 0)
+        if trainer.world_size > 1:
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            step = int(self._first_bad_step) if int(self._first_bad_step) >= 0 else trainer.global_step
+            raise self._error(pl_module, step, self._batch, same_step=False)
+
+    def check_weights(self, trainer, pl_module):
+        from .checkpoints import first_non_finite
+        bad = first_non_finite(dict(pl_module.named_parameters()))
+        diverged = bad is not None
+        if trainer.world_size > 1:
+            diverged = trainer.strategy.reduce_boolean_decision(diverged, all=False)
+        if diverged:
+            raise DivergenceError(f"training diverged: the weights became non-finite by step {trainer.global_step} "
+                                  f"(first: {bad or 'on another rank'}) although the loss was finite")
+
+    def _error(self, pl_module, step: int, batch, same_step: bool) -> DivergenceError:
+        from .checkpoints import first_non_finite
+        layer = first_non_finite_layer(pl_module, batch) if batch is not None else None
+        param = first_non_finite(dict(pl_module.named_parameters()))
         where = f"first non-finite layer output: {layer}" if layer else "no layer output is non-finite now"
-        raise DivergenceError(f"training diverged: non-finite loss at step {max(step, 0)}; {where}")
+        if param:
+            where += f"; first non-finite parameter: {param}"
+        if not same_step:
+            where += " (searched at a later step)"
+        return DivergenceError(f"training diverged: non-finite loss at step {step}; {where}")
 
 
 def first_non_finite_layer(pl_module, batch) -> str | None:
-    """The first leaf module, in forward order, whose output on ``batch`` has a NaN or inf."""
-    import torch
+    """The first leaf module, in forward order, whose output on ``batch`` has a NaN or inf.
 
-    from callbacks._probe import LayerCapture, batch_inputs, eval_mode
-    if batch is None:
-        return None
+    The forward runs as in training (batch norm on batch statistics), without gradients, and the
+    batch-norm running statistics are restored afterwards."""
+    from .callbacks.probing import LayerCapture, batch_inputs
     leaves = [(n, m) for n, m in pl_module.named_modules() if n and not list(m.children())]
-    with eval_mode(pl_module), LayerCapture(leaves, lambda name, out: bool(torch.isfinite(out).all())) as capture:
-        pl_module(batch_inputs(batch))
+    buffers = {k: v.clone() for k, v in pl_module.state_dict().items() if "running_" in k or "num_batches" in k}
+    try:
+        with torch.no_grad(), LayerCapture(leaves, lambda name, out: bool(torch.isfinite(out).all())) as capture:
+            pl_module(batch_inputs(batch))
+    finally:
+        pl_module.load_state_dict(buffers, strict=False)
     return next((name for name, finite in capture.results.items() if not finite), None)
+
+
+# -- stop signals ------------------------------------------------------------------------------------
+class RunStopped(BaseException):
+    """Raised at a step boundary after Ctrl-C (``reason="interrupted"``) or SIGTERM (``"preempted"``).
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in user code cannot swallow it.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StopSignals(Callback):
+    """Ctrl-C and SIGTERM (what SLURM and other schedulers send before killing a job) stop training
+    at the next step boundary, on every rank at the same step, after saving a resumable checkpoint
+    of that step. A second Ctrl-C stops at once, without a checkpoint.
+
+    Lightning's own SIGTERM handler is replaced while training runs: it enters a collective from
+    inside the signal handler, which can deadlock a DDP run.
+    """
+
+    def __init__(self, checkpoint_path: Path):
+        self.checkpoint_path = Path(checkpoint_path)
+        self.requested: Optional[str] = None
+        self.saved: Optional[Path] = None
+        self._previous = {}
+
+    def on_train_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested == "interrupted":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.requested = "preempted" if signum == signal.SIGTERM else "interrupted"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stop = self.requested is not None
+        if trainer.world_size > 1:  # every rank stops at the same step, or a collective would hang
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            raise RunStopped(self.requested or "preempted")
+
+    def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, RunStopped) and trainer.state.fn == "fit":
+            trainer.save_checkpoint(self.checkpoint_path)
+            self.saved = self.checkpoint_path
+
+    def teardown(self, trainer, pl_module, stage):
+        for signum, handler in self._previous.items():
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signum, handler)
+        self._previous = {}
+
+
+class RunFolderSync(Callback):
+    """Under torchrun or SLURM every rank starts on its own and only global rank zero creates the run
+    folder; the others learn its path here, before anything is saved."""
+
+    def __init__(self, run_dir: Path, paths_to_update: list):
+        self.run_dir = Path(run_dir)
+        self._targets = paths_to_update  # objects with a checkpoint_path attribute under run_dir
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.world_size <= 1:
+            return
+        shared = Path(trainer.strategy.broadcast(str(self.run_dir), src=0))
+        if shared != self.run_dir:
+            for target in self._targets:
+                target.checkpoint_path = shared / target.checkpoint_path.relative_to(self.run_dir)
+            self.run_dir = shared

@@ -3,11 +3,12 @@
     python -m deepplain.sweep --out sweeps/fmnist --dataset fashion-mnist --models plain,van,resnet,highway \\
         --depths 1,2,4,8,16,30 --seeds 0,1 --epochs 5 -- --width 50 --lr 0.01
 
-Each run is ``train.py`` in its own process, logging to ``<out>/runs/<run id>/version_N`` and its
-output to ``<out>/runs/<run id>/train.log``. A run whose ``summary.json`` already says
-``completed`` or ``diverged`` is skipped, so an interrupted sweep resumes where it stopped (an
-interrupted or failed run is run again). ``--parallel N`` runs N at a time; ``--gpus 0,1`` gives
-each concurrent run its own GPU. At the end ``<out>/results.csv`` holds every run's summary.
+Each run is ``python -m deepplain`` (the training CLI) in its own process, logging to
+``<out>/runs/<run id>/version_N`` and its output to ``<out>/runs/<run id>/train.log``. A run whose
+``summary.json`` already says ``completed`` or ``diverged`` is skipped, so an interrupted sweep
+resumes where it stopped (an interrupted or failed run is run again). ``--parallel N`` runs N at
+a time; ``--gpus 0,1`` gives each concurrent run its own GPU. At the end ``<out>/results.csv``
+holds every run's summary.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ from .errors import ConfigError
 
 CSV_FIELDS = ["run_id", "model", "depth", "seed", "variant", "dataset", "status", "parameters", "epochs_done",
               "global_step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-              "wall_seconds", "samples_per_second", "run_dir", "flags"]
+              "wall_seconds", "samples_per_second", "alpha_residual", "alpha_removed_step", "alpha_target_step",
+              "alpha_closed_at_target", "alpha_residual_at_target",
+              "run_dir", "flags"]
 FINISHED = ("completed", "diverged")
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
 
 
 @dataclass
@@ -77,7 +79,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     if summary and summary.get("status") in FINISHED:
         return row(run, dataset, summary, skipped=True)
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [python, str(TRAIN_PY), "--model", run.model, "--depth", str(run.depth), "--seed", str(run.seed),
+    cmd = [python, "-m", "deepplain", "--model", run.model, "--depth", str(run.depth), "--seed", str(run.seed),
            "--dataset", dataset, "--epochs", str(epochs), "--logdir", str(out / "runs"), "--name", run.run_id,
            "--no-progress", *run.flags]
     env = dict(os.environ)
@@ -187,6 +189,8 @@ def split_at_double_dash(argv) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
+    from .datamodules.paths import resolve_data_env
+    resolve_data_env()
     own, flags = split_at_double_dash(argv)
     args = build_parser().parse_args(own)
     try:

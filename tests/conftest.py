@@ -5,10 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deepplain.datamodules.paths import resolve_data_env
 
 REPO = Path(__file__).resolve().parents[1]
-# CI sets DEEPPLAIN_DATA; a developer checkout finds the shared copies beside the repo.
+# CI and the README set DEEPPLAIN_DATA, relative to where pytest starts; a developer checkout finds the
+# shared copies beside the repository. Like every deepplain entry point, the suite makes it absolute once,
+# so that the processes tests start in other folders find the same data.
 os.environ.setdefault("DEEPPLAIN_DATA", str(REPO.parent / "shared" / "datasets"))
+resolve_data_env()
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 

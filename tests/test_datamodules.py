@@ -5,11 +5,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from deepplain.datamodules import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    COIL20DataModule,
+    FakeDataModule,
+    MNISTDataModule,
+    get_datamodule,
+)
+from deepplain.datamodules.augment import random_crop_flip
+from deepplain.datamodules.splits import stratified_split
 
-from datamodules import (CIFAR10DataModule, CIFAR100DataModule, COIL20DataModule, FakeDataModule, MNISTDataModule,
-                         get_datamodule)
-from datamodules.augment import random_crop_flip
-from datamodules.splits import stratified_split
 from deepplain.errors import ConfigError, DatasetError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # shared/datasets/README.md
@@ -80,13 +86,75 @@ def test_val_split_zero_validates_on_test_and_says_so(caplog):
 def test_missing_data_folder_names_paths_and_files(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPPLAIN_DATA", str(tmp_path / "empty"))
     monkeypatch.chdir(tmp_path)
-    dm = MNISTDataModule(data_dir=tmp_path / "nowhere")
     with pytest.raises(DatasetError) as info:
-        dm.setup()
+        MNISTDataModule().setup()
     message = str(info.value)
-    assert "MNIST not found" in message and str(tmp_path / "nowhere") in message and str(tmp_path / "empty") in message
+    assert "MNIST not found" in message and str(tmp_path / "empty") in message and "data" in message
     assert "MNIST/raw/train-images-idx3-ubyte.gz" in message and "--download" in message
     assert "\n" not in message
+
+
+def test_explicit_data_dir_is_the_only_folder_searched(tmp_path, monkeypatch, data_root):
+    monkeypatch.setenv("DEEPPLAIN_DATA", str(data_root))  # holds a complete MNIST, which must not be used
+    with pytest.raises(DatasetError, match=f"MNIST not found: searched {tmp_path / 'typo'} \\(from --data-dir\\)"):
+        MNISTDataModule(data_dir=tmp_path / "typo").setup()
+
+
+@pytest.mark.parametrize("dataset,remove", [("mnist", "MNIST/raw/t10k-labels-idx1-ubyte.gz"),
+                                            ("usps", "usps/usps.h5"), ("coil20", "coil20/coil-20-proc/obj7__31.png")])
+def test_incomplete_data_folder_is_an_error_not_a_fallback(dataset, remove, tmp_path, monkeypatch, data_root):
+    folder = remove.split("/")[0]
+    shutil.copytree(data_root / folder, tmp_path / "data" / folder)
+    (tmp_path / "data" / remove).unlink()
+    monkeypatch.setenv("DEEPPLAIN_DATA", str(data_root))
+    for kwargs in ({"data_dir": tmp_path / "data"}, {}):  # explicit folder, and as $DEEPPLAIN_DATA before ./data
+        if not kwargs:  # ./data holds the complete dataset: finding the error proves there was no fallback
+            monkeypatch.setenv("DEEPPLAIN_DATA", str(tmp_path / "data"))
+            (tmp_path / "cwd").mkdir()
+            (tmp_path / "cwd" / "data").symlink_to(data_root)
+            monkeypatch.chdir(tmp_path / "cwd")
+        with pytest.raises(DatasetError, match="is incomplete: .*" + remove.split("/")[-1].replace(".", "\\.")):
+            get_datamodule(dataset, **kwargs).setup()
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_label_count_and_range_are_checked(tmp_path, data_root):
+    root = tmp_path / "data" / "MNIST" / "raw"
+    root.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (root / name).write_bytes(gzip.decompress((data_root / "MNIST/raw" / f"{name}.gz").read_bytes()))
+    labels = np.frombuffer(gzip.decompress((data_root / "MNIST/raw/train-labels-idx1-ubyte.gz").read_bytes())[8:],
+                           dtype=np.uint8)
+    _write_idx(root / "train-labels-idx1-ubyte", labels[:59000])
+    with pytest.raises(DatasetError, match="train split has 60000 images but 59000 labels"):
+        MNISTDataModule(data_dir=tmp_path / "data").setup()
+    bad = labels.copy()
+    bad[123] = 200
+    _write_idx(root / "train-labels-idx1-ubyte", bad)
+    with pytest.raises(DatasetError, match="train labels range over 0..200, expected 0..9"):
+        MNISTDataModule(data_dir=tmp_path / "data").setup()
+    _write_idx(root / "train-labels-idx1-ubyte", labels)
+    assert MNISTDataModule(data_dir=tmp_path / "data", val_split=0).setup() is None  # intact again
+
+
+def test_coil20_sha256sums_are_checked(tmp_path, data_root):
+    shutil.copytree(data_root / "coil20", tmp_path / "coil20")
+    png = tmp_path / "coil20" / "coil-20-proc" / "obj3__5.png"
+    data = bytearray(png.read_bytes())
+    data[-20] ^= 0xFF
+    png.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="checksum mismatch for .*obj3__5.png"):
+        COIL20DataModule(data_dir=tmp_path).setup()
+
+
+def test_validation_share_that_empties_a_class_is_refused():
+    dm = FakeDataModule(input_shape=(1, 4, 4), num_classes=4, train_size=8, test_size=4, val_split=0.9)
+    with pytest.raises(ConfigError, match="holds out every training sample of some class"):
+        dm.setup()
 
 
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
@@ -162,7 +230,7 @@ def test_random_crop_flip_matches_a_crop_of_the_padded_image():
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     flips = 0
     for i in range(64):
-        candidates = [padded[i, :, t:t + 8, l:l + 8] for t in range(5) for l in range(5)]
+        candidates = [padded[i, :, t:t + 8, left:left + 8] for t in range(5) for left in range(5)]
         plain = any(torch.equal(out[i], c) for c in candidates)
         flipped = any(torch.equal(out[i], c.flip(-1)) for c in candidates)
         assert plain or flipped

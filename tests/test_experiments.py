@@ -6,8 +6,9 @@ import math
 import pytest
 
 from deepplain import experiments, plots
-from deepplain.sweep import CSV_FIELDS, Run, grid, main as sweep_main, parse_variant, read_csv
 from deepplain.errors import ConfigError
+from deepplain.sweep import CSV_FIELDS, Run, grid, parse_variant, read_csv
+from deepplain.sweep import main as sweep_main
 
 TINY = ["--", "--limit-train-batches", "2", "--limit-val-batches", "1", "--diagnostics", "none", "--width", "16"]
 

@@ -87,7 +87,8 @@ def test_gradients_reach_first_layer(name, arch, depth):
 @pytest.mark.parametrize("name,arch,depth,message", [
     ("van", "conv", 27, "van conv depth must be 8n+2 (10, 18, 26, 34, ...; VAN-26 is n=3), got 27"),
     ("dirac", "conv", 27, "dirac conv depth must be 6n+4 (10, 16, 22, 28, 34, ...), got 27"),
-    ("resnet", "conv", 57, "resnet conv (basic blocks) depth must be 6n+2"),
+    ("resnet", "conv", 57, "resnet conv depth must be 6n+2 with basic blocks (8, 14, 20, ..., 56, 110) or 9n+2 with "
+                           "bottleneck blocks (11, 20, 29, ..., 164, 1001), got 57"),
     ("plain", "conv", 9, "plain conv depth must be 3n+2"),
     ("plain", "mlp", 0, "depth must be a positive integer, got 0"),
     ("highway", "conv", 10, "highway has no 'conv' form; valid: mlp"),
@@ -96,6 +97,22 @@ def test_invalid_depths_rejected_with_valid_values(name, arch, depth, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")
                        .replace(".", r"\.")):
         build_model(name, depth, arch=arch, input_shape=(3, 32, 32), num_classes=10)
+
+
+# Parameter counts of He et al. (ResNet-20/56/110: 0.27M/0.85M/1.7M; pre-activation ResNet-164/1001: 1.7M/10.2M).
+@pytest.mark.parametrize("depth,block,millions_expected", [
+    (20, "basic", 0.27), (32, "basic", None), (56, "basic", 0.85), (110, "basic", 1.7), (29, "bottleneck", None),
+    (164, "bottleneck", 1.7), (1001, "bottleneck", 10.2)])
+def test_resnet_block_follows_depth_as_he_et_al(depth, block, millions_expected):
+    from deepplain.models.resnet import block_for_depth
+    assert block_for_depth(depth) == block
+    with torch.device("meta"):
+        model = build_model("resnet", depth, arch="conv", input_shape=(3, 32, 32), num_classes=10)
+    convs = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules())
+    blocks = (depth - 2) // (9 if block == "bottleneck" else 6)
+    assert convs == 1 + (3 if block == "bottleneck" else 6) * blocks  # the stem + one or two 3x3 per block
+    if millions_expected is not None:
+        assert count_parameters(model) / 1e6 == pytest.approx(millions_expected, rel=0.03)
 
 
 def test_bottleneck_and_imagenet_depth_rules():

@@ -27,6 +27,7 @@ from ..layers import check_choice, conv3x3, flat_features, fold_batchnorm, init_
 from ..registry import register
 
 PAPER = "Zagoruyko & Komodakis, DiracNets: Training Very Deep Neural Networks without Skip-Connections"
+DIRAC_LAYOUTS = ("cifar", "imagenet")
 
 
 class _DiracMixin:
@@ -152,7 +153,7 @@ def dirac_cnn(input_shape, num_classes, stem: nn.Sequential, stem_channels: int,
 @register("dirac", "conv", summary="Dirac-parameterised plain convs, W = diag(a) I + diag(b) W_norm; folds to plain",
           paper=PAPER)
 def dirac_conv(depth, *, input_shape, num_classes, width=1, layout="cifar", init="he-normal"):
-    check_choice("dirac conv layout", layout, ("cifar", "imagenet"))
+    check_choice("dirac conv layout", layout, DIRAC_LAYOUTS)
     if layout == "imagenet":
         stages = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
         if depth not in stages:

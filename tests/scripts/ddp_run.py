@@ -12,8 +12,13 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from callbacks import (ActivationSaturationMonitor, AlphaScheduler, ConditionNumberProbe,  # noqa: E402
-                       GradientFlowMonitor, MaxNormConstraint)
+from deepplain.callbacks import (  # noqa: E402
+    ActivationSaturationMonitor,
+    AlphaScheduler,
+    ConditionNumberProbe,
+    GradientFlowMonitor,
+    MaxNormConstraint,
+)
 
 warnings.filterwarnings("ignore")
 mode, out = sys.argv[1], Path(sys.argv[2])
@@ -36,7 +41,8 @@ if mode == "foreign":
     result = {"max_row_norm": float(norms.max()), "weights_equal": bool(torch.equal(gathered[0], gathered[1])),
               "saturation_layers": sorted(diagnostics[0].last_stats) if trainer.global_rank == 0 else None}
 else:
-    from datamodules import FakeDataModule
+    from deepplain.datamodules import FakeDataModule
+
     from deepplain.family_modules import VANModule
     torch.manual_seed(0)
     module = VANModule(model="van", depth=3, arch="mlp", input_shape=(1, 8, 8), num_classes=4,
@@ -49,7 +55,8 @@ else:
     lam = torch.cat([g.lagrange_lambda for g in module.model.skip_gates()])
     alpha = torch.cat([g.alpha.detach() for g in module.model.skip_gates()])
     g_lam, g_alpha = trainer.strategy.all_gather(lam), trainer.strategy.all_gather(alpha)
-    result = {"lambda_equal": bool(torch.equal(g_lam[0], g_lam[1])), "alpha_equal": bool(torch.equal(g_alpha[0], g_alpha[1])),
+    result = {"lambda_equal": bool(torch.equal(g_lam[0], g_lam[1])),
+              "alpha_equal": bool(torch.equal(g_alpha[0], g_alpha[1])),
               "lambda_max": float(lam.max()), "steps": trainer.global_step}
 
 if trainer.global_rank == 0:

@@ -1,0 +1,298 @@
+"""The shared core of the sampling diagnostics: when to sample, how much time they may take, the
+probe batch, figures and the state kept in checkpoints.
+
+:class:`SamplingCallback` is the base of ``ActivationSaturationMonitor``,
+``ConditionNumberProbe`` and ``GradientFlowMonitor``. A subclass says *where* it samples (a
+Lightning hook) and *what* it computes; the base decides *whether* to sample at that step:
+
+* **Cadence.** Global step 0 and the last optimizer step of the run are always sampled. In
+  between, ``every_n_steps`` if given, else ``num_samples`` samples spread evenly over
+  ``trainer.estimated_stepping_batches`` (so a 200-step run and a 200,000-step run both show
+  their evolution), else ``trainer.log_every_n_steps`` with ``use_log_every_n_steps=True``.
+* **Time budget.** ``max_overhead`` (default 1%) postpones an intermediate sample while the
+  callback has used more than that share of the wall time since training started; the first and
+  last samples are never postponed. A postponed sample is taken at the first later step the
+  budget allows (due points that pass meanwhile merge into it) and every postponement is logged
+  on the ``deepplain.callbacks`` logger, with a summary line at the end of training.
+* **Figures** cost far more than the statistics (60-140 ms each on a CPU, against a few ms), so
+  a sample keeps only what its figures need, and the figures of the first and the last sample
+  (and of every ``figure_every_n_samples``-th, if set) are drawn when training ends, off the
+  training path and outside the time budget's decisions.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Optional
+
+from lightning.pytorch import Callback
+
+from .probing import ProbeBatch
+from .tensorboard import write_layout
+
+log = logging.getLogger("deepplain.callbacks")
+
+
+def _positive_int(name: str, value, allow_none: bool = True):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+class SamplingSchedule:
+    """Which optimizer steps are due for a sample (see the module docstring)."""
+
+    FALLBACK_EVERY = 200  # when the run's length is unknown (an iterable without len, max_epochs=-1)
+
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, use_log_every_n_steps: bool = False):
+        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
+        self.num_samples = _positive_int("num_samples", num_samples, allow_none=False)
+        self.use_log_every_n_steps = bool(use_log_every_n_steps)
+        self.total_steps: Optional[int] = None
+        self.every = self.every_n_steps or self.FALLBACK_EVERY
+
+    def start(self, trainer) -> None:
+        """Fix the cadence for this fit from the trainer's planned number of optimizer steps."""
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # no length known; Lightning raises for some iterable loaders
+            total = math.inf
+        self.total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        if self.use_log_every_n_steps:
+            self.every = max(1, int(trainer.log_every_n_steps))
+        elif self.every_n_steps:
+            self.every = self.every_n_steps
+        elif self.total_steps:
+            self.every = max(1, math.ceil((self.total_steps - 1) / max(1, self.num_samples - 1)))
+        else:
+            self.every = self.FALLBACK_EVERY
+
+    def is_last(self, step: int) -> bool:
+        return self.total_steps is not None and step == self.total_steps - 1
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or self.is_last(step)
+
+    def planned_steps(self) -> list[int]:
+        """The due steps of a run of known length (for reports and tests)."""
+        if self.total_steps is None:
+            return []
+        return sorted({s for s in range(0, self.total_steps, self.every)} | {self.total_steps - 1})
+
+
+class OverheadBudget:
+    """Keeps a callback's optional work under ``fraction`` of the wall time since training started.
+
+    ``allows()`` is False while the optional work done so far exceeds that share; ``fraction=None``
+    disables the budget. Work is charged with ``with budget.charge(): ...``; work that is never
+    postponed (the first and last samples, the figures) is charged with ``optional=False``: it is
+    counted in ``spent`` but does not use up the share.
+    """
+
+    def __init__(self, fraction: Optional[float]):
+        if fraction is not None and (isinstance(fraction, bool) or not 0 < float(fraction) < 1):
+            raise ValueError(f"max_overhead must be in (0, 1) or None, got {fraction!r}")
+        self.fraction = None if fraction is None else float(fraction)
+        self.spent, self.spent_optional, self.started = 0.0, 0.0, None
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None else time.perf_counter() - self.started
+
+    def allows(self) -> bool:
+        if self.fraction is None or self.started is None or self.spent_optional == 0.0:
+            return True
+        return self.spent_optional <= self.fraction * self.elapsed
+
+    @contextlib.contextmanager
+    def charge(self, optional: bool = True):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            self.spent += seconds
+            if optional:
+                self.spent_optional += seconds
+
+    def timed(self, fn, optional: bool = True):
+        """``fn`` with its running time charged to this budget (for work done inside hooks)."""
+        def wrapper(*args, **kwargs):
+            with self.charge(optional):
+                return fn(*args, **kwargs)
+        return wrapper
+
+
+class SamplingCallback(Callback):
+    """Base class of the sampling diagnostics (cadence, time budget, probe batch, layout, state).
+
+    Subclasses set ``prefix`` (their TensorBoard section), implement ``tensorboard_layout()`` and
+    call :meth:`decide` at the hook where they can sample, then :meth:`record` once a sample is
+    taken. ``probe_size`` > 0 gives them a :class:`~deepplain.callbacks.probing.ProbeBatch`.
+    """
+
+    prefix = "diagnostics"
+
+    def __init__(self, *, every_n_steps: Optional[int] = None, num_samples: int = 20,
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
+                 figure_every_n_samples: Optional[int] = None, include: Optional[list[str]] = None,
+                 exclude: Optional[list[str]] = None, probe_size: Optional[int] = None, probe_batch=None):
+        self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps)
+        self.budget = OverheadBudget(max_overhead)
+        self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
+        for name, patterns in (("include", include), ("exclude", exclude)):
+            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
+                raise TypeError(f"{name} must be a list of glob patterns (e.g. ['model.features.*']), got {patterns!r}")
+        self.include = list(include) if include else None
+        self.exclude = list(exclude) if exclude else None
+        self.probe = ProbeBatch(probe_size or 256, probe_batch) if (probe_size is not None or probe_batch is not None) \
+            else None
+        self.samples_taken = 0
+        self.last_sampled_step = -1
+        self.postponed = 0
+        self.sampled_steps: list[int] = []
+        self.sample_seconds: list[float] = []
+        self.last_stats: dict[str, dict[str, float]] = {}
+        self._figure_data: dict[str, dict] = {}  # key -> {"first", "latest": (step, payload), "extra": [...], "n"}
+        self._pending: Optional[int] = None   # the due step of a postponed sample
+        self._mandatory = True                # whether the sample being taken may not be postponed
+        self._refused: Optional[int] = None   # the due step whose postponement was counted
+
+    # -- identity and TensorBoard ------------------------------------------------------------------
+    def state_key_fields(self) -> dict:
+        """What tells two instances of this callback apart (their state is stored under it)."""
+        return {"include": self.include, "exclude": self.exclude}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_fields())
+
+    def tensorboard_layout(self) -> dict:
+        return {}
+
+    # -- deciding when -------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module):
+        self.schedule.start(trainer)
+        self.budget.start()
+        write_layout(trainer, self)
+
+    def is_mandatory(self, step: int) -> bool:
+        return self.samples_taken == 0 or self.schedule.is_last(step)
+
+    def decide(self, trainer, collective: bool = False) -> bool:
+        """Whether to take a sample at this step. ``collective=True`` when the sample enters a
+        collective (an all-gather): rank zero's decision is then broadcast to every rank."""
+        step = trainer.global_step
+        if step == self.last_sampled_step:
+            return False  # once per optimizer step, also under gradient accumulation
+        due = self.schedule.due(step) and step != self._refused
+        if due and self._pending is None:
+            self._pending = step
+        if self._pending is None:
+            return False
+        allowed = self.is_mandatory(step) or self.budget.allows()
+        if collective and trainer.world_size > 1:
+            allowed = bool(trainer.strategy.broadcast(allowed, src=0))
+        if allowed:
+            self._pending = None
+            self._mandatory = self.is_mandatory(step)
+            return True
+        if due:  # this due point passes without a sample; a later step takes one in its place
+            self._refused = step
+            self.note_postponed(trainer, "the sample", step, announce=self._pending == step)
+        return False
+
+    def note_postponed(self, trainer, what: str, step: int, announce: bool = True) -> None:
+        """Count one postponed due point and log it (the first of a streak): nothing is dropped silently."""
+        self.postponed += 1
+        if announce and trainer.global_rank == 0:
+            log.info("%s: %s due at step %d is postponed: %.2f s of optional samples is over %.3g%% of the %.1f s "
+                     "since training started; it is taken at the first step the budget allows", type(self).__name__,
+                     what, step, self.budget.spent_optional, 100 * self.budget.fraction, self.budget.elapsed)
+
+    def keep_for_figures(self, trainer, key: str, step: int, payload) -> None:
+        """Keep what the figures of this sample need (rank zero only); see :meth:`draw_figures`."""
+        if trainer.global_rank != 0:
+            return
+        slot = self._figure_data.setdefault(key, {"first": None, "latest": None, "extra": [], "n": 0})
+        if slot["first"] is None:
+            slot["first"] = (step, payload)
+        elif self.figure_every and slot["n"] % self.figure_every == 0:
+            slot["extra"].append((step, payload))
+        else:
+            slot["latest"] = (step, payload)
+        slot["n"] += 1
+
+    def draw_figures(self, trainer) -> None:
+        """Draw the kept figures: the first sample's, every figure_every-th, and the latest one's."""
+        data, self._figure_data = self._figure_data, {}
+        if trainer.global_rank != 0 or not data:
+            return
+        with self.budget.charge(optional=False):
+            for key, slot in data.items():
+                kept = [slot["first"], *slot["extra"], slot["latest"]]
+                for step, payload in sorted({item[0]: item for item in kept if item is not None}.values(),
+                                            key=lambda item: item[0]):
+                    self.draw(trainer, key, step, payload)
+
+    def draw(self, trainer, key: str, step: int, payload) -> None:
+        """Draw the figures of one kept sample (subclasses)."""
+
+    def record(self, step: int, seconds: float | None = None) -> None:
+        self.samples_taken += 1
+        self.last_sampled_step = step
+        self.sampled_steps.append(step)
+        if seconds is not None:
+            self.sample_seconds.append(seconds)
+
+    @contextlib.contextmanager
+    def timed_sample(self, mandatory: Optional[bool] = None):
+        """Charge the enclosed sample to the budget (as optional unless it is the first or last);
+        yields a list that receives its duration."""
+        mandatory = self._mandatory if mandatory is None else mandatory
+        start = time.perf_counter()
+        cost: list[float] = []
+        with self.budget.charge(optional=not mandatory):
+            yield cost
+        cost.append(time.perf_counter() - start)
+
+    def on_train_end(self, trainer, pl_module):
+        self.draw_figures(trainer)
+        if trainer.global_rank == 0 and self.samples_taken:
+            shown = self.sampled_steps if len(self.sampled_steps) <= 12 else (
+                self.sampled_steps[:6] + ["..."] + self.sampled_steps[-5:])
+            log.info("%s: %d samples at steps %s; %d due points postponed by the time budget; %.2f s spent (%.2f%% of "
+                     "training; %.2f s on optional samples)", type(self).__name__, self.samples_taken,
+                     ", ".join(map(str, shown)), self.postponed, self.budget.spent,
+                     100 * self.budget.spent / max(self.budget.elapsed, 1e-9), self.budget.spent_optional)
+
+    def teardown(self, trainer, pl_module, stage):
+        self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
+
+    # -- the probe batch -------------------------------------------------------------------------------
+    def ensure_probe(self, trainer, batch=None):
+        return None if self.probe is None else self.probe.ensure(trainer, batch)
+
+    # -- checkpointing -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"samples_taken": self.samples_taken, "last_sampled_step": self.last_sampled_step,
+                 "postponed": self.postponed, "pending": self._pending}
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.samples_taken = state_dict.get("samples_taken", 0)
+        self.last_sampled_step = state_dict.get("last_sampled_step", -1)
+        self.postponed = state_dict.get("postponed", 0)
+        self._pending = state_dict.get("pending")
+        if self.probe is not None:
+            self.probe.load_state_dict(state_dict.get("probe", {}))

@@ -1,0 +1,128 @@
+"""The sampling core: cadence that adapts to the run, a time budget that thins but never hides, and a short
+run that shows its own evolution in TensorBoard."""
+import logging
+import time
+
+import lightning as L
+import pytest
+from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
+from deepplain.callbacks.sampling import OverheadBudget, SamplingSchedule
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from deepplain.cli import main
+from tests.foreign import ForeignMLP
+from tests.test_callbacks import fit, read_events
+
+
+class FakeTrainer:
+    def __init__(self, total, log_every=50):
+        self.estimated_stepping_batches = total
+        self.log_every_n_steps = log_every
+
+
+def test_default_cadence_spreads_samples_over_the_run():
+    for total in (230, 2001, 200_000):
+        schedule = SamplingSchedule(num_samples=20)
+        schedule.start(FakeTrainer(total))
+        steps = schedule.planned_steps()
+        assert steps[0] == 0 and steps[-1] == total - 1
+        assert 18 <= len(steps) <= 21
+        gaps = {b - a for a, b in zip(steps, steps[1:-1])}
+        assert len(gaps) == 1  # evenly spaced, the last step added
+
+
+def test_explicit_and_logging_cadences_include_the_last_step():
+    schedule = SamplingSchedule(every_n_steps=100)
+    schedule.start(FakeTrainer(350))
+    assert schedule.planned_steps() == [0, 100, 200, 300, 349]
+    schedule = SamplingSchedule(use_log_every_n_steps=True)
+    schedule.start(FakeTrainer(120, log_every=40))
+    assert schedule.planned_steps() == [0, 40, 80, 119]
+    unknown = SamplingSchedule()
+    unknown.start(FakeTrainer(float("inf")))
+    assert unknown.every == SamplingSchedule.FALLBACK_EVERY and unknown.planned_steps() == []
+
+
+def test_overhead_budget_arithmetic():
+    budget = OverheadBudget(0.5)
+    budget.start()
+    assert budget.allows()  # nothing spent yet
+    with budget.charge():
+        time.sleep(0.05)
+    assert not budget.allows()  # 0.05 s spent of ~0.05 s elapsed
+    time.sleep(0.12)
+    assert budget.allows()  # now under half of the elapsed time
+    assert OverheadBudget(None).allows()
+    with pytest.raises(ValueError, match="max_overhead must be in"):
+        OverheadBudget(1.5)
+
+
+def test_tiny_budget_keeps_first_and_last_and_logs_every_postponement(tmp_path, caplog):
+    probe = ConditionNumberProbe(every_n_steps=1, max_overhead=1e-6)
+    grads = GradientFlowMonitor(every_n_steps=1, max_overhead=1e-6)
+    with caplog.at_level(logging.INFO, logger="deepplain.callbacks"):
+        fit(ForeignMLP(), [probe, grads], tmp_path, steps=6)
+    # the initial state, one optional sample (the budget is judged once some optional work was done), the end
+    assert probe.sampled_steps == [0, 1, 6]  # the last: after the final update
+    assert grads.sampled_steps == [0, 1, 5]
+    assert probe.postponed == grads.postponed == 3  # the due steps 2..4 passed without a sample
+    postponed = [r.message for r in caplog.records if "is postponed" in r.message]
+    assert any(m.startswith("ConditionNumberProbe: the sample due at step 2 is postponed") for m in postponed)
+    assert any("GradientFlowMonitor: 3 samples at steps 0, 1, 5; 3 due points postponed" in r.message
+               for r in caplog.records)
+
+
+def test_a_postponed_sample_is_taken_later_not_dropped(tmp_path):
+    grads = GradientFlowMonitor(every_n_steps=4, max_overhead=0.01)
+    fit(ForeignMLP(), [OverBudget(grads, from_step=4, until_step=6), grads], tmp_path, steps=12, logger=False)
+    # due at 0, 4, 8 and the last step 11; step 4 falls while the budget is spent and is taken at step 6
+    assert grads.sampled_steps == [0, 6, 8, 11] and grads.postponed == 1
+
+
+class OverBudget(L.Callback):
+    """Holds ``target``'s time budget as spent between two steps (as an expensive first figure would)."""
+
+    def __init__(self, target, from_step, until_step):
+        self.target, self.from_step, self.until_step = target, from_step, until_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        over = self.from_step <= trainer.global_step < self.until_step
+        self.target.budget.spent_optional = 1e9 if over else 1e-9
+
+
+def test_short_run_shows_its_evolution_in_tensorboard(runs):
+    """A few hundred steps with every diagnostic at its defaults (1% budget): each statistic is logged at the start,
+    at the end and in between; the probe runs at the first and last validation."""
+    assert main(["--model", "plain", "--depth", "20", "--width", "64", "--dataset", "usps", "--epochs", "4",
+                 "--logdir", str(runs), "--no-progress"]) == 0
+    run = next(runs.glob("*/version_0"))
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0}).Reload()
+    last_step = 4 * 52 - 1  # 6,564 training images, batch 128
+    layer = "model.features.10.act"
+
+    def steps(tag):
+        return [e.step for e in acc.Scalars(tag)]
+    for tag in (f"saturation/train/mean_abs/{layer}", "grad_flow/norm/model.features.10.linear"):
+        got = steps(tag)
+        assert got[0] == 0 and got[-1] == last_step and len(got) >= 3, (tag, got)
+    condition = steps(f"condition/kappa/{layer}")
+    assert condition[0] == 0 and condition[-1] == last_step + 1 and len(condition) >= 2
+    probe = steps(f"saturation/probe/mean_abs/{layer}")
+    assert probe[0] == 52 and probe[-1] == last_step + 1  # first and last validation (after epochs 1 and 4)
+    images = acc.Tags()["images"]
+    assert "condition/profile" in images and "saturation/train/profile" in images
+
+
+def test_sampling_state_survives_checkpoint(tmp_path):
+    monitor = ActivationSaturationMonitor(every_n_steps=2)
+    fit(ForeignMLP(), [monitor], tmp_path, steps=5, logger=False)
+    restored = ActivationSaturationMonitor(every_n_steps=2)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.samples_taken == monitor.samples_taken == 3 and restored.last_sampled_step == 4  # 0, 2, 4
+    assert restored.probe.inputs is not None and restored.probes_taken == monitor.probes_taken
+
+
+def test_events_of_a_foreign_module_carry_step_zero(tmp_path):
+    fit(ForeignMLP(), [ActivationSaturationMonitor(every_n_steps=3)], tmp_path, steps=4)
+    acc = read_events(tmp_path)
+    assert [e.step for e in acc.Scalars("saturation/train/mean_abs/body.1")] == [0, 3]
