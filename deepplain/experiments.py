@@ -1,14 +1,23 @@
-"""The PlainNet paper's experiments as commands.
+"""The PlainNet paper's experiments as commands, on the paper's recipe.
 
-    python -m deepplain.experiments diagnostics --dataset usps --depth 100 --epochs 30 --out results/usps-diag
-    python -m deepplain.experiments ablation    --dataset usps --depth 100 --epochs 30 --out results/usps-ablation
+    python -m deepplain.experiments diagnostics --dataset usps --epochs 30 --out results/usps-diag
+    python -m deepplain.experiments ablation    --dataset usps --epochs 30 --out results/usps-ablation \\
+        --lrs 1e-3,1e-2,1e-1
 
-``diagnostics`` trains the three 100-layer MLP variants (naive: no BN, ReLU; BN: BN + ReLU;
-proposed: BN + LeakyReLU 0.3 + max-norm 3 + He-uniform) and draws, from the diagnostics'
-statistics on the whole training set: mean and max |activation| per layer (Fig. 2-4), the
-infinity-norm condition number of each layer's weights (Fig. 5), the share of activations above
-0.05 per layer (Fig. A1) and the units' responses at layers 50 and 99 (Fig. 6-8).
-``ablation`` trains the seven component combinations of Table II and prints its markdown table.
+Every run starts from the ``oyedotun-mlp-100`` preset (100 hidden layers of 300 units, He-uniform
+init, SGD with momentum 0.9, weight decay 1e-4, batch 128, lr 0.01 divided by 10 at 50% and 75% of
+the epochs); only the components under study change, and ``--epochs`` is the budget (the paper
+trains 300). Without ``--lrs`` each configuration trains once on the whole training split and its
+test error is reported, as in the paper. With ``--lrs`` it trains once per learning rate on 90% of
+the training split; the rate with the best accuracy on the held-out 10% is chosen, and both that
+choice and every rate are tabulated.
+
+``diagnostics`` trains the three 100-layer variants (naive: no BN, ReLU; BN: BN + ReLU; proposed:
+BN + LeakyReLU 0.3 + max-norm 3) and draws, from the diagnostics' own functions on the whole
+training split in eval mode: mean and max |activation| per layer (Fig. 2-4), the infinity-norm
+condition number of each layer's weight (Fig. 5), the share of activations above 0.05 (Fig. A1)
+and the units' responses at the middle and last hidden layers (Fig. 6-8). ``ablation`` trains the
+seven component combinations of Table II and writes its markdown table beside the paper's.
 Both reuse the sweep runner (finished runs are skipped) and pass extra train.py flags after ``--``.
 """
 from __future__ import annotations
@@ -20,9 +29,12 @@ from pathlib import Path
 
 import torch
 
+from .presets import PRESETS
 from .sweep import FINISHED, Run, run_grid, split_at_double_dash
 
-COMMON = ["--init", "he-uniform", "--width", "300"]
+RECIPE_PRESET = "oyedotun-mlp-100"
+COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
+NOT_RECIPE = ("model", "arch", "depth", "dataset", "epochs", *COMPONENT_KEYS)
 VARIANTS = {
     "naive": ["--norm", "none", "--activation", "relu"],
     "bn": ["--norm", "bn", "--activation", "relu"],
@@ -41,26 +53,68 @@ ABLATION = {
 }
 
 
+def recipe_flags(lr: float | None = None, held_out: bool = False) -> list[str]:
+    """The preset's recipe as train.py flags, without the components the experiments vary."""
+    flags = []
+    for key, value in PRESETS[RECIPE_PRESET].items():
+        if key.startswith("_") or key in NOT_RECIPE:
+            continue
+        if key == "lr" and lr is not None:
+            value = lr
+        flags += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return flags + ["--val-split", "0.1" if held_out else "0", "--diagnostics", "none"]
+
+
 def slug(name: str) -> str:
     return name.lower().replace(" + ", "_").replace("-", "").replace(" ", "")
 
 
+def lr_tag(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
 def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: int, extra: list[str],
-                   parallel: int = 1) -> list[dict]:
-    runs = [Run("plain", depth, 0, name, [*flags, *COMMON, "--diagnostics", "none", *extra])
-            for name, flags in variants.items()]
-    return run_grid(runs, out, dataset, epochs, parallel)
+                   lrs: list[float] | None = None, parallel: int = 1) -> list[dict]:
+    """Train every variant (at every learning rate of ``lrs``); returns the sweep's rows."""
+    grid = [(name, flags, lr) for name, flags in variants.items() for lr in (lrs or [None])]
+    runs = [Run("plain", depth, 0, name if lr is None else f"{name}-{lr_tag(lr)}",
+                [*recipe_flags(lr, held_out=bool(lrs)), *flags, *extra]) for name, flags, lr in grid]
+    rows = run_grid(runs, out, dataset, epochs, parallel)
+    by_id = {r["run_id"]: r for r in rows}
+    for run, (name, _, lr) in zip(runs, grid):
+        by_id[run.run_id].update(configuration=name, lr=lr)
+    return rows
+
+
+def best_per_configuration(rows: list[dict]) -> dict[str, dict]:
+    """configuration -> its row at the learning rate with the best held-out accuracy (finished runs first)."""
+    best = {}
+    for r in rows:
+        score = (r["status"] == "completed", float(r["val_acc"]) if r.get("val_acc") not in (None, "") else -1.0)
+        name = r["configuration"]
+        if name not in best or score > best[name][0]:
+            best[name] = (score, r)
+    return {name: row for name, (_, row) in best.items()}
+
+
+def _errors(r: dict) -> list[str]:
+    if r.get("status") != "completed":  # a diverged run's last epoch metrics are not its result
+        return [r.get("status") or "missing"] * 3
+    return [f"{100 * (1 - float(r[k])):.2f}%" if r.get(k) not in (None, "") else "-"
+            for k in ("train_acc", "val_acc", "test_acc")]
 
 
 # -- diagnostics --------------------------------------------------------------------------------------
 @torch.no_grad()
 def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
     """Per-layer statistics of a trained run on its whole training split, with the callbacks' functions."""
-    from .callbacks.condition import representation_matrix, weight_conditions, weight_matrix
+    from .callbacks.condition import representation_matrix, weight_matrix
+    from .callbacks.linalg import weight_conditions
     from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_layers
     from .callbacks.saturation import activation_stats, combine
     from .datamodules import get_datamodule
     from .family_modules import module_class
+
     config = json.loads((checkpoint.parent.parent / "config.json").read_text())
     module = module_class(config["model"]).load_from_checkpoint(checkpoint, map_location="cpu")
     dm = get_datamodule(config["dataset"], val_split=config["val_split"], seed=config["seed"])
@@ -85,10 +139,8 @@ def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
 
 
 def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     panels = [("mean_abs_activation", "mean |activation|",
@@ -99,7 +151,8 @@ def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> 
               ("share_above_0.05", "share of activations with |a| > 0.05",
                lambda r: [1.0 - s["frac_low"] for s in r["stats"].values()], False)]
     for filename, ylabel, getter, log in panels:
-        fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+        fig = Figure(figsize=(6, 3.8), dpi=120)
+        ax = fig.add_subplot()
         for variant, result in results.items():
             values = np.asarray(getter(result), dtype=float)
             values = np.where(np.isfinite(values), values, np.nan)
@@ -113,9 +166,9 @@ def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> 
         fig.tight_layout()
         paths.append(out / f"{filename}.png")
         fig.savefig(paths[-1])
-        plt.close(fig)
     for layer in layers:
-        fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), dpi=120)
+        fig = Figure(figsize=(4 * len(results), 3.4), dpi=120)
+        axes = fig.subplots(1, len(results))
         for ax, (variant, result) in zip(np.atleast_1d(axes), results.items()):
             matrix = result["responses"].get(layer)
             if matrix is None:
@@ -129,66 +182,103 @@ def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> 
         fig.tight_layout()
         paths.append(out / f"responses_layer{layer}.png")
         fig.savefig(paths[-1])
-        plt.close(fig)
     return paths
 
 
 def run_diagnostics(args, extra) -> int:
     out = Path(args.out)
-    rows = train_variants(VARIANTS, out, args.dataset, args.depth, args.epochs, extra, args.parallel)
+    rows = train_variants(VARIANTS, out, args.dataset, args.depth, args.epochs, extra, args.lrs, args.parallel)
+    chosen = best_per_configuration(rows)
     results = {}
     for variant in VARIANTS:
-        ckpt = next(iter(sorted((out / "runs" / Run("plain", args.depth, 0, variant).run_id).glob(
-            "*/checkpoints/last.ckpt"))), None)
-        if ckpt is None:
+        run_root = Path(chosen[variant]["run_dir"]) if chosen[variant].get("run_dir") else None
+        ckpt = run_root / "checkpoints" / "last.ckpt" if run_root else None
+        if ckpt is None or not ckpt.is_file():
             print(f"error: variant {variant} left no checkpoint; see {out / 'runs'}", file=sys.stderr)
             return 1
         results[variant] = analyse(ckpt)
-    summary = {v: {"stats": r["stats"], "weights": r["weights"], "samples": r["samples"]} for v, r in results.items()}
+    summary = {v: {"stats": r["stats"], "weights": r["weights"], "samples": r["samples"],
+                   "lr": chosen[v]["lr"], "train_acc": chosen[v]["train_acc"], "test_acc": chosen[v]["test_acc"]}
+               for v, r in results.items()}
     (out / "diagnostics.json").write_text(json.dumps(summary, indent=1, default=float))
     for path in diagnostic_figures(results, out / "figures", layers=(args.depth // 2, args.depth - 1)):
         print(f"wrote {path}")
-    for r in rows:
-        print(f"{r['variant']}: status {r['status']}, train acc {r['train_acc']}, test acc {r['test_acc']}")
+    for variant, r in chosen.items():
+        print(f"{variant}: status {r['status']}, lr {r['lr'] or 'preset'}, train acc {r['train_acc']}, "
+              f"test acc {r['test_acc']}")
     return 0
 
 
 # -- ablation ------------------------------------------------------------------------------------------
 def ablation_table(rows: list[dict]) -> str:
-    by_variant = {r["variant"]: r for r in rows}
-    lines = ["| model component | train error (ours) | test error (ours) | train error (paper) | test error (paper) |",
-             "|---|---|---|---|---|"]
+    """Table II: ours (at the chosen learning rate, when there is a grid) beside the paper's."""
+    chosen = best_per_configuration(rows)
+    grid = any(r.get("lr") is not None for r in rows)
+    head = "| model component |" + (" lr |" if grid else "") + (" train error (ours) | test error (ours) | "
+                                                                "train error (paper) | test error (paper) |")
+    lines = [head, "|---|" + ("---|" if grid else "") + "---|---|---|---|"]
     for name, (_, (paper_train, paper_test)) in ABLATION.items():
-        r = by_variant.get(slug(name), {})
-        if r.get("status") == "completed":
-            ours = [f"{100 * (1 - float(r[k])):.2f}%" for k in ("train_acc", "test_acc")]
-        else:  # a diverged run's last epoch metrics are not its result
-            ours = [r.get("status") or "missing"] * 2
-        lines.append(f"| {name} | {ours[0]} | {ours[1]} | {paper_train:.2f}% | {paper_test:.2f}% |")
+        r = chosen.get(slug(name), {})
+        train, _, test = _errors(r)
+        lr = f" {r['lr']:g} |" if grid and r.get("lr") is not None else (" - |" if grid else "")
+        lines.append(f"| {name} |{lr} {train} | {test} | {paper_train:.2f}% | {paper_test:.2f}% |")
+    return "\n".join(lines)
+
+
+def grid_table(rows: list[dict]) -> str:
+    """Every configuration at every learning rate: train, held-out and test errors."""
+    lrs = sorted({r["lr"] for r in rows if r.get("lr") is not None})
+    lines = ["| model component | " + " | ".join(f"lr {lr:g}: train / held-out / test" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    by_key = {(r["configuration"], r["lr"]): r for r in rows}
+    for name in ABLATION:
+        cells = [" / ".join(_errors(by_key.get((slug(name), lr), {}))) for lr in lrs]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def run_ablation(args, extra) -> int:
     variants = {slug(name): flags for name, (flags, _) in ABLATION.items()}
-    rows = train_variants(variants, Path(args.out), args.dataset, args.depth, args.epochs, extra, args.parallel)
-    table = ablation_table(rows)
-    (Path(args.out) / "ablation.md").write_text(table + "\n")
-    print(table)
+    rows = train_variants(variants, Path(args.out), args.dataset, args.depth, args.epochs, extra, args.lrs,
+                          args.parallel)
+    text = ablation_table(rows)
+    if args.lrs:
+        text += "\n\nEvery learning rate (errors on the training split, the held-out 10% and the test set):\n\n"
+        text += grid_table(rows)
+    (Path(args.out) / "ablation.md").write_text(text + "\n")
+    print(text)
     return 0 if all(r["status"] in FINISHED for r in rows) else 1
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
+    if not values or any(not 0 < v < 10 for v in values):
+        raise argparse.ArgumentTypeError(f"learning rates must be in (0, 10), got {text!r}")
+    return values
 
 
 def main(argv=None) -> int:
     from .cli import OneLineParser
+    from .datamodules.paths import resolve_data_env
+    resolve_data_env()
     p = OneLineParser(prog="python -m deepplain.experiments", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("experiment", choices=["diagnostics", "ablation"])
-    p.add_argument("--dataset", default="usps")
-    p.add_argument("--depth", type=int, default=100)
-    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--dataset", default=PRESETS[RECIPE_PRESET]["dataset"], choices=["usps", "coil20", "mnist",
+                                                                                    "fashion-mnist"])
+    p.add_argument("--depth", type=int, default=PRESETS[RECIPE_PRESET]["depth"])
+    p.add_argument("--epochs", type=int, required=True, help="the budget (the paper: 300)")
+    p.add_argument("--lrs", type=_lrs, default=None, help="learning-rate grid, chosen per row on a held-out 10%%")
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", type=int, default=1)
     own, extra = split_at_double_dash(argv)
     args = p.parse_args(own)
+    if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
+        print("error: --epochs, --depth and --parallel must be positive", file=sys.stderr)
+        return 2
     return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
 
 

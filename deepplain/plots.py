@@ -42,15 +42,14 @@ def _plot_curves(ax, table, transform=lambda x: x):
 
 
 def plot_sweep(rows: list[dict], out: Path, title: str = "") -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     test = aggregate(rows, "test_acc")
     if not test:
         raise ValueError("no completed runs with test accuracy in the CSV")
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
     _plot_curves(ax, test)
     ax.set_xlabel("depth")
     ax.set_ylabel("test accuracy (mean over seeds, band: +-1 std)")
@@ -60,9 +59,9 @@ def plot_sweep(rows: list[dict], out: Path, title: str = "") -> list[Path]:
     fig.tight_layout()
     paths.append(out / "accuracy_vs_depth.png")
     fig.savefig(paths[-1])
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=120, sharey=True)
+    fig = Figure(figsize=(10, 4), dpi=120)
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, metric, name in ((axes[0], "train_acc", "train"), (axes[1], "test_acc", "test")):
         _plot_curves(ax, aggregate(rows, metric), transform=lambda acc: 1.0 - acc)
         ax.set_xlabel("depth")
@@ -74,7 +73,6 @@ def plot_sweep(rows: list[dict], out: Path, title: str = "") -> list[Path]:
     fig.tight_layout()
     paths.append(out / "error_vs_depth.png")
     fig.savefig(paths[-1])
-    plt.close(fig)
     return paths
 
 

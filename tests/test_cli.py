@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -165,3 +166,20 @@ def test_dirac_module_logs_mean_a_and_b_per_layer(runs):
     for i in range(3):
         assert f"dirac/a/features.{i}.dirac" in tags and f"dirac/b/features.{i}.dirac" in tags
     assert acc.Scalars("dirac/a/features.0.dirac")[0].value == pytest.approx(1.0, abs=0.05)  # a starts at 1
+
+
+@pytest.mark.parametrize("flag,classifier_bounded", [([], False), (["--max-norm-classifier"], True)])
+def test_max_norm_leaves_the_classifier_free_unless_asked(flag, classifier_bounded, runs):
+    """The PlainNet paper bounds every hidden unit's weights; the output layer is free by default."""
+    assert main(["--model", "plain", "--depth", "3", "--width", "300", "--dataset", "usps", "--epochs", "1",
+                 "--limit-train-batches", "5", "--limit-val-batches", "1", "--lr", "2", "--max-norm", "1",
+                 "--diagnostics", "condition", "--logdir", str(runs), "--no-progress", *flag]) == 0
+    run = only_run(runs)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    weights = state["state_dict"]
+    for i in (1, 2, 3):
+        assert (weights[f"model.features.{i}.linear.weight"].norm(dim=1) <= 1 + 1e-5).all()
+    assert bool((weights["model.classifier.weight"].norm(dim=1) <= 1 + 1e-5).all()) == classifier_bounded
+    # the representation probe has twice as many samples as the widest layer has units (300)
+    probe = next(v for k, v in state["callbacks"].items() if k.startswith("ConditionNumberProbe"))
+    assert probe["probe"]["inputs"].shape[0] == 600

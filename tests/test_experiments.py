@@ -90,15 +90,55 @@ def test_plots_write_figures(tmp_path):
     assert plots.main(["--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
 
 
+def row(name, lr, status="completed", train=None, val=None, test=None):
+    return {"configuration": experiments.slug(name), "lr": lr, "status": status, "train_acc": train,
+            "val_acc": val, "test_acc": test, "run_dir": ""}
+
+
 def test_ablation_table_lists_paper_rows():
-    rows = [{"variant": experiments.slug("BN + LReLU + max-norm"), "train_acc": "0.99", "test_acc": "0.95",
-             "status": "completed"},
-            {"variant": experiments.slug("LReLU"), "train_acc": "0.2", "test_acc": "", "status": "diverged"}]
+    rows = [row("BN + LReLU + max-norm", None, train="0.99", test="0.95"), row("LReLU", None, "diverged", "0.2")]
     table = experiments.ablation_table(rows)
     assert "| LReLU | diverged | diverged | 92.37% | 92.03% |" in table
     assert "| BN + LReLU + max-norm | 1.00% | 5.00% | 0.11% | 5.48% |" in table
     assert "| BN | missing | missing | 84.56% | 83.21% |" in table
     assert len(experiments.ABLATION) == 7
+
+
+def test_learning_rate_grid_picks_the_best_held_out_accuracy():
+    rows = [row("BN", 0.001, train="0.5", val="0.50", test="0.49"), row("BN", 0.01, train="0.9", val="0.80",
+                                                                          test="0.78"),
+            row("BN", 0.1, "diverged", val="0.95"), row("LReLU", 0.01, train="0.2", val="0.2", test="0.2")]
+    chosen = experiments.best_per_configuration(rows)
+    assert chosen["bn"]["lr"] == 0.01  # a diverged run is never chosen over a finished one
+    table = experiments.ablation_table(rows)
+    assert "| BN | 0.01 | 10.00% | 22.00% | 84.56% | 83.21% |" in table
+    grid = experiments.grid_table(rows)
+    assert "| BN | 50.00% / 50.00% / 51.00% | 10.00% / 20.00% / 22.00% | diverged / diverged / diverged |" in grid
+
+
+def test_experiments_use_the_preset_recipe():
+    flags = experiments.recipe_flags()
+    pairs = dict(zip(flags[::2], flags[1::2]))
+    assert pairs["--weight-decay"] == "0.0001" and pairs["--lr"] == "0.01" and pairs["--momentum"] == "0.9"
+    assert pairs["--batch-size"] == "128" and pairs["--width"] == "300" and pairs["--init"] == "he-uniform"
+    assert pairs["--schedule"] == "multistep" and pairs["--milestones"] == "0.5,0.75"
+    assert pairs["--val-split"] == "0"  # the whole training split, as the paper
+    assert not {"--norm", "--activation", "--max-norm", "--depth", "--epochs"} & set(pairs)
+    held = dict(zip(*[iter(experiments.recipe_flags(lr=0.1, held_out=True))] * 2))
+    assert held["--lr"] == "0.1" and held["--val-split"] == "0.1"
+
+
+@pytest.mark.slow
+def test_diagnostics_with_a_grid_end_to_end(tmp_path):
+    assert experiments.main(["diagnostics", "--depth", "4", "--epochs", "1", "--lrs", "0.01,0.1", "--out",
+                             str(tmp_path), "--", "--width", "16", "--limit-train-batches", "2"]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == [f"plain-d4-s0-{v}-lr{lr}" for v in ("bn", "naive", "proposed") for lr in ("0.01", "0.1")]
+    config = json.loads(next((tmp_path / "runs" / "plain-d4-s0-bn-lr0.01").glob("*/config.json")).read_text())
+    assert config["weight_decay"] == 1e-4 and config["val_split"] == 0.1 and config["width"] == 16
+    summary = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert set(summary) == {"naive", "bn", "proposed"} and all(v["lr"] in (0.01, 0.1) for v in summary.values())
+    assert {p.name for p in (tmp_path / "figures").iterdir()} >= {"mean_abs_activation.png", "responses_layer3.png"}
 
 
 def test_analyse_and_diagnostic_figures_on_a_tiny_run(tmp_path):
