@@ -76,8 +76,14 @@ def depth_profiles(panels: list[tuple], title: str) -> Figure:
     return fig
 
 
-def unit_heatmap(matrix: np.ndarray, title: str) -> Figure:
-    """Units' responses over the probe batch (samples x units), the PlainNet paper's Fig. 6-8."""
+def unit_heatmap(matrix: np.ndarray, title: str, max_side: int = 256) -> Figure:
+    """Units' responses over the probe batch (samples x units), the PlainNet paper's Fig. 6-8.
+
+    At most ``max_side`` evenly spaced samples and units are shown: the image has no more pixels."""
+    matrix = np.asarray(matrix)
+    rows = np.linspace(0, matrix.shape[0] - 1, min(max_side, matrix.shape[0])).round().astype(int)
+    cols = np.linspace(0, matrix.shape[1] - 1, min(max_side, matrix.shape[1])).round().astype(int)
+    matrix = matrix[np.ix_(rows, cols)]
     fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot()
     image = ax.imshow(np.asarray(matrix, dtype=float).T, aspect="auto", interpolation="nearest", cmap="viridis")

@@ -14,8 +14,9 @@ from .tensorboard import add_image, log_scalars
 class GradientFlowMonitor(SamplingCallback):
     """The L2 norm and mean |grad| of each Linear/Conv weight's gradient
     (``grad_flow/norm/<layer>``, ``grad_flow/mean_abs/<layer>``), and a gradient-flow image
-    ``grad_flow/profile`` against layer index (the coursework report's Fig. 2/3) for the first and
-    last samples, drawn when training ends. Cadence and time budget: see ``deepplain.callbacks.sampling``.
+    ``grad_flow/profile`` against layer index (the coursework report's Fig. 2/3) for the last sample
+    (``figure_every_n_samples`` for more), drawn when training ends. Cadence and time budget: see
+    ``deepplain.callbacks.sampling``.
 
     Gradients are read in ``on_before_optimizer_step``: after DDP's all-reduce and after the
     mixed-precision unscale, so every rank sees the same values and rank zero logs them. Works with

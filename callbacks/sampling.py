@@ -9,15 +9,16 @@ Lightning hook) and *what* it computes; the base decides *whether* to sample at 
   between, ``every_n_steps`` if given, else ``num_samples`` samples spread evenly over
   ``trainer.estimated_stepping_batches`` (so a 200-step run and a 200,000-step run both show
   their evolution), else ``trainer.log_every_n_steps`` with ``use_log_every_n_steps=True``.
-* **Time budget.** ``max_overhead`` (default 1%) postpones an intermediate sample while the
-  callback has used more than that share of the wall time since training started; the first and
-  last samples are never postponed. A postponed sample is taken at the first later step the
+* **Time budget.** ``max_overhead`` (default 1%) postpones an intermediate sample unless the time
+  the callback spent on intermediate samples, plus what the last sample took, stays within that
+  share of the wall time since training started; the first and last samples are never postponed
+  and do not count against it. A postponed sample is taken at the first later step the
   budget allows (due points that pass meanwhile merge into it) and every postponement is logged
   on the ``deepplain.callbacks`` logger, with a summary line at the end of training.
-* **Figures** cost far more than the statistics (60-140 ms each on a CPU, against a few ms), so
-  a sample keeps only what its figures need, and the figures of the first and the last sample
-  (and of every ``figure_every_n_samples``-th, if set) are drawn when training ends, off the
-  training path and outside the time budget's decisions.
+* **Figures** cost far more than the statistics (40-120 ms each on a CPU, against a few ms), so
+  a sample keeps only what its figures need, and they are drawn when training ends, off the
+  training path: for the last sample by default (the statistics of every sample are scalars), or
+  with ``figure_every_n_samples=k`` for the first, every k-th and the last.
 """
 from __future__ import annotations
 
@@ -107,10 +108,11 @@ class OverheadBudget:
     def elapsed(self) -> float:
         return 0.0 if self.started is None else time.perf_counter() - self.started
 
-    def allows(self) -> bool:
-        if self.fraction is None or self.started is None or self.spent_optional == 0.0:
+    def allows(self, expected: float = 0.0) -> bool:
+        """Whether optional work expected to take ``expected`` seconds still fits in the share."""
+        if self.fraction is None or self.started is None:
             return True
-        return self.spent_optional <= self.fraction * self.elapsed
+        return self.spent_optional + expected <= self.fraction * self.elapsed
 
     @contextlib.contextmanager
     def charge(self, optional: bool = True):
@@ -159,7 +161,8 @@ class SamplingCallback(Callback):
         self.last_sampled_step = -1
         self.postponed = 0
         self.sampled_steps: list[int] = []
-        self.sample_seconds: list[float] = []
+        self.sample_seconds: list[float] = []  # the duration of each sample (statistics and logging)
+        self.figure_seconds = 0.0              # drawing the kept figures when training ended
         self.last_stats: dict[str, dict[str, float]] = {}
         self._figure_data: dict[str, dict] = {}  # key -> {"first", "latest": (step, payload), "extra": [...], "n"}
         self._pending: Optional[int] = None   # the due step of a postponed sample
@@ -198,7 +201,8 @@ class SamplingCallback(Callback):
             self._pending = step
         if self._pending is None:
             return False
-        allowed = self.is_mandatory(step) or self.budget.allows()
+        expected = self.sample_seconds[-1] if self.sample_seconds else 0.0
+        allowed = self.is_mandatory(step) or self.budget.allows(expected)
         if collective and trainer.world_size > 1:
             allowed = bool(trainer.strategy.broadcast(allowed, src=0))
         if allowed:
@@ -223,28 +227,31 @@ class SamplingCallback(Callback):
         if trainer.global_rank != 0:
             return
         slot = self._figure_data.setdefault(key, {"first": None, "latest": None, "extra": [], "n": 0})
-        if slot["first"] is None:
-            slot["first"] = (step, payload)
-        elif self.figure_every and slot["n"] % self.figure_every == 0:
-            slot["extra"].append((step, payload))
+        if self.figure_every and slot["n"] % self.figure_every == 0:
+            slot["extra"].append((step, payload))  # the first sample and every k-th
         else:
             slot["latest"] = (step, payload)
         slot["n"] += 1
 
     def draw_figures(self, trainer) -> None:
-        """Draw the kept figures: the first sample's, every figure_every-th, and the latest one's."""
+        """Draw the kept figures: every figure_every-th sample's (if set) and the latest one's."""
         data, self._figure_data = self._figure_data, {}
         if trainer.global_rank != 0 or not data:
             return
+        start = time.perf_counter()
         with self.budget.charge(optional=False):
             for key, slot in data.items():
                 kept = [slot["first"], *slot["extra"], slot["latest"]]
                 for step, payload in sorted({item[0]: item for item in kept if item is not None}.values(),
                                             key=lambda item: item[0]):
                     self.draw(trainer, key, step, payload)
+        self.figure_seconds += time.perf_counter() - start
 
     def draw(self, trainer, key: str, step: int, payload) -> None:
         """Draw the figures of one kept sample (subclasses)."""
+
+    def teardown(self, trainer, pl_module, stage):
+        self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
 
     def record(self, step: int, seconds: float | None = None) -> None:
         self.samples_taken += 1
@@ -273,9 +280,6 @@ class SamplingCallback(Callback):
                      "training; %.2f s on optional samples)", type(self).__name__, self.samples_taken,
                      ", ".join(map(str, shown)), self.postponed, self.budget.spent,
                      100 * self.budget.spent / max(self.budget.elapsed, 1e-9), self.budget.spent_optional)
-
-    def teardown(self, trainer, pl_module, stage):
-        self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
 
     # -- the probe batch -------------------------------------------------------------------------------
     def ensure_probe(self, trainer, batch=None):

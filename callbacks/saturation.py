@@ -60,8 +60,8 @@ class ActivationSaturationMonitor(SamplingCallback):
 
     TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars; a ``saturation/<source>/profile``
     image (mean and max |a| with the 0.05 and 50 lines, and the saturated shares, against layer
-    index: the paper's Fig. 2/4 and A1) and histograms of ``histogram_layers`` evenly spaced layers
-    for the first and last samples, drawn when training ends.
+    index: the paper's Fig. 2/4 and A1) and histograms of ``histogram_layers`` evenly spaced layers,
+    for the last sample (``figure_every_n_samples`` for more), drawn when training ends.
 
     Example::
 
@@ -91,6 +91,7 @@ class ActivationSaturationMonitor(SamplingCallback):
         self.histogram_layers, self.warn = histogram_layers, bool(warn)
         self._histogram_names: set[str] = set()
         self.probes_taken = 0
+        self.probe_seconds: list[float] = []
         self.last_probe_step = -1
         self.last_probe_stats: dict[str, dict[str, float]] = {}
         self._warned: set[str] = set()
@@ -165,7 +166,8 @@ class ActivationSaturationMonitor(SamplingCallback):
         if step == self.last_probe_step or self.ensure_probe(trainer) is None:
             return
         final = self.schedule.total_steps is not None and step >= self.schedule.total_steps
-        if not (self.probes_taken == 0 or final or self.budget.allows()):
+        expected = self.probe_seconds[-1] if self.probe_seconds else 0.0
+        if not (self.probes_taken == 0 or final or self.budget.allows(expected)):
             self.note_postponed(trainer, "the probe", step)
             return
         self._probe_now(trainer, pl_module, step, final)
@@ -178,9 +180,10 @@ class ActivationSaturationMonitor(SamplingCallback):
         super().on_train_end(trainer, pl_module)
 
     def _probe_now(self, trainer, pl_module, step: int, final: bool):
-        with self.timed_sample(mandatory=final or self.probes_taken == 0):
+        with self.timed_sample(mandatory=final or self.probes_taken == 0) as cost:
             results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce()))
             self.last_probe_stats = self._publish(trainer, results, "probe", step, gather=False) or {}
+        self.probe_seconds.append(cost[0])
         self.probes_taken += 1
         self.last_probe_step = step
 

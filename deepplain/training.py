@@ -42,10 +42,15 @@ def make_module(config: dict, input_shape, num_classes: int):
     return cls(**kwargs)
 
 
+DIAGNOSTICS_BUDGET = 0.01  # the share of training time all diagnostics together may spend on intermediate samples
+
+
 def make_diagnostics(config: dict) -> list:
+    """The diagnostics ``--diagnostics`` names, sharing one 1% time budget for intermediate samples."""
     from .callbacks import DIAGNOSTICS
     names = check_diagnostics(config["diagnostics"])
-    return [DIAGNOSTICS[name](every_n_steps=config.get("diag_every")) for name in names]
+    share = DIAGNOSTICS_BUDGET / max(1, len(names))
+    return [DIAGNOSTICS[name](every_n_steps=config.get("diag_every"), max_overhead=share) for name in names]
 
 
 def make_strategy(config: dict, strategy_class: str):

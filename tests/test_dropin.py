@@ -189,8 +189,9 @@ def test_lightning_cli_adds_the_callbacks_from_the_command_line(tmp_path):
 
 
 def diagnostics():
-    return [ActivationSaturationMonitor(every_n_steps=2), ConditionNumberProbe(every_n_steps=2),
-            GradientFlowMonitor(every_n_steps=2), MaxNormConstraint(2.0)]
+    return [ActivationSaturationMonitor(every_n_steps=2, max_overhead=None),
+            ConditionNumberProbe(every_n_steps=2, max_overhead=None),
+            GradientFlowMonitor(every_n_steps=2, max_overhead=None), MaxNormConstraint(2.0)]
 
 
 def test_a_compiled_module(tmp_path):

@@ -1,0 +1,157 @@
+"""Cockpit (Schneider, Dangel & Hennig, NeurIPS 2021) against deepplain's diagnostics, on the same run.
+
+    pip install -e ".[bench]"                 # cockpit-for-pytorch and backpack-for-pytorch
+    python benchmarks/peer_cockpit.py         # 230 steps (the 4-epoch USPS run), 3 interleaved repeats
+
+The 100-layer PlainNet MLP (300 units, BN + LeakyReLU 0.3, He-uniform) on USPS, batch 128, SGD 0.01 with
+momentum 0.9, timed four ways, interleaved:
+
+* a bare PyTorch loop, and the same loop with Cockpit tracking its ``economy`` configuration (Alpha,
+  Distance, GradHist1d, GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize), sampled on
+  deepplain's default cadence (20 samples spread over the run) -> ``cockpit_overhead``;
+* deepplain's Lightning loop without and with its three diagnostics at their defaults
+  (ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor) -> ``deepplain_overhead``.
+
+Each tool is measured against its own bare loop, since Cockpit wraps a hand-written backward and
+deepplain's callbacks need Lightning; ``lightning_vs_bare`` says what the loop itself costs. The closest
+quantities are Cockpit's GradNorm / GradHist1d and our gradient flow; Cockpit has no activation-saturation
+or condition-number quantity, and we have no curvature tests. If Cockpit cannot run here, the script
+says why and prints ``cockpit_overhead=unavailable``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+from _util import machine
+
+DEPTH, WIDTH, LR = 100, 300, 0.01
+
+
+def data():
+    from deepplain.datamodules import USPSDataModule
+    dm = USPSDataModule(batch_size=128, val_split=0.0)
+    dm.setup()
+    return dm
+
+
+def model():
+    import torch
+
+    from deepplain import build_model
+    torch.manual_seed(0)
+    return build_model("plain", DEPTH, arch="mlp", input_shape=(1, 16, 16), num_classes=10, width=WIDTH,
+                       activation="lrelu", negative_slope=0.3, norm="bn", init="he-uniform")
+
+
+def batches(dm, steps):
+    out = []
+    while len(out) < steps:
+        out += list(dm.train_dataloader())
+    return out[:steps]
+
+
+def bare_loop(dm, steps: int, use_cockpit: bool) -> float:
+    import torch
+    net = model()
+    loss_fn, per_sample = torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none")
+    cockpit = None
+    if use_cockpit:
+        from backpack import extend
+        from cockpit import Cockpit
+        from cockpit.utils import schedules
+        from cockpit.utils.configuration import configuration
+        net, loss_fn = extend(net), extend(loss_fn)
+        every = max(1, -(-(steps - 1) // 19))  # deepplain's default: about 20 samples over the run
+        cockpit = Cockpit(net.parameters(), quantities=configuration("economy", track_schedule=schedules.linear(every)))
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    work = batches(dm, steps)
+    start = time.perf_counter()
+    for step, (x, y) in enumerate(work):
+        optimizer.zero_grad()
+        logits = net(x)
+        loss = loss_fn(logits, y)
+        if cockpit is None:
+            loss.backward()
+        else:
+            info = {"batch_size": x.shape[0], "individual_losses": per_sample(logits, y), "loss": loss,
+                    "optimizer": optimizer}
+            with cockpit(step, info=info):
+                loss.backward(create_graph=cockpit.create_graph(step))
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def lightning_loop(dm, steps: int, with_diagnostics: bool) -> float:
+    import lightning as L
+    from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from deepplain.family_modules import PlainNetModule
+    L.seed_everything(0, verbose=False)
+    module = PlainNetModule(model="plain", depth=DEPTH, arch="mlp", input_shape=(1, 16, 16), num_classes=10, lr=LR,
+                            model_options={"width": WIDTH, "activation": "lrelu", "negative_slope": 0.3})
+    callbacks = ([ActivationSaturationMonitor(), ConditionNumberProbe(), GradientFlowMonitor()]
+                 if with_diagnostics else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp),
+                            callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, limit_val_batches=0)
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        return time.perf_counter() - start
+
+
+def cockpit_problem() -> str | None:
+    """Why Cockpit cannot run here, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import backpack  # noqa: F401
+            import cockpit  # noqa: F401
+    except Exception as exc:  # ImportError, or pkg_resources missing from a new setuptools
+        return f"{type(exc).__name__}: {exc} (pip install -e \".[bench]\")"
+    return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=230)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    print(f"machine: {machine()}")
+    print(f"model: plain MLP depth {DEPTH} width {WIDTH} (BN + LeakyReLU 0.3), USPS, batch 128, {args.steps} steps; "
+          f"{args.repeats} interleaved repeats")
+    dm = data()
+    problem = cockpit_problem()
+    if problem:
+        print(f"Cockpit cannot run here: {problem}")
+    bare, ck, light, ours = [], [], [], []
+    for i in range(args.repeats + 1):  # the first round warms up imports and allocators, and is not counted
+        b = bare_loop(dm, args.steps, False)
+        c = bare_loop(dm, args.steps, True) if not problem else None
+        lb = lightning_loop(dm, args.steps, False)
+        lo = lightning_loop(dm, args.steps, True)
+        if i == 0:
+            continue
+        bare.append(b)
+        light.append(lb)
+        ours.append(lo)
+        if c is not None:
+            ck.append(c)
+        print(f"  repeat {i}: bare loop {b:.2f} s, + Cockpit {c if c is None else round(c, 2)} s; Lightning "
+              f"{lb:.2f} s, + deepplain diagnostics {lo:.2f} s", flush=True)
+    print(f"lightning_vs_bare={statistics.median(lt / b for lt, b in zip(light, bare)):.3f}")
+    if ck:
+        print(f"cockpit_overhead={statistics.median(c / b for c, b in zip(ck, bare)):.3f}")
+    else:
+        print("cockpit_overhead=unavailable")
+    print(f"deepplain_overhead={statistics.median(o / lb for o, lb in zip(ours, light)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
