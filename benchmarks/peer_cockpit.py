@@ -1,14 +1,16 @@
 """Cockpit (Schneider, Dangel & Hennig, NeurIPS 2021) against deepplain's diagnostics, on the same run.
 
     pip install -e ".[bench]"                 # cockpit-for-pytorch and backpack-for-pytorch
-    python benchmarks/peer_cockpit.py         # 230 steps (the 4-epoch USPS run), 3 interleaved repeats
+    python benchmarks/peer_cockpit.py         # 230 steps (the 4-epoch USPS run), 20 Cockpit samples, 3 repeats
+    python benchmarks/peer_cockpit.py --steps 40 --samples 2 --repeats 1   # what fits in ~5 minutes on 2 cores
 
 The 100-layer PlainNet MLP (300 units, BN + LeakyReLU 0.3, He-uniform) on USPS, batch 128, SGD 0.01 with
 momentum 0.9, timed four ways, interleaved:
 
 * a bare PyTorch loop, and the same loop with Cockpit tracking its ``economy`` configuration (Alpha,
   Distance, GradHist1d, GradNorm, InnerTest, Loss, NormTest, OrthoTest, UpdateSize), sampled on
-  deepplain's default cadence (20 samples spread over the run) -> ``cockpit_overhead``;
+  deepplain's default cadence (``--samples``, default 20, spread over the run, first and last step
+  included) -> ``cockpit_overhead``, and Cockpit's cost per tracked step;
 * deepplain's Lightning loop without and with its three diagnostics at their defaults
   (ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor) -> ``deepplain_overhead``.
 
@@ -54,7 +56,7 @@ def batches(dm, steps):
     return out[:steps]
 
 
-def bare_loop(dm, steps: int, use_cockpit: bool) -> float:
+def bare_loop(dm, steps: int, use_cockpit: bool, samples: int = 20) -> float:
     import torch
     net = model()
     loss_fn, per_sample = torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none")
@@ -65,7 +67,7 @@ def bare_loop(dm, steps: int, use_cockpit: bool) -> float:
         from cockpit.utils import schedules
         from cockpit.utils.configuration import configuration
         net, loss_fn = extend(net), extend(loss_fn)
-        every = max(1, -(-(steps - 1) // 19))  # deepplain's default: about 20 samples over the run
+        every = max(1, -(-(steps - 1) // max(1, samples - 1)))  # `samples` tracked steps, the first and the last
         cockpit = Cockpit(net.parameters(), quantities=configuration("economy", track_schedule=schedules.linear(every)))
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
     work = batches(dm, steps)
@@ -121,6 +123,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=230)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=20, help="Cockpit's tracked steps (economy: ~1 min each here)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     print(f"machine: {machine()}")
@@ -131,11 +134,15 @@ def main():
     if problem:
         print(f"Cockpit cannot run here: {problem}")
     bare, ck, light, ours = [], [], [], []
-    for i in range(args.repeats + 1):  # the first round warms up imports and allocators, and is not counted
-        b = bare_loop(dm, args.steps, False)
-        c = bare_loop(dm, args.steps, True) if not problem else None
-        lb = lightning_loop(dm, args.steps, False)
-        lo = lightning_loop(dm, args.steps, True)
+    tracked = len(range(0, args.steps, max(1, -(-(args.steps - 1) // max(1, args.samples - 1)))))
+    for i in range(args.repeats + 1):
+        # the first round, a few steps long and without Cockpit's tracking (a tracked step costs about a
+        # minute), warms up imports and allocators, and is not counted
+        steps = args.steps if i else min(args.steps, 10)
+        b = bare_loop(dm, steps, False)
+        c = bare_loop(dm, steps, True, args.samples) if not problem and i else None
+        lb = lightning_loop(dm, steps, False)
+        lo = lightning_loop(dm, steps, True)
         if i == 0:
             continue
         bare.append(b)
@@ -147,6 +154,8 @@ def main():
               f"{lb:.2f} s, + deepplain diagnostics {lo:.2f} s", flush=True)
     print(f"lightning_vs_bare={statistics.median(lt / b for lt, b in zip(light, bare)):.3f}")
     if ck:
+        print(f"Cockpit: {tracked} tracked steps, "
+              f"{statistics.median((c - b) / tracked for c, b in zip(ck, bare)):.1f} s each beyond the bare step")
         print(f"cockpit_overhead={statistics.median(c / b for c, b in zip(ck, bare)):.3f}")
     else:
         print("cockpit_overhead=unavailable")

@@ -16,17 +16,21 @@ from pathlib import Path
 from .sweep import read_csv
 
 
-def label(row: dict) -> str:
-    return f"{row['model']} ({row['variant']})" if row.get("variant") else row["model"]
+def label(row: dict, with_epochs: bool = False) -> str:
+    name = f"{row['model']} ({row['variant']})" if row.get("variant") else row["model"]
+    return f"{name}, {row['epochs_done']} ep" if with_epochs else name
 
 
 def aggregate(rows: list[dict], metric: str) -> dict[str, dict[int, tuple[float, float, int]]]:
-    """label -> depth -> (mean, std, n) of ``metric`` over completed runs (other runs are left out)."""
+    """label -> depth -> (mean, std, n) of ``metric`` over completed runs (other runs are left out).
+
+    When the runs trained for different numbers of epochs, each label says its epochs, so that
+    budgets are never averaged together or compared unmarked."""
+    done = [r for r in rows if r.get("status") == "completed" and r.get(metric) not in (None, "")]
+    with_epochs = len({str(r.get("epochs_done")) for r in done}) > 1
     values = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r.get("status") != "completed" or r.get(metric) in (None, ""):
-            continue
-        values[label(r)][int(r["depth"])].append(float(r[metric]))
+    for r in done:
+        values[label(r, with_epochs)][int(r["depth"])].append(float(r[metric]))
     return {lab: {d: (statistics.fmean(v), statistics.pstdev(v) if len(v) > 1 else 0.0, len(v))
                   for d, v in sorted(by_depth.items())} for lab, by_depth in values.items()}
 

@@ -8,7 +8,8 @@ Each run is ``python -m deepplain`` (the training CLI) in its own process, loggi
 ``summary.json`` already says ``completed`` or ``diverged`` is skipped, so an interrupted sweep
 resumes where it stopped (an interrupted or failed run is run again). ``--parallel N`` runs N at
 a time; ``--gpus 0,1`` gives each concurrent run its own GPU. At the end ``<out>/results.csv``
-holds every run's summary.
+holds every run's summary; rows that an earlier sweep with another grid wrote into the same folder
+are kept, so a grid can be extended (more models, depths, seeds) into one CSV.
 """
 from __future__ import annotations
 
@@ -128,6 +129,9 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
     free = list(gpus)
     lock = threading.Lock()
     rows = []
+    # Rows that earlier sweeps with another grid wrote into this folder stay in the CSV.
+    csv_path, ids = out / "results.csv", {run.run_id for run in runs}
+    earlier = [r for r in read_csv(csv_path) if r["run_id"] not in ids] if csv_path.is_file() else []
 
     def task(run):
         gpu = None
@@ -145,12 +149,12 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
             state = "skipped (done)" if r["_skipped"] else r["status"]
             acc = r.get("test_acc")
             echo(f"[{len(rows)}/{len(runs)}] {run.run_id}: {state}" + (f", test acc {float(acc):.4f}" if acc else ""))
-            write_csv(rows, out / "results.csv")  # kept current, so a killed sweep still leaves its CSV
+            write_csv(earlier + rows, csv_path)  # kept current, so a killed sweep still leaves its CSV
         return r
     workers = max(1, min(parallel, len(gpus) if gpus else parallel))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(task, runs))
-    write_csv(rows, out / "results.csv")
+    write_csv(earlier + rows, csv_path)
     return rows
 
 

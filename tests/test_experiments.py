@@ -43,6 +43,12 @@ def test_sweep_runs_grid_writes_csv_and_resumes(tmp_path, capsys):
     assert not (out / "runs" / "plain-d2-s0" / "version_1").exists()
     assert len(read_csv(out / "results.csv")) == 4
 
+    # a sweep with another grid into the same folder adds its rows and keeps the earlier ones
+    assert sweep_main(["--out", str(out), "--dataset", "usps", "--models", "plain", "--depths", "3", "--seeds", "0",
+                       "--epochs", "1", *TINY]) == 0
+    assert sorted(r["run_id"] for r in read_csv(out / "results.csv")) == [
+        "plain-d1-s0", "plain-d2-s0", "plain-d3-s0", "van-d1-s0", "van-d2-s0"]
+
 
 def test_sweep_records_invalid_runs_as_failed(tmp_path):
     out = tmp_path / "bad"
@@ -81,6 +87,38 @@ def test_aggregate_mean_and_spread_over_seeds():
     assert table["van"][1] == (pytest.approx(0.9), 0.0, 2)
     md = plots.markdown_table(fake_rows())
     assert "| plain | 85.00 ± 5.00 | 40.00 ± 10.00 |" in md
+
+
+def test_runs_of_different_budgets_are_labelled_not_averaged():
+    rows = [dict(r, epochs_done="50") for r in fake_rows()]
+    rows.append({"model": "van", "variant": "lambda0", "depth": "1", "seed": "0", "status": "completed",
+                 "test_acc": "0.7", "train_acc": "0.7", "epochs_done": "10"})
+    table = plots.aggregate(rows, "test_acc")
+    assert sorted(table) == ["plain, 50 ep", "van (lambda0), 10 ep", "van, 50 ep"]
+    assert table["van (lambda0), 10 ep"][1] == (pytest.approx(0.7), 0.0, 1)
+
+
+def test_curves_read_from_event_files(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from deepplain import curves
+    steps_per_epoch, residuals = 10, [1.0, 0.6, 0.2, 0.0]
+    with SummaryWriter(str(tmp_path / "run" / "version_0")) as writer:
+        for epoch in range(3):
+            last = (epoch + 1) * steps_per_epoch - 1
+            writer.add_scalar("train/acc", 0.5 + 0.1 * epoch, last)
+            writer.add_scalar("val/acc", 0.4 + 0.1 * epoch, last)
+        for i, r in enumerate(residuals):
+            writer.add_scalar("alpha/residual", r, 10 * i)
+    got = curves.read_curves(tmp_path / "run")
+    assert [e for e, _ in got["train_error"]] == [1.0, 2.0, 3.0]
+    assert [v for _, v in got["eval_error"]] == pytest.approx([0.6, 0.5, 0.4])
+    assert got["alpha_residual"] == [(pytest.approx(i), pytest.approx(r)) for i, r in enumerate(residuals)]
+    out = tmp_path / "fig.png"
+    assert curves.main(["--run", f"van={tmp_path / 'run'}", "--out", str(out)]) == 0
+    assert out.stat().st_size > 5000
+    assert curves.main(["--run", f"x={tmp_path / 'nothing'}", "--out", str(out)]) == 2
+    assert curves.main(["--run", str(tmp_path / "run"), "--out", str(out)]) == 2
 
 
 def test_plots_write_figures(tmp_path):
