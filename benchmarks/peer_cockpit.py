@@ -56,6 +56,11 @@ def batches(dm, steps):
     return out[:steps]
 
 
+def tracking_interval(steps: int, samples: int) -> int:
+    """Cockpit tracks every this many steps: ``samples`` tracked steps, the first and the last among them."""
+    return max(1, -(-(steps - 1) // max(1, samples - 1)))
+
+
 def bare_loop(dm, steps: int, use_cockpit: bool, samples: int = 20) -> float:
     import torch
     net = model()
@@ -67,8 +72,8 @@ def bare_loop(dm, steps: int, use_cockpit: bool, samples: int = 20) -> float:
         from cockpit.utils import schedules
         from cockpit.utils.configuration import configuration
         net, loss_fn = extend(net), extend(loss_fn)
-        every = max(1, -(-(steps - 1) // max(1, samples - 1)))  # `samples` tracked steps, the first and the last
-        cockpit = Cockpit(net.parameters(), quantities=configuration("economy", track_schedule=schedules.linear(every)))
+        schedule = schedules.linear(tracking_interval(steps, samples))
+        cockpit = Cockpit(net.parameters(), quantities=configuration("economy", track_schedule=schedule))
     optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
     work = batches(dm, steps)
     start = time.perf_counter()
@@ -134,7 +139,7 @@ def main():
     if problem:
         print(f"Cockpit cannot run here: {problem}")
     bare, ck, light, ours = [], [], [], []
-    tracked = len(range(0, args.steps, max(1, -(-(args.steps - 1) // max(1, args.samples - 1)))))
+    tracked = len(range(0, args.steps, tracking_interval(args.steps, args.samples)))
     for i in range(args.repeats + 1):
         # the first round, a few steps long and without Cockpit's tracking (a tracked step costs about a
         # minute), warms up imports and allocators, and is not counted
