@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,14 +19,14 @@ def machine() -> str:
             f"{torch.__version__}, {torch.get_num_threads()} torch threads, {gpu}")
 
 
-def median_ratio(a_times: list[float], b_times: list[float]) -> float:
-    return statistics.median(a_times) / statistics.median(b_times)
+def plain_mlp_module(depth: int = 100, width: int = 300, lr: float = 0.01):
+    """The PlainNet MLP the diagnostics benchmarks time: BN + LeakyReLU 0.3, He-uniform, USPS-shaped input."""
+    from deepplain.family_modules import PlainNetModule
+    return PlainNetModule(model="plain", depth=depth, arch="mlp", input_shape=(1, 16, 16), num_classes=10, lr=lr,
+                          model_options={"width": width, "activation": "lrelu"})
 
 
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
+def default_diagnostics() -> list:
+    """The three sampling diagnostics at their drop-in defaults."""
+    from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
+    return [ActivationSaturationMonitor(), ConditionNumberProbe(), GradientFlowMonitor()]

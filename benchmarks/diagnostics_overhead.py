@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _util import machine
+from _util import default_diagnostics, machine, plain_mlp_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,17 +46,12 @@ def usps_or_fake():
 def fit_once(depth: int, width: int, steps: int, with_diagnostics: bool, logdir: str) -> tuple[float, list]:
     """(wall seconds of trainer.fit, the callbacks) for one in-process run."""
     import lightning as L
-    from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
-
-    from deepplain.family_modules import PlainNetModule
 
     L.seed_everything(0, verbose=False)
     dm, _ = usps_or_fake()
-    module = PlainNetModule(model="plain", depth=depth, arch="mlp", input_shape=(1, 16, 16), num_classes=10,
-                            model_options={"width": width, "activation": "lrelu"}, lr=0.01)
-    callbacks = ([ActivationSaturationMonitor(), ConditionNumberProbe(), GradientFlowMonitor()]
-                 if with_diagnostics else [])
+    module = plain_mlp_module(depth, width)
+    callbacks = default_diagnostics() if with_diagnostics else []
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir),
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, limit_val_batches=2, log_every_n_steps=50)

@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 
-from _util import machine
+from _util import default_diagnostics, machine, plain_mlp_module
 
 DEPTH, WIDTH, LR = 100, 300, 0.01
 
@@ -94,15 +94,11 @@ def bare_loop(dm, steps: int, use_cockpit: bool, samples: int = 20) -> float:
 
 def lightning_loop(dm, steps: int, with_diagnostics: bool) -> float:
     import lightning as L
-    from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from deepplain.family_modules import PlainNetModule
     L.seed_everything(0, verbose=False)
-    module = PlainNetModule(model="plain", depth=DEPTH, arch="mlp", input_shape=(1, 16, 16), num_classes=10, lr=LR,
-                            model_options={"width": WIDTH, "activation": "lrelu", "negative_slope": 0.3})
-    callbacks = ([ActivationSaturationMonitor(), ConditionNumberProbe(), GradientFlowMonitor()]
-                 if with_diagnostics else [])
+    module = plain_mlp_module(DEPTH, WIDTH, LR)
+    callbacks = default_diagnostics() if with_diagnostics else []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(tmp),
                             callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
