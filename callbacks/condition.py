@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -19,7 +19,8 @@ from .linalg import (
     weight_condition_stats,
     weight_conditions,
 )
-from .probing import LayerCapture, has_forward, hidden_layers, layer_weight, weight_layers
+from .probe_batch import ProbeBatch
+from .probing import LayerCapture, batch_inputs, hidden_layers, layer_weight, select_modules, weight_layers
 from .sampling import SamplingCallback
 from .tensorboard import add_image, log_scalars
 
@@ -32,15 +33,16 @@ __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition"
 
 def representation_matrix(output: torch.Tensor, max_rows: int = 4096) -> torch.Tensor:
     """A layer's output as samples x units (conv: every position of every sample is a row and the
-    channels are the units), with at most ``max_rows`` evenly spaced rows, in float32 on its device."""
+    channels are the units; a sequence: every token is a row), with at most ``max_rows`` evenly spaced
+    rows, in float32 on its device; always a copy, so a later in-place op on the output cannot change it."""
     x = output.detach().float()
     if x.dim() > 2:
         x = x.movedim(1, -1).reshape(-1, x.shape[1])
     elif x.dim() == 1:
         x = x.unsqueeze(1)
     if x.shape[0] > max_rows:
-        x = x[torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()]
-    return x
+        return x[torch.linspace(0, x.shape[0] - 1, max_rows, device=x.device).long()]
+    return x.clone() if x.untyped_storage().data_ptr() == output.untyped_storage().data_ptr() else x
 
 
 def weight_matrix(module) -> torch.Tensor:
@@ -80,9 +82,17 @@ class ConditionNumberProbe(SamplingCallback):
     and, with ``weight_norms=("inf", "2")``, the 2-norm one too.
 
     ``probe_size=None`` takes ``max(256, 2 x units)`` samples (at most 4,096): with fewer samples
-    than units the matrix cannot have full unit rank, and collinear units would be invisible. It
-    comes from ``datamodule.probe_batch(n)`` when the datamodule has one (deepplain's do), else
-    from the first training batch. Spectra are float32 where accurate (kappa < 5e5), float64 above.
+    than units the matrix cannot have full unit rank, and collinear units would be invisible. It is
+    the run's shared probe batch (``deepplain.callbacks.probe_batch``: from
+    ``datamodule.probe_batch(n)`` when the datamodule has one, else from as many training batches as
+    that takes, without disturbing training's data order or random state). Spectra are float32
+    where accurate (kappa < 5e5), float64 above.
+
+    Layers: as ``ActivationSaturationMonitor`` watches them (``layer_types`` to choose; recurrent
+    and attention outputs have one row per token). The probe goes through ``forward()`` or
+    ``probe_fn(pl_module, inputs)``; a module without ``forward()`` and no ``probe_fn`` is
+    sampled on its training batches instead, during the training step's own forward (train mode,
+    before that step's update), logged as ``condition/train/<stat>/<layer>``.
 
     With ``background=True`` a sample is captured on the training thread (the probe forward and a
     copy of the weights) and its linear algebra runs on a worker thread while training goes on, in
@@ -112,14 +122,17 @@ class ConditionNumberProbe(SamplingCallback):
                  heatmap_layers: Optional[list[Union[int, str]]] = None, weights: bool = True,
                  weight_norms: Sequence[Union[str, int, float]] = ("inf",),
                  figure_every_n_samples: Optional[int] = None,
-                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01, background: bool = False):
-        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
-                         use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
-                         figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
-                         probe_size=probe_size or MIN_PROBE, probe_batch=probe_batch)
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01, background: bool = False,
+                 layer_types: Optional[Sequence[type]] = None, probe_fn: Optional[Callable[[Any, Any], Any]] = None):
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
                                        or probe_size < 2):
             raise ValueError(f"probe_size must be an integer >= 2 or None (automatic), got {probe_size!r}")
+        super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
+                         use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
+                         figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
+                         probe_size=probe_size or MIN_PROBE, probe_batch=probe_batch, probe_fn=probe_fn,
+                         wants_probe=True)
+        self.layer_types = tuple(layer_types) if layer_types else None
         weight_norms = [_norm_name(n) for n in weight_norms]
         unknown = sorted(set(weight_norms) - {"inf", "2"})
         if unknown or not weight_norms:
@@ -131,59 +144,83 @@ class ConditionNumberProbe(SamplingCallback):
         self.background = bool(background)
         self.last_weight_stats: dict[str, dict[str, float]] = {}
         self._layers, self._weights = [], []
+        self._capture = None  # (LayerCapture, step, weights) of a training-batch sample in progress
         self._executor: Optional[ThreadPoolExecutor] = None
         self._futures: list[Future] = []
 
     def tensorboard_layout(self) -> dict:
         stats = REPR_STATS + tuple(s for s in WEIGHT_STATS if s != "weight_kappa" or "2" in self.weight_norms)
-        return {"condition": {s: f"condition/{s}/.*" for s in stats}}
+        # (train/)? also charts the training-batch statistics of a module without forward()
+        return {"condition": {s: f"condition/(train/)?{s}/.*" for s in stats}}
 
     def setup(self, trainer, pl_module, stage):
-        self._layers = hidden_layers(pl_module, self.include, self.exclude)
+        if self.layer_types is not None:
+            layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
+        else:
+            layers = hidden_layers(pl_module, self.include, self.exclude)
+        self._layers = self.select_layers(pl_module, layers, "hidden layers")
         self._weights = weight_layers(pl_module, self.include, self.exclude) if self.weights else []
-        if not self._layers:
-            raise ValueError(f"ConditionNumberProbe found no hidden layers in {type(pl_module).__name__}: no "
-                             f"activation, Linear or Conv module matches include={self.include}, "
-                             f"exclude={self.exclude}")
-        if not has_forward(pl_module):
-            raise ValueError(f"ConditionNumberProbe runs its probe batch through {type(pl_module).__name__}(x), which "
-                             "has no forward() method; define forward(x) to return the model's output")
+        self.setup_probe(trainer, pl_module, self._rows_needed)
 
-    def _size_probe(self, trainer, pl_module, batch) -> None:
-        """Choose the probe size from the model's layer widths, once, before the probe is drawn."""
-        if not self.auto_probe_size or self.probe.inputs is not None:
-            return
-        from .probing import ProbeBatch
-        tiny = ProbeBatch(2)
-        if tiny.ensure(trainer, batch) is None:
-            return
+    def _rows_needed(self, trainer, pl_module, batch) -> int:
+        """The probe size: the one given, or from the layers' widths (a 2-sample probe forward)."""
+        if not self.auto_probe_size or batch is None:
+            return self.probe_size if not self.auto_probe_size else MIN_PROBE
+        tiny = ProbeBatch(2, batch_inputs(batch)[:2])
         shapes = tiny.run(trainer, pl_module, LayerCapture(
             self._layers, lambda name, out: (int(out.shape[1]) if out.dim() > 1 else 1, int(out[0, 0].numel())
-                                             if out.dim() > 2 else 1)))
-        self.probe.size = probe_size_for(list(shapes.values()))
+                                             if out.dim() > 2 else 1), self.unit_dims), self.probe_fn)
         widest = max((units for units, _ in shapes.values()), default=0)
         self.max_rows = max(self.max_rows, 2 * widest)
+        return probe_size_for(list(shapes.values()))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # Sampled before the step, so global step 0 shows the network as initialised; the last
         # sample is the one after the final update (on_train_end).
-        if trainer.global_rank != 0 or (self.schedule.is_last(trainer.global_step) and self.samples_taken):
+        if trainer.global_rank != 0:
             return
         self._raise_worker_error()
-        if self.probe.inputs is None:
-            self._size_probe(trainer, pl_module, batch)
-            self.ensure_probe(trainer, batch)
-            self._check_probe_rows()
-        if self.probe.inputs is not None and self.decide(trainer):
+        if self.probe_mode != "training":
+            drawn = self.probe is not None and self.probe.inputs is not None
+            if self.ensure_probe(trainer, pl_module, batch) is not None and not drawn:
+                self._check_probe_rows()
+        if self.schedule.is_last(trainer.global_step) and self.samples_taken and self.probe_mode != "training":
+            return
+        if self.probe_mode == "training":
+            if self._capture is None and self.decide(trainer):
+                self._start_training_capture(trainer)
+        elif self.probe is not None and self.probe.inputs is not None and self.decide(trainer):
             self.sample(trainer, pl_module)
 
+    def _start_training_capture(self, trainer) -> None:
+        """Hooks for the training step's own forward (a module without forward()); weights copied now,
+        before the update."""
+        with self.budget.charge(optional=not self._mandatory), torch.no_grad():
+            weights = [weight_matrix(m).clone() for _, m in self._weights]
+        capture = LayerCapture(self._layers, self.budget.timed(
+            lambda name, out: representation_matrix(out, self.max_rows), optional=not self._mandatory),
+            self.unit_dims)
+        self._capture = (capture.__enter__(), trainer.global_step, weights, self._mandatory)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._capture is None:
+            return
+        (capture, step, weights, mandatory), self._capture = self._capture, None
+        capture.__exit__(None, None, None)
+        self.record(step)
+        self._analyse(trainer, step, capture.results, weights, mandatory, 0.0, source="train")
+
     def on_train_end(self, trainer, pl_module):
-        if trainer.global_rank == 0 and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step:
+        if trainer.global_rank == 0 and self.probe_mode != "training" and self.probe is not None \
+                and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step:
             self.sample(trainer, pl_module, final=True)
         self.wait()
         super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception):
+        if self._capture is not None:  # never leave hooks behind
+            self._capture[0].__exit__(None, None, None)
+            self._capture = None
         self._stop_worker()
 
     def teardown(self, trainer, pl_module, stage):
@@ -193,10 +230,9 @@ class ConditionNumberProbe(SamplingCallback):
 
     def _check_probe_rows(self):
         if self.probe.inputs is not None and self.auto_probe_size and self.probe.inputs.shape[0] < self.probe.size:
-            rank_zero_warn(f"ConditionNumberProbe: the probe batch has {self.probe.inputs.shape[0]} samples, fewer "
-                           f"than the {self.probe.size} the widest layer needs for full unit rank; the condition "
-                           "numbers of wider layers are infinite by construction (give the datamodule a "
-                           "probe_batch(n) method or pass probe_batch=)")
+            rank_zero_warn(f"ConditionNumberProbe: the probe batch has {self.probe.inputs.shape[0]} samples (all "
+                           f"the training data gave), fewer than the {self.probe.size} the widest layer needs for "
+                           "full unit rank; the condition numbers of wider layers are infinite by construction")
 
     def sample(self, trainer, pl_module, final: bool = False) -> None:
         """Take a sample now: capture the representations and weights, then analyse and log them
@@ -205,10 +241,13 @@ class ConditionNumberProbe(SamplingCallback):
         mandatory = True if final else self._mandatory
         start = time.perf_counter()
         with self.budget.charge(optional=not mandatory), torch.no_grad():
-            capture = LayerCapture(self._layers, lambda name, out: representation_matrix(out, self.max_rows))
-            matrices = self.probe.run(trainer, pl_module, capture)
+            capture = LayerCapture(self._layers, lambda name, out: representation_matrix(out, self.max_rows),
+                                   self.unit_dims)
+            matrices = self.run_probe(trainer, pl_module, capture)
             # copies: the coming optimizer step changes the weights in place while the worker reads them
             weights = [weight_matrix(m).clone() for _, m in self._weights]
+        if matrices is None:
+            return  # the model cannot take the probe: training-batch samples from the next step on
         captured = time.perf_counter() - start
         self.record(step)
         if self.background:
@@ -219,8 +258,12 @@ class ConditionNumberProbe(SamplingCallback):
         else:
             self._analyse(trainer, step, matrices, weights, mandatory, captured)
 
-    def _analyse(self, trainer, step: int, matrices: dict, weights: list, mandatory: bool, captured: float) -> None:
+    def _analyse(self, trainer, step: int, matrices: dict, weights: list, mandatory: bool, captured: float,
+                 source: str = "probe") -> None:
+        """Spectra and statistics of one sample, logged under ``condition/`` (the probe) or
+        ``condition/train/`` (training-batch statistics)."""
         start = time.perf_counter()
+        prefix = "condition/" if source == "probe" else "condition/train/"
         with self.budget.charge(optional=not mandatory):
             names = list(matrices)
             spectra = singular_values([matrices[n] for n in names])
@@ -228,13 +271,13 @@ class ConditionNumberProbe(SamplingCallback):
             rows = weight_condition_stats(weights, self.weight_norms) if weights else []
             weight_stats = {name: row for (name, _), row in zip(self._weights, rows)}
             self.last_stats, self.last_weight_stats = stats, weight_stats
-            scalars = {f"condition/{k}/{name}": v for name, row in stats.items() for k, v in row.items()
+            scalars = {f"{prefix}{k}/{name}": v for name, row in stats.items() for k, v in row.items()
                        if not math.isnan(v)}
-            scalars.update({f"condition/{k}/{name}": v for name, row in weight_stats.items() for k, v in row.items()
+            scalars.update({f"{prefix}{k}/{name}": v for name, row in weight_stats.items() for k, v in row.items()
                             if not math.isnan(v)})
             log_scalars(trainer, scalars, step)
-            heatmaps = {name: matrices[name].detach().cpu() for name in self._heatmap_names(names)}
-            self.keep_for_figures(trainer, "probe", step, (stats, weight_stats, heatmaps))
+            heatmaps = {name: matrices[name].detach().cpu() for name in self._heatmap_names(names)} if names else {}
+            self.keep_for_figures(trainer, source, step, (stats, weight_stats, heatmaps))
         self.sample_seconds.append(captured + time.perf_counter() - start)
 
     def wait(self) -> None:
@@ -263,18 +306,20 @@ class ConditionNumberProbe(SamplingCallback):
         stats, weight_stats, heatmaps = payload
         names = list(stats)
         kappas = {"representation": [stats[n]["kappa"] for n in names]}
-        for key, label in (("weight_kappa_inf", "weight (inf-norm)"), ("weight_kappa", "weight (2-norm)")):
-            values = [row[key] for row in weight_stats.values() if key in row]
+        for stat, label in (("weight_kappa_inf", "weight (inf-norm)"), ("weight_kappa", "weight (2-norm)")):
+            values = [row[stat] for row in weight_stats.values() if stat in row]
             if values:
                 kappas[label] = values
         shares = {"mean |corr| between units": [stats[n]["collinearity"] for n in names],
                   "share of near-zero singular values": [stats[n]["near_zero"] for n in names]}
+        where = "" if key == "probe" else "train/"
         fig = figures.depth_profiles([(kappas, "condition number", True, None), (shares, "share", False, None)],
-                                     f"conditioning by depth (step {step})")
-        add_image(trainer, "condition/profile", figures.to_image(fig), step)
+                                     f"conditioning by depth ({'probe' if key == 'probe' else 'training batch'}, "
+                                     f"step {step})")
+        add_image(trainer, f"condition/{where}profile", figures.to_image(fig), step)
         for name, matrix in heatmaps.items():
             fig = figures.unit_heatmap(matrix.numpy(), f"units' responses at {name} (step {step})")
-            add_image(trainer, f"condition/heatmap/{name}", figures.to_image(fig), step)
+            add_image(trainer, f"condition/{where}heatmap/{name}", figures.to_image(fig), step)
 
     def _heatmap_names(self, names: list[str]) -> list[str]:
         if self.heatmap_layers is None:
@@ -293,5 +338,3 @@ class ConditionNumberProbe(SamplingCallback):
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self.max_rows = state_dict.get("max_rows", self.max_rows)
-        if self.probe.inputs is not None:
-            self.probe.size = int(self.probe.inputs.shape[0])

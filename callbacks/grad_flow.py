@@ -6,13 +6,14 @@ from typing import Optional
 import torch
 
 from . import figures
-from .probing import weight_layers
+from .probing import gradient_layers, layer_gradient_tensors
 from .sampling import SamplingCallback
 from .tensorboard import add_image, log_scalars
 
 
 class GradientFlowMonitor(SamplingCallback):
-    """The L2 norm and mean |grad| of each Linear/Conv weight's gradient
+    """The L2 norm and mean |grad| of each layer's weight gradient (Linear, Conv, Embedding; for
+    RNN/LSTM/GRU and MultiheadAttention all their weight matrices together)
     (``grad_flow/norm/<layer>``, ``grad_flow/mean_abs/<layer>``), and a gradient-flow image
     ``grad_flow/profile`` against layer index (the coursework report's Fig. 2/3) for the last sample
     (``figure_every_n_samples`` for more), drawn when training ends. Cadence and time budget: see
@@ -44,10 +45,8 @@ class GradientFlowMonitor(SamplingCallback):
         return {"grad_flow": {"gradient norm": "grad_flow/norm/.*", "mean |grad|": "grad_flow/mean_abs/.*"}}
 
     def setup(self, trainer, pl_module, stage):
-        self._layers = weight_layers(pl_module, self.include, self.exclude)
-        if not self._layers:
-            raise ValueError(f"GradientFlowMonitor found no Linear or Conv layer in {type(pl_module).__name__} "
-                             f"(include={self.include}, exclude={self.exclude})")
+        self._layers = self.select_layers(pl_module, gradient_layers(pl_module, self.include, self.exclude),
+                                          "Linear, Conv, recurrent, attention or embedding layer")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_rank != 0 or not self.decide(trainer):
@@ -60,10 +59,11 @@ class GradientFlowMonitor(SamplingCallback):
     def _sample(self, trainer, step: int) -> None:
         names, rows = [], []
         for name, module in self._layers:
-            grad = module.weight.grad
-            if grad is None:
+            grads = layer_gradient_tensors(module)
+            if not grads:
                 continue
-            g = grad.detach().float()
+            g = torch.cat([grad.detach().float().flatten() for grad in grads]) if len(grads) > 1 else \
+                grads[0].detach().float()
             names.append(name)
             rows.append(torch.stack([g.norm(), g.abs().mean()]))
         if not rows:

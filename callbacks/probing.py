@@ -4,10 +4,12 @@ Everything here works on any ``nn.Module`` (a LightningModule included) and know
 deepplain's own models:
 
 * module selection: :func:`select_modules`, :func:`hidden_layers`, :func:`weight_layers`,
-  :func:`classifier_name`, :func:`skip_gates` (the VAN gate protocol, by duck typing);
-* :class:`LayerCapture`: forward hooks that exist only while a sample is taken;
-* :func:`eval_mode`, :func:`batch_inputs` and :class:`ProbeBatch`, a fixed input batch kept
-  for a whole run and saved in checkpoints.
+  :func:`gradient_layers`, :func:`classifier_name`, :func:`skip_gates` (the VAN gate protocol, by
+  duck typing), :func:`check_selection` (one clear error at setup when nothing matches);
+* :class:`LayerCapture`: forward hooks that exist only while a sample is taken; what it reads from
+  each module's output is the table in ``deepplain.callbacks.layer_outputs``;
+* :func:`eval_mode`, :func:`batch_inputs`, :func:`has_forward`; the probe batch itself lives in
+  ``deepplain.callbacks.probe_batch``.
 
 Example::
 
@@ -26,12 +28,16 @@ import contextlib
 import fnmatch
 from typing import Callable, Iterable, Optional, Sequence
 
+import lightning as L
 import torch
 from torch import nn
 
-ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-                    nn.Softplus, nn.Mish, nn.ReLU6, nn.Hardtanh, nn.CELU, nn.RReLU)
+from .layer_outputs import RECURRENT_TYPES, WATCHED_TYPES, reader_for, units_on_dim1
+
 WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Layers whose gradients GradientFlowMonitor reads: the weight layers, and recurrent and attention
+# layers, whose weights are several parameters (weight_ih_l0, weight_hh_l0, ...; in_proj_weight).
+GRADIENT_TYPES = WEIGHT_TYPES + RECURRENT_TYPES + (nn.MultiheadAttention, nn.Embedding)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -57,12 +63,40 @@ def select_modules(root: nn.Module, types, include: Optional[Iterable[str]] = No
 
 
 def hidden_layers(root: nn.Module, include=None, exclude=None) -> list[tuple[str, nn.Module]]:
-    """Layers whose outputs are hidden representations: activation modules when the model has
-    any, else every Linear/Conv except the last Linear (the classifier)."""
-    layers = select_modules(root, ACTIVATION_TYPES, include, exclude)
+    """Layers whose outputs are hidden representations: the modules of
+    ``layer_outputs.WATCHED_TYPES`` (activations, recurrent layers and their cells, attention and
+    transformer layers, and any type registered with ``watch=True``) when the model has any, else
+    every Linear/Conv except the last Linear (the classifier)."""
+    layers = select_modules(root, tuple(WATCHED_TYPES), include, exclude)
     if layers:
         return layers
     return weight_layers(root, include, exclude, skip_classifier=True)
+
+
+def gradient_layers(root: nn.Module, include=None, exclude=None) -> list[tuple[str, nn.Module]]:
+    """Layers whose weight gradients are read: Linear/Conv, recurrent, attention and embedding layers."""
+    return select_modules(root, GRADIENT_TYPES, include, exclude)
+
+
+def layer_gradient_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The gradients of a layer's own weights: ``weight`` where it has one, else every parameter of
+    its own whose name has "weight" in it (an LSTM's ``weight_ih_l0``, ``weight_hh_l0``, ...)."""
+    own = dict(module.named_parameters(recurse=False))
+    names = ["weight"] if "weight" in own else [n for n in own if "weight" in n]
+    grads = [own[n].grad for n in names if own[n].grad is not None]
+    return [g.to_dense() if g.is_sparse else g for g in grads]  # nn.Embedding(sparse=True)
+
+
+def check_selection(owner: str, root: nn.Module, layers: list, include, exclude, what: str) -> None:
+    """One clear error at setup, naming what the model has, when a callback found nothing to watch."""
+    if layers:
+        return
+    if include:
+        candidates = [n for n, m in root.named_modules() if n and not list(m.children())]
+        shown = ", ".join(candidates[:12]) + (f" and {len(candidates) - 12} more" if len(candidates) > 12 else "")
+        raise ValueError(f"{owner}: include={include} (exclude={exclude}) matches no {what} in "
+                         f"{type(root).__name__}; its layers are: {shown or 'none'}")
+    raise ValueError(f"{owner} found no {what} in {type(root).__name__} (include={include}, exclude={exclude})")
 
 
 def weight_layers(root: nn.Module, include=None, exclude=None, skip_classifier: bool = False):
@@ -104,7 +138,6 @@ def skip_gates(root: nn.Module, include=None, exclude=None) -> list[tuple[str, n
 
 def has_forward(module: nn.Module) -> bool:
     """Whether ``module(x)`` runs: a LightningModule need not define ``forward``."""
-    import lightning as L
     return type(module).forward is not L.LightningModule.forward and type(module).forward is not nn.Module.forward
 
 
@@ -129,30 +162,42 @@ class LayerCapture:
     """Attach forward hooks to ``layers`` on enter, remove them on exit.
 
     ``reduce(name, output)`` is called for each output inside the hook, so only small summaries
-    outlive the forward pass. A module called twice in one forward (a shared ReLU) gets
-    ``name#2``, ``name#3``, ... Results keep the order in which layers fired (the depth order).
-    A probe forward run by one capture (see :class:`ProbeBatch`) is invisible to the others.
+    outlive the forward pass. ``output`` is the floating-point tensor the module's reader picks
+    (``deepplain.callbacks.layer_outputs``: an LSTM's output sequence, MultiheadAttention's
+    attention output), detached, as a view with its units on dimension 1; ``unit_dims`` (from
+    ``layer_outputs.unit_dims(root)``) says where element-wise modules keep their units. A module
+    called twice in one forward (a shared ReLU) gets ``name#2``, ``name#3``, ... Results keep the
+    order in which layers fired (the depth order). A probe forward run by one capture (see
+    ``deepplain.callbacks.probe_batch``) is invisible to the others.
     """
 
-    def __init__(self, layers: Sequence[tuple[str, nn.Module]], reduce: Callable[[str, torch.Tensor], object]):
+    def __init__(self, layers: Sequence[tuple[str, nn.Module]], reduce: Callable[[str, torch.Tensor], object],
+                 unit_dims: Optional[dict] = None):
         self.layers, self.reduce = list(layers), reduce
+        self.unit_dims = unit_dims
         self.results: dict[str, object] = {}
         self._handles = []
 
-    def _hook(self, name):
+    def _hook(self, name, module):
+        reader = reader_for(module)
+        unit_dim = self.unit_dims.get(module, reader.unit_dim) if self.unit_dims is not None else reader.unit_dim
+
         def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or (_RUNNING_PROBE and _RUNNING_PROBE[-1] is not self):
+            if _RUNNING_PROBE and _RUNNING_PROBE[-1] is not self:
+                return
+            tensor = reader.read(module, output)
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.numel() == 0:
                 return
             key, k = name, 1
             while key in self.results:
                 k += 1
                 key = f"{name}#{k}"
-            self.results[key] = self.reduce(key, output.detach())
+            self.results[key] = self.reduce(key, units_on_dim1(tensor.detach(), unit_dim))
         return hook
 
     def __enter__(self) -> "LayerCapture":
         self.results = {}
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers]
+        self._handles = [m.register_forward_hook(self._hook(n, m)) for n, m in self.layers]
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -172,45 +217,3 @@ def eval_mode(module: nn.Module):
             yield
     finally:
         module.train(was_training)
-
-
-class ProbeBatch:
-    """A fixed input batch kept for the whole run and saved in checkpoints.
-
-    Taken from ``datamodule.probe_batch(size)`` when the trainer's datamodule has one, else from
-    the first training batch the callback sees (``fallback_batch``).
-    """
-
-    def __init__(self, size: int = 256, batch=None):
-        self.size = int(size)
-        self.inputs: Optional[torch.Tensor] = None if batch is None else batch_inputs(batch)[: self.size].detach().cpu()
-
-    def ensure(self, trainer, fallback_batch=None) -> Optional[torch.Tensor]:
-        if self.inputs is None:
-            dm = getattr(trainer, "datamodule", None)
-            if dm is not None and callable(getattr(dm, "probe_batch", None)):
-                self.inputs = batch_inputs(dm.probe_batch(self.size))[: self.size].detach().cpu()
-            elif fallback_batch is not None:
-                self.inputs = batch_inputs(fallback_batch)[: self.size].detach().cpu()
-        return self.inputs
-
-    def run(self, trainer, pl_module, capture: LayerCapture) -> dict:
-        """Forward the probe batch through ``pl_module`` in eval mode under ``capture``."""
-        x = self.inputs.to(pl_module.device)
-        dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
-        if dtype is not None and x.is_floating_point() and dtype == torch.float64:
-            x = x.to(dtype)  # a 64-bit run; autocast handles the mixed-precision ones
-        _RUNNING_PROBE.append(capture)
-        try:
-            with eval_mode(pl_module), trainer.precision_plugin.forward_context(), capture:
-                pl_module(x)
-        finally:
-            _RUNNING_PROBE.pop()
-        return capture.results
-
-    def state_dict(self) -> dict:
-        return {"inputs": self.inputs}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("inputs") is not None:
-            self.inputs = state["inputs"]

@@ -19,6 +19,13 @@ Lightning hook) and *what* it computes; the base decides *whether* to sample at 
   a sample keeps only what its figures need, and they are drawn when training ends, off the
   training path: for the last sample by default (the statistics of every sample are scalars), or
   with ``figure_every_n_samples=k`` for the first, every k-th and the last.
+* **The probe.** Callbacks that probe share one probe batch per run
+  (``deepplain.callbacks.probe_batch``). How it goes through the model is said once, at setup:
+  ``forward()``, the user's ``probe_fn(pl_module, inputs)``, or, for a module without
+  ``forward()``, no probe at all: the layers' outputs are captured during the training step's own
+  forward at sampled steps (training-batch statistics). A probe that fails (a ``forward`` that
+  wants other arguments, a batch without an input tensor) falls back to the same, with one warning:
+  a diagnostic never stops the fit it watches.
 """
 from __future__ import annotations
 
@@ -26,11 +33,14 @@ import contextlib
 import logging
 import math
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .probing import ProbeBatch
+from .layer_outputs import unit_dims
+from .probe_batch import ProbeBatch
+from .probing import check_selection, has_forward
 from .tensorboard import write_layout
 
 log = logging.getLogger("deepplain.callbacks")
@@ -146,7 +156,10 @@ class SamplingCallback(Callback):
     def __init__(self, *, every_n_steps: Optional[int] = None, num_samples: int = 20,
                  use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
                  figure_every_n_samples: Optional[int] = None, include: Optional[list[str]] = None,
-                 exclude: Optional[list[str]] = None, probe_size: Optional[int] = None, probe_batch=None):
+                 exclude: Optional[list[str]] = None, probe_size: Optional[int] = None, probe_batch=None,
+                 probe_fn: Optional[Callable[[Any, Any], Any]] = None, wants_probe: bool = False):
+        if probe_fn is not None and not callable(probe_fn):
+            raise TypeError(f"probe_fn must be callable as probe_fn(pl_module, inputs), got {probe_fn!r}")
         self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps)
         self.budget = OverheadBudget(max_overhead)
         self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
@@ -155,8 +168,13 @@ class SamplingCallback(Callback):
                 raise TypeError(f"{name} must be a list of glob patterns (e.g. ['model.features.*']), got {patterns!r}")
         self.include = list(include) if include else None
         self.exclude = list(exclude) if exclude else None
-        self.probe = ProbeBatch(probe_size or 256, probe_batch) if (probe_size is not None or probe_batch is not None) \
-            else None
+        self.wants_probe = bool(wants_probe or probe_batch is not None)
+        self.probe_fn = probe_fn
+        self.probe_size = probe_size
+        self._own_probe = ProbeBatch(probe_size or 256, probe_batch) if probe_batch is not None else None
+        self.probe: Optional[ProbeBatch] = self._own_probe  # the run's shared probe once set up
+        self.probe_mode: Optional[str] = None  # "forward", "probe_fn" or "training" (see setup_probe)
+        self.unit_dims: dict = {}
         self.samples_taken = 0
         self.last_sampled_step = -1
         self.postponed = 0
@@ -196,7 +214,8 @@ class SamplingCallback(Callback):
         step = trainer.global_step
         if step == self.last_sampled_step:
             return False  # once per optimizer step, also under gradient accumulation
-        due = self.schedule.due(step) and step != self._refused
+        # the first sample is due at once also when it could not be taken at step 0 (lazy layers)
+        due = (self.schedule.due(step) or self.samples_taken == 0) and step != self._refused
         if due and self._pending is None:
             self._pending = step
         if self._pending is None:
@@ -281,16 +300,72 @@ class SamplingCallback(Callback):
                      ", ".join(map(str, shown)), self.postponed, self.budget.spent,
                      100 * self.budget.spent / max(self.budget.elapsed, 1e-9), self.budget.spent_optional)
 
-    # -- the probe batch -------------------------------------------------------------------------------
-    def ensure_probe(self, trainer, batch=None):
-        return None if self.probe is None else self.probe.ensure(trainer, batch)
+    # -- layers and the probe batch ----------------------------------------------------------------------
+    def select_layers(self, pl_module, layers: list, what: str) -> list:
+        """``layers`` after the one setup check (see ``probing.check_selection``); notes the units' layout."""
+        check_selection(type(self).__name__, pl_module, layers, self.include, self.exclude, what)
+        self.unit_dims = unit_dims(pl_module)
+        return layers
+
+    def setup_probe(self, trainer, pl_module, size) -> None:
+        """How this callback probes in this fit, said once; ``size``: the samples it needs, or a
+        function ``(trainer, pl_module, batch) -> int`` asked when the shared probe is drawn."""
+        if not self.wants_probe:
+            return
+        name, model = type(self).__name__, type(pl_module).__name__
+        if self.probe_fn is not None:
+            self.probe_mode = "probe_fn"
+        elif has_forward(pl_module):
+            self.probe_mode = "forward"
+        else:
+            self.probe_mode = "training"
+            self.probe = None
+            rank_zero_info(f"{name}: {model} has no forward(), so layer outputs are captured during the training "
+                           "step's own forward at sampled steps (training-batch statistics); pass "
+                           "probe_fn=lambda module, x: ... to probe a fixed batch in eval mode")
+            return
+        if self._own_probe is None and trainer is not None:
+            restored, self.probe = self.probe, ProbeBatch.shared(trainer)
+            self.probe.join(trainer, self, size)
+            if restored is not None and restored.inputs is not None and self.probe.inputs is None:
+                self.probe.load_state_dict(restored.state_dict())  # state loaded before setup
+        elif self._own_probe is None:
+            self.probe = ProbeBatch(size if isinstance(size, int) else 256)
+
+    def ensure_probe(self, trainer, pl_module, batch=None):
+        """The probe inputs (drawn on first use; None while there are none)."""
+        if self.probe is None:
+            return None
+        try:
+            return self.probe.ensure(trainer, pl_module, batch)
+        except Exception as exc:  # a batch without an input tensor: observe the training batches instead
+            self.probe_failed(exc)
+            return None
+
+    def run_probe(self, trainer, pl_module, capture) -> Optional[dict]:
+        """The probe's results under ``capture``, or None (and training-batch statistics from now on)
+        when the model cannot take the probe batch."""
+        try:
+            return self.probe.run(trainer, pl_module, capture, self.probe_fn)
+        except Exception as exc:
+            self.probe_failed(exc)
+            return None
+
+    def probe_failed(self, exc: Exception) -> None:
+        message = " ".join(str(exc).split())[:300]
+        rank_zero_warn(f"{type(self).__name__}: the probe batch could not go through the model ({type(exc).__name__}: "
+                       f"{message}); from now on layer outputs are captured during the training step's own forward "
+                       "(training-batch statistics). Pass probe_fn=lambda module, x: ... to say how to run the probe")
+        if self.probe is not None:
+            self.probe.leave(self)
+        self.probe, self.probe_mode = None, "training"
 
     # -- checkpointing -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"samples_taken": self.samples_taken, "last_sampled_step": self.last_sampled_step,
                  "postponed": self.postponed, "pending": self._pending}
         if self.probe is not None:
-            state["probe"] = self.probe.state_dict()
+            state["probe"] = self.probe.state_dict(self)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -298,5 +373,8 @@ class SamplingCallback(Callback):
         self.last_sampled_step = state_dict.get("last_sampled_step", -1)
         self.postponed = state_dict.get("postponed", 0)
         self._pending = state_dict.get("pending")
+        probe_state = state_dict.get("probe") or {}
+        if self.probe is None and self.wants_probe and probe_state.get("inputs") is not None:
+            self.probe = ProbeBatch(0)  # loaded before setup, which hands the inputs to the run's shared probe
         if self.probe is not None:
-            self.probe.load_state_dict(state_dict.get("probe", {}))
+            self.probe.load_state_dict(probe_state)

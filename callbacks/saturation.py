@@ -1,13 +1,13 @@
 """ActivationSaturationMonitor: vanishing, exploding and dead units, layer by layer."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
-from .probing import LayerCapture, has_forward, hidden_layers, select_modules
+from .probing import LayerCapture, hidden_layers, select_modules
 from .sampling import SamplingCallback
 from .tensorboard import add_histogram, add_image, log_scalars
 
@@ -16,7 +16,8 @@ STATS = ("mean_abs", "max_abs", "frac_low", "frac_high", "frac_zero", "frac_dead
 
 def activation_stats(a: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums for one layer's output: ``[sum |a|, count, max |a|, #|a|<low, #|a|>high, #a==0]`` and,
-    per unit (feature or channel: dim 1), whether it was non-zero anywhere in the batch.
+    per unit (feature, channel or token channel: dim 1, see ``layer_outputs``), whether it was
+    non-zero anywhere in the batch.
 
     Sums rather than means, so that shares over several DDP ranks combine exactly.
     """
@@ -54,9 +55,16 @@ class ActivationSaturationMonitor(SamplingCallback):
     and at the one after the last training step, at the others as the budget allows. Between
     samples no hook is attached. Under DDP the training-batch statistics cover every rank's batch.
 
-    Layers: activation modules (ReLU, LeakyReLU, PReLU, ...) or, when a model has none, every
-    Linear/Conv but the classifier; choose with ``layer_types`` and ``include``/``exclude`` globs
-    on module names (``include=["model.features.*"]``).
+    Layers: activation modules (ReLU, LeakyReLU, PReLU, ...), recurrent layers (RNN, LSTM, GRU and
+    their cells) and attention and transformer layers or, when a model has none, every Linear/Conv
+    but the classifier; choose with ``layer_types`` (normalisation layers and embeddings are
+    watchable too) and ``include``/``exclude`` globs on module names
+    (``include=["model.features.*"]``). How each type's output is read (an LSTM's output
+    sequence, one row per token) is the table in ``deepplain.callbacks.layer_outputs``.
+
+    The probe batch is the run's shared one (``deepplain.callbacks.probe_batch``); it goes through
+    ``forward()`` or ``probe_fn(pl_module, inputs)``. A module without ``forward()`` and no
+    ``probe_fn`` is watched on its training batches only.
 
     TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars; a ``saturation/<source>/profile``
     image (mean and max |a| with the 0.05 and 50 lines, and the saturated shares, against layer
@@ -77,11 +85,15 @@ class ActivationSaturationMonitor(SamplingCallback):
                  high: float = 50.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
                  layer_types: Optional[Sequence[type]] = None, probe: bool = True, probe_size: int = 256,
                  probe_batch: Any = None, histogram_layers: int = 8, figure_every_n_samples: Optional[int] = None,
-                 use_log_every_n_steps: bool = False, warn: bool = True, max_overhead: Optional[float] = 0.01):
+                 use_log_every_n_steps: bool = False, warn: bool = True, max_overhead: Optional[float] = 0.01,
+                 probe_fn: Optional[Callable[[Any, Any], Any]] = None):
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
-                         probe_size=probe_size if probe else None, probe_batch=probe_batch if probe else None)
+                         probe_size=probe_size, probe_batch=probe_batch if probe else None,
+                         probe_fn=probe_fn, wants_probe=bool(probe))
+        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"probe_size must be a positive integer, got {probe_size!r}")
         if not 0 <= float(low) < float(high):
             raise ValueError(f"need 0 <= low < high, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
@@ -108,17 +120,11 @@ class ActivationSaturationMonitor(SamplingCallback):
 
     def setup(self, trainer, pl_module, stage):
         if self.layer_types is not None:
-            self._layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
+            layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
         else:
-            self._layers = hidden_layers(pl_module, self.include, self.exclude)
-        if not self._layers:
-            raise ValueError(f"ActivationSaturationMonitor found no layers to watch in {type(pl_module).__name__}: "
-                             f"no activation, Linear or Conv module matches include={self.include}, "
-                             f"exclude={self.exclude}")
-        if self.probe is not None and not has_forward(pl_module):
-            rank_zero_warn(f"ActivationSaturationMonitor: {type(pl_module).__name__} has no forward(), so the "
-                           "eval-mode probe is off; the training batches are still sampled")
-            self.probe = None
+            layers = hidden_layers(pl_module, self.include, self.exclude)
+        self._layers = self.select_layers(pl_module, layers, "layers to watch")
+        self.setup_probe(trainer, pl_module, self.probe_size)
         names = [n for n, _ in self._layers]
         count = min(self.histogram_layers, len(names))
         self._histogram_names = {names[round(i * (len(names) - 1) / max(1, count - 1))] for i in range(count)}
@@ -135,11 +141,12 @@ class ActivationSaturationMonitor(SamplingCallback):
 
     # -- training-batch samples ------------------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.ensure_probe(trainer, batch)
+        if trainer.global_rank == 0:
+            self.ensure_probe(trainer, pl_module, batch)
         if self._capture is None and self.decide(trainer, collective=True):
             step = trainer.global_step
             reduce = self.budget.timed(self._reduce(), optional=not self._mandatory)
-            self._capture = (LayerCapture(self._layers, reduce), step)
+            self._capture = (LayerCapture(self._layers, reduce, self.unit_dims), step)
             self._capture[0].__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -163,7 +170,7 @@ class ActivationSaturationMonitor(SamplingCallback):
         if trainer.sanity_checking or self.probe is None or trainer.global_rank != 0 or trainer.state.fn != "fit":
             return
         step = trainer.global_step
-        if step == self.last_probe_step or self.ensure_probe(trainer) is None:
+        if step == self.last_probe_step or self.ensure_probe(trainer, pl_module) is None:
             return
         final = self.schedule.total_steps is not None and step >= self.schedule.total_steps
         expected = self.probe_seconds[-1] if self.probe_seconds else 0.0
@@ -175,13 +182,15 @@ class ActivationSaturationMonitor(SamplingCallback):
     def on_train_end(self, trainer, pl_module):
         # The final state is always probed, also when no validation ran after the last step.
         if self.probe is not None and trainer.global_rank == 0 and self.last_probe_step != trainer.global_step \
-                and self.ensure_probe(trainer) is not None:
+                and self.ensure_probe(trainer, pl_module) is not None:
             self._probe_now(trainer, pl_module, trainer.global_step, final=True)
         super().on_train_end(trainer, pl_module)
 
     def _probe_now(self, trainer, pl_module, step: int, final: bool):
         with self.timed_sample(mandatory=final or self.probes_taken == 0) as cost:
-            results = self.probe.run(trainer, pl_module, LayerCapture(self._layers, self._reduce()))
+            results = self.run_probe(trainer, pl_module, LayerCapture(self._layers, self._reduce(), self.unit_dims))
+            if results is None:
+                return
             self.last_probe_stats = self._publish(trainer, results, "probe", step, gather=False) or {}
         self.probe_seconds.append(cost[0])
         self.probes_taken += 1

@@ -241,7 +241,8 @@ class NoLayers(ForeignMLP):
 @pytest.mark.parametrize("callback,message", [
     (ActivationSaturationMonitor(), "ActivationSaturationMonitor found no layers to watch in NoLayers"),
     (ConditionNumberProbe(), "ConditionNumberProbe found no hidden layers in NoLayers"),
-    (GradientFlowMonitor(), "GradientFlowMonitor found no Linear or Conv layer in NoLayers"),
+    (GradientFlowMonitor(), "GradientFlowMonitor found no Linear, Conv, recurrent, attention or embedding layer "
+                            "in NoLayers"),
     (MaxNormConstraint(), "MaxNormConstraint found no Linear or Conv layer to constrain in NoLayers"),
     (AlphaScheduler(), "AlphaScheduler found no VAN skip gates in NoLayers"),
 ])
@@ -277,14 +278,36 @@ class NoForward(ForeignMLP):
     forward = L.LightningModule.forward
 
 
-def test_a_module_without_forward(tmp_path):
-    with pytest.raises(ValueError, match="runs its probe batch through NoForward\\(x\\), which has no forward"):
-        fit(NoForward(), [ConditionNumberProbe()], tmp_path, steps=1, logger=False)
-    with pytest.warns(UserWarning, match="NoForward has no forward\\(\\), so the eval-mode probe is off"):
-        ActivationSaturationMonitor().setup(None, NoForward(), "fit")
-    saturation = ActivationSaturationMonitor(every_n_steps=1)
-    fit(NoForward(), [saturation], tmp_path, steps=2, logger=False)
-    assert saturation.samples_taken == 2 and saturation.probes_taken == 0 and saturation.probe is None
+def test_a_module_without_forward_is_watched_on_its_training_batches(tmp_path, caplog):
+    """No forward(): both probing callbacks capture the training step's own forward, say so once, and log."""
+    saturation = ActivationSaturationMonitor(every_n_steps=2, max_overhead=None)
+    condition = ConditionNumberProbe(every_n_steps=2, max_overhead=None)
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        fit(NoForward(), [saturation, condition], tmp_path, steps=4)
+    said = [r.getMessage() for r in caplog.records if "has no forward()" in r.getMessage()]
+    assert len(said) == 2 and all("training-batch statistics" in m for m in said)
+    assert saturation.probe is None and saturation.probes_taken == 0 and saturation.samples_taken == 3
+    assert condition.probe_mode == "training" and condition.sampled_steps == [0, 2, 3]
+    assert list(condition.last_stats) == ["body.1", "body.3", "body.5", "body.7"]
+    tags = read_events(tmp_path).Tags()["scalars"]
+    assert "condition/train/kappa/body.1" in tags and "condition/kappa/body.1" not in tags
+    assert "condition/train/weight_kappa_inf/body.0" in tags
+    assert all(not m._forward_hooks for m in NoForward().modules())
+
+
+def test_a_module_without_forward_probed_through_probe_fn(tmp_path, caplog):
+    probe_fn = lambda module, x: module.head(module.body(x))  # noqa: E731
+    saturation = ActivationSaturationMonitor(every_n_steps=2, probe_fn=probe_fn)
+    condition = ConditionNumberProbe(every_n_steps=2, probe_fn=probe_fn)
+    with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
+        fit(NoForward(), [saturation, condition], tmp_path, steps=4)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deepplain: probe batch")]
+    assert said == ["deepplain: probe batch of 128 samples from a separate pass over the training data, used by "
+                    "ActivationSaturationMonitor through probe_fn(pl_module, inputs), ConditionNumberProbe through "
+                    "probe_fn(pl_module, inputs)"]
+    assert saturation.probes_taken >= 2 and condition.probe_mode == "probe_fn"
+    tags = read_events(tmp_path).Tags()["scalars"]
+    assert "condition/kappa/body.1" in tags and "saturation/probe/mean_abs/body.1" in tags
 
 
 def test_the_users_matplotlib_backend_is_unchanged(tmp_path):
