@@ -55,7 +55,7 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from .probing import skip_gates
+from .probing import glob_list, skip_gates
 from .tensorboard import log_scalars, write_layout
 
 MODES = ("lagrangian", "literal", "unconstrained", "linear", "cosine")
@@ -119,8 +119,7 @@ class AlphaScheduler(Callback):
             raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
         self.mode, self.lambda_lr_ratio = mode, float(lambda_lr_ratio)
         self.phase_out = float(phase_out) if phase_out is not None else DEFAULT_PHASE_OUT
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.every_n_steps = every_n_steps
         self.alpha_lr = float(alpha_lr) if alpha_lr is not None else None
         self.lambda_lr = None if alpha_lr is None else self.lambda_lr_ratio * self.alpha_lr

@@ -133,6 +133,11 @@ class ConditionNumberProbe(SamplingCallback):
                          probe_size=probe_size or MIN_PROBE, probe_batch=probe_batch, probe_fn=probe_fn,
                          wants_probe=True)
         self.layer_types = tuple(layer_types) if layer_types else None
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
+            raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
+        if isinstance(near_zero_rtol, bool) or not isinstance(near_zero_rtol, (int, float)) \
+                or not 0 < near_zero_rtol < 1:
+            raise ValueError(f"near_zero_rtol must be a number in (0, 1), got {near_zero_rtol!r}")
         weight_norms = [_norm_name(n) for n in weight_norms]
         unknown = sorted(set(weight_norms) - {"inf", "2"})
         if unknown or not weight_norms:

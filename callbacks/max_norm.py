@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from lightning.pytorch import Callback
 
-from .probing import weight_layers
+from .probing import glob_list, weight_layers
 from .tensorboard import log_scalars
 
 
@@ -48,11 +48,11 @@ class MaxNormConstraint(Callback):
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
                 or max_norm <= 0:
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
+                                              or log_every_n_steps < 1):
             raise ValueError(f"log_every_n_steps must be a positive integer or None, got {log_every_n_steps!r}")
         self.max_norm = float(max_norm)
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.skip_classifier = bool(skip_classifier)
         self.log_every_n_steps = log_every_n_steps
         self._layers = []
@@ -82,7 +82,9 @@ class MaxNormConstraint(Callback):
         if trainer.global_step == self._last_step:  # accumulating: no optimizer step happened
             return
         self._last_step = trainer.global_step
-        rescaled = {name: apply_max_norm(module.weight, self.max_norm) for name, module in self._layers}
+        # a frozen layer (requires_grad=False) is not trained, so it is not constrained either
+        rescaled = {name: apply_max_norm(module.weight, self.max_norm) for name, module in self._layers
+                    if module.weight.requires_grad}
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % max(1, every) == 0 and rescaled:
             shares = torch.stack([mask.float().mean() for mask in rescaled.values()]).cpu().tolist()

@@ -40,6 +40,16 @@ WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 GRADIENT_TYPES = WEIGHT_TYPES + RECURRENT_TYPES + (nn.MultiheadAttention, nn.Embedding)
 
 
+def glob_list(name: str, patterns) -> Optional[list[str]]:
+    """``include``/``exclude`` as a list of glob patterns (None stays None); a bare string is refused,
+    since iterating it would make one pattern of each character (``"*"`` would match every layer)."""
+    if patterns is None:
+        return None
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be a list of glob patterns (e.g. ['model.features.*']), got {patterns!r}")
+    return list(patterns) or None
+
+
 def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 

@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .layer_outputs import unit_dims
 from .probe_batch import ProbeBatch
-from .probing import check_selection, has_forward
+from .probing import check_selection, glob_list, has_forward
 from .tensorboard import write_layout
 
 log = logging.getLogger("deepplain.callbacks")
@@ -163,11 +163,7 @@ class SamplingCallback(Callback):
         self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps)
         self.budget = OverheadBudget(max_overhead)
         self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
-        for name, patterns in (("include", include), ("exclude", exclude)):
-            if patterns is not None and (isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns)):
-                raise TypeError(f"{name} must be a list of glob patterns (e.g. ['model.features.*']), got {patterns!r}")
-        self.include = list(include) if include else None
-        self.exclude = list(exclude) if exclude else None
+        self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.wants_probe = bool(wants_probe or probe_batch is not None)
         self.probe_fn = probe_fn
         self.probe_size = probe_size

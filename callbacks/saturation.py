@@ -94,8 +94,9 @@ class ActivationSaturationMonitor(SamplingCallback):
                          probe_fn=probe_fn, wants_probe=bool(probe))
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
             raise ValueError(f"probe_size must be a positive integer, got {probe_size!r}")
-        if not 0 <= float(low) < float(high):
-            raise ValueError(f"need 0 <= low < high, got low={low!r}, high={high!r}")
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) \
+                or not 0 <= float(low) < float(high) < float("inf"):
+            raise ValueError(f"need 0 <= low < high, both finite numbers, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
         self.layer_types = tuple(layer_types) if layer_types else None
         if isinstance(histogram_layers, bool) or not isinstance(histogram_layers, int) or histogram_layers < 0:

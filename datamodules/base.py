@@ -44,6 +44,15 @@ def _check_args(batch_size, val_split, seed):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
 
 
+def note_single_sample_batch(name: str, samples: int, batch_size: int) -> bool:
+    """Say once that the training split leaves a last batch of one sample, which is left out of each epoch."""
+    if samples > 1 and samples % batch_size == 1:
+        log.warning("%s: %d training samples at batch size %d leave a last batch of 1 sample, which batch norm cannot "
+                    "normalise; it is left out of each epoch", name, samples, batch_size)
+        return True
+    return False
+
+
 class TensorBatchLoader:
     """An iterable of ``(images, labels)`` batches cut from in-memory tensors.
 
@@ -93,8 +102,13 @@ class TensorBatchLoader:
 
     def __len__(self) -> int:
         _, world, _, _ = self._trainer_state()
-        per_rank = -(-self.num_samples // world)
-        return -(-per_rank // self.batch_size)
+        return len(self._starts(-(-self.num_samples // world)))
+
+    def _starts(self, count: int) -> range:
+        """Where each batch of ``count`` samples starts. In training a last batch of one sample is left
+        out: batch norm cannot normalise it (and it would carry a whole step's weight)."""
+        starts = range(0, count, self.batch_size)
+        return starts[:-1] if self.train and count > 1 and count % self.batch_size == 1 else starts
 
     def __iter__(self):
         rank, world, epoch, device = self._trainer_state()
@@ -107,7 +121,7 @@ class TensorBatchLoader:
             resume_epoch, done = self._resume
             self._resume = None
             first = done if resume_epoch == epoch else 0
-        starts = range(0, order.numel(), self.batch_size)
+        starts = self._starts(order.numel())
         for batch_index in range(first, len(starts)):
             start = starts[batch_index]
             idx = order[start: start + self.batch_size]
@@ -233,6 +247,7 @@ class TensorDataModule(L.LightningDataModule):
         self.input_shape = tuple(train_x.shape[1:])
         self.num_classes = self.info().num_classes
         self.split_sizes = {k: int(v[1].numel()) for k, v in self._splits.items()}
+        note_single_sample_batch(self.name, self.split_sizes["train"], self.batch_size)
 
     def _check_decoded(self, data: dict, root: Path) -> None:
         """Counts and label ranges against what the dataset is (``info()``): a file with a wrong

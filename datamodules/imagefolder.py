@@ -14,10 +14,29 @@ from torch.utils.data import DataLoader
 
 from deepplain.errors import ConfigError, DatasetError
 
-from .base import DatasetInfo
+from .base import DatasetInfo, note_single_sample_batch
 from .paths import candidate_roots
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def load_image(path: str):
+    """An RGB image; a file PIL cannot read is a data fault (DatasetError, exit 2) naming the file, not an OSError
+    that would read as a machine fault."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with open(path, "rb") as fh:
+            return Image.open(fh).convert("RGB")
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"imagefolder: {path} is not a readable image ({' '.join(str(exc).split())[:120]})") \
+            from None
+    except OSError as exc:
+        if exc.errno is not None:  # the disk or the file system: a machine fault
+            raise
+        raise DatasetError(f"imagefolder: {path} is a damaged image ({' '.join(str(exc).split())[:120]})") from None
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -38,10 +57,16 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def info(self) -> DatasetInfo:
         """The class count is the number of class folders under train/ (listed, not read)."""
-        classes = [p for p in (self.find_root() / "train").iterdir() if p.is_dir()]
+        root = self.find_root()
+        classes = [p for p in (root / "train").iterdir() if p.is_dir()]
         if len(classes) < 2:
-            raise DatasetError(f"imagefolder: {self.find_root() / 'train'} needs at least two class folders, "
+            raise DatasetError(f"imagefolder: {root / 'train'} needs at least two class folders, "
                                f"found {len(classes)}")
+        for split in ("train", "val"):  # a class without images: said here, before anything is written
+            for folder in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+                if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in folder.rglob("*") if f.is_file()):
+                    raise DatasetError(f"imagefolder: class folder {folder} has no images "
+                                       f"({', '.join(IMAGE_EXTENSIONS)})")
         return DatasetInfo((3, self.image_size, self.image_size), len(classes))
 
     def find_root(self) -> Path:
@@ -62,21 +87,26 @@ class ImageFolderDataModule(L.LightningDataModule):
                                        transforms.ToTensor(), normalize])
         eval_tf = transforms.Compose([transforms.Resize(int(self.image_size * 256 / 224)),
                                       transforms.CenterCrop(self.image_size), transforms.ToTensor(), normalize])
-        self._train = datasets.ImageFolder(str(root / "train"), train_tf)
-        self._val = datasets.ImageFolder(str(root / "val"), eval_tf)
+        try:
+            self._train = datasets.ImageFolder(str(root / "train"), train_tf, loader=load_image)
+            self._val = datasets.ImageFolder(str(root / "val"), eval_tf, loader=load_image)
+        except FileNotFoundError as exc:  # torchvision's word for a class folder without images
+            raise DatasetError(f"imagefolder in {root}: {exc}") from None
         if self._train.classes != self._val.classes:
             raise DatasetError(f"imagefolder: train/ and val/ under {root} have different class folders")
         self.num_classes = len(self._train.classes)
         self.split_sizes = {"train": len(self._train), "val": len(self._val), "test": len(self._val)}
 
-    def _loader(self, dataset, shuffle, batch_size):
+    def _loader(self, dataset, shuffle, batch_size, drop_last=False):
         generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
-                          generator=generator)
+                          generator=generator, drop_last=drop_last)
 
     def train_dataloader(self):
-        return self._loader(self._train, True, self.batch_size)
+        # a last batch of one sample is left out: batch norm cannot normalise it
+        return self._loader(self._train, True, self.batch_size,
+                            drop_last=note_single_sample_batch("imagefolder", len(self._train), self.batch_size))
 
     def val_dataloader(self):
         return self._loader(self._val, False, self.eval_batch_size)

@@ -6,6 +6,7 @@
   rename never crosses filesystems (Lightning's default writes through the system temp folder).
 * It refuses to write a checkpoint whose weights hold NaN or inf: a diverged run never replaces
   its last good checkpoint.
+* :class:`RunCheckpoint` keeps the best score and the top-k record when a run folder was moved.
 * :func:`check_checkpoint` tells whether a file is a complete, readable training checkpoint
   (zip CRCs, torch.load, required keys, finite weights) before ``--resume`` touches anything.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import ConfigError, DivergenceError
@@ -130,3 +132,28 @@ def check_checkpoint(path) -> dict:
     if bad is not None:
         raise ConfigError(f"{where} holds non-finite weights ({bad}); resume from an earlier checkpoint")
     return checkpoint
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for a run folder that may have moved since it was saved.
+
+    Lightning drops the best score and the top-k record when a checkpoint's ``dirpath`` differs from
+    the current one, so after ``mv runs/a runs/b`` a resumed run would take any worse epoch as its
+    best. The run's checkpoints are in the same folder relative to the run, so the saved paths are
+    moved with it and everything is restored."""
+
+    @property
+    def state_key(self) -> str:  # the key Lightning's own class writes, so earlier checkpoints still restore
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            def moved(path):
+                return str(Path(self.dirpath) / Path(path).name) if path and Path(path).parent == Path(old) else path
+            state_dict = {**state_dict, "dirpath": self.dirpath,
+                          "best_model_path": moved(state_dict.get("best_model_path")),
+                          "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                          "last_model_path": moved(state_dict.get("last_model_path")),
+                          "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()}}
+        super().load_state_dict(state_dict)

@@ -17,6 +17,7 @@ status; ``deepplain.training`` builds and runs the Trainer. Exit statuses:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import warnings
@@ -181,13 +182,8 @@ def parse_args(argv=None) -> dict:
     path = explicit.pop("config", None)
     if path is None:
         return explicit
-    import yaml
-    try:
-        values = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path} is not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+    from .inputs import load_yaml
+    values = load_yaml(path, "--config")
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -252,10 +248,22 @@ def prepare(explicit: dict) -> tuple[dict, object, str]:
               file=sys.stderr)
     datamodule = make_datamodule(config)
     preflight.check_model_memory(config, datamodule.info(), processes)  # depth, width, options; memory
+    preflight.check_batch_limits(config, datamodule.info(), getattr(datamodule, "eval_batch_size", None))
     preflight.check_logdir(config if not config.get("resume") else {**config, "logdir": config["run_dir"], "name": ""})
     if config["dataset"] != "fake":
         datamodule.find_root()  # the files are there (nothing is read yet)
     return config, datamodule, strategy_class
+
+
+def _resume_lock(config: dict):
+    """One process at a time continues a run folder: two resumes of one last.ckpt would train twice into it.
+    Held by the launching process only (DDP ranks share the folder by design)."""
+    from .inputs import FolderLock
+    from .rundir import launcher_rank
+    import os
+    if not config.get("resume") or launcher_rank() != 0 or os.environ.get("LOCAL_RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return FolderLock(config["run_dir"], "--resume: the run folder")
 
 
 def _requeued_job_checkpoint(config: dict):
@@ -286,7 +294,8 @@ def main(argv=None) -> int:
             return EXIT_OK
         config, datamodule, strategy_class = prepare(explicit)
         from .training import run
-        summary = run(config, datamodule, strategy_class)
+        with _resume_lock(config):
+            summary = run(config, datamodule, strategy_class)
     except DivergenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED

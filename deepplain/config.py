@@ -187,11 +187,15 @@ def model_options(config: dict) -> dict:
 def load_resume_config(explicit: dict) -> dict:
     """For ``--resume``: the run's saved configuration, with the explicit flags that may change.
 
-    The checkpoint itself is checked by ``deepplain.preflight.check_checkpoint``.
+    The checkpoint itself is checked by ``deepplain.checkpoints.check_checkpoint``.
     """
     ckpt = Path(explicit["resume"])
     if not ckpt.is_file():
         raise ConfigError(f"--resume checkpoint {ckpt} does not exist")
+    if ckpt.name != "last.ckpt" and not (ckpt.name.startswith("hpc_ckpt_") and ckpt.suffix == ".ckpt"):
+        # Resuming continues the run in its folder; from an older state it would overwrite the newer last.ckpt.
+        raise ConfigError(f"--resume continues a run in place from its checkpoints/last.ckpt; {ckpt.name} is an "
+                          "earlier state of that run (load it with <Module>.load_from_checkpoint to use it elsewhere)")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     saved = run_dir / "config.json"
     if not saved.is_file():

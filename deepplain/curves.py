@@ -84,24 +84,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
+    from .errors import ConfigError
+    from .inputs import output_file
     runs = {}
-    for spec in args.run:
-        name, sep, run_dir = spec.partition("=")
-        if not sep or not name or not run_dir:
-            print(f"error: --run must be NAME=DIR, got {spec!r}", file=sys.stderr)
-            return 2
-        try:
+    try:
+        out = output_file(args.out, ".png")
+        specs = [spec.partition("=") for spec in args.run]
+        for spec, (name, sep, run_dir) in zip(args.run, specs):
+            if not sep or not name or not run_dir:
+                raise ConfigError(f"--run must be NAME=DIR, got {spec!r}")
+            if [n for n, _, _ in specs].count(name) > 1:
+                raise ConfigError(f"--run name {name!r} is given twice; each run needs its own name")
+        for name, _, run_dir in specs:
             runs[name] = read_curves(run_dir)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for name, curves in runs.items():
         final = curves["alpha_residual"][-1][1] if curves["alpha_residual"] else None
         removed = next((epoch for epoch, r in curves["alpha_residual"] if r == 0.0), None)
         print(f"{name}: final eval error {curves['eval_error'][-1][1]:.4f}, train error "
               f"{curves['train_error'][-1][1]:.4f}" + ("" if final is None else
               f", alpha residual {final:.4f}" + (f" (0 from epoch {removed:.2f})" if removed is not None else "")))
-    print(f"wrote {plot_curves(runs, Path(args.out), args.title)}")
+    print(f"wrote {plot_curves(runs, out, args.title)}")
     return 0
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from .presets import PRESETS
-from .sweep import FINISHED, Run, run_grid, split_at_double_dash
+from .errors import ConfigError
+from .sweep import FINISHED, Run, check_flags, run_grid, split_at_double_dash
 
 RECIPE_PRESET = "oyedotun-mlp-100"
 COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
@@ -112,12 +113,13 @@ def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
     from .callbacks.linalg import weight_conditions
     from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_layers
     from .callbacks.saturation import activation_stats, combine
-    from .datamodules import get_datamodule
     from .family_modules import module_class
+    from .training import make_datamodule
 
     config = json.loads((checkpoint.parent.parent / "config.json").read_text())
     module = module_class(config["model"]).load_from_checkpoint(checkpoint, map_location="cpu")
-    dm = get_datamodule(config["dataset"], val_split=config["val_split"], seed=config["seed"])
+    # the data exactly as the run read it: its folder, image size and split (flags after -- included)
+    dm = make_datamodule({**config, "data_dir": config.get("data_root") or config.get("data_dir")})
     dm.setup()
     x = dm.probe_batch(max_samples, split="train")[0]
     layers = hidden_layers(module)
@@ -276,10 +278,35 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1)
     own, extra = split_at_double_dash(argv)
     args = p.parse_args(own)
-    if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
-        print("error: --epochs, --depth and --parallel must be positive", file=sys.stderr)
+    try:
+        check_experiment(args, extra)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
+
+
+def check_experiment(args, extra: list[str]) -> None:
+    """Everything about the command that can be wrong, before any variant trains: the numbers, the output
+    folder, flags after -- that the experiment sets itself, and the flags of every variant as train.py
+    checks them (without reading data)."""
+    from .cli import parse_args
+    from .config import merge
+    from .inputs import output_dir
+    if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
+        raise ConfigError("--epochs, --depth and --parallel must be positive")
+    check_flags(extra, "after --")
+    varied = sorted({f.split("=", 1)[0] for f in extra} & {"--norm", "--activation", "--negative-slope", "--max-norm",
+                                                            "--lr", "--val-split"} - ({"--lr"} if not args.lrs else set()))
+    if varied:
+        raise ConfigError(f"{', '.join(varied)} after -- would change what the experiment compares; its variants "
+                          "set them")
+    variants = VARIANTS if args.experiment == "diagnostics" else {slug(n): f for n, (f, _) in ABLATION.items()}
+    for name, flags in variants.items():
+        lr = args.lrs[0] if args.lrs else None
+        merge(parse_args(["--model", "plain", "--depth", str(args.depth), "--dataset", args.dataset, "--epochs",
+                          str(args.epochs), *recipe_flags(lr, held_out=bool(args.lrs)), *flags, *extra]))
+    output_dir(args.out)  # last: bad flags leave nothing behind
 
 
 if __name__ == "__main__":

@@ -14,13 +14,19 @@ ALPHA_MODES = SCHEDULER_MODES + ("off",)
 class PlainNetModule(ImageClassifier):
     """PlainNet; the proposed recipe's max-norm 3 comes in as MaxNormConstraint (``max_norm=3``)."""
 
+    family = "plain"
+
 
 class ResNetModule(ImageClassifier):
     """Pre-activation ResNet baseline."""
 
+    family = "resnet"
+
 
 class HighwayModule(ImageClassifier):
     """Highway network baseline."""
+
+    family = "highway"
 
 
 class VANModule(ImageClassifier):
@@ -30,6 +36,8 @@ class VANModule(ImageClassifier):
     default follows ``arch``). ``phase_out`` is when the skips must be gone: a share of training
     (< 1) or an epoch (default 120/165, the paper's Fig. 2). ``alpha_mode="off"`` adds no scheduler.
     """
+
+    family = "van"
 
     def __init__(self, *args, alpha_mode: str = "lagrangian", lambda_lr_ratio: float | None = None,
                  phase_out: float | None = None, **kwargs):
@@ -55,6 +63,8 @@ class VANModule(ImageClassifier):
 
 class DiracNetModule(ImageClassifier):
     """DiracNet: logs the mean of ``a`` and ``b`` per Dirac layer every epoch (the paper's Fig. 2)."""
+
+    family = "dirac"
 
     def on_train_epoch_end(self):
         for name, layer in self.model.named_modules():

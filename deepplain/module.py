@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from .errors import ConfigError
 from .layers import count_parameters
 from .optim import make_optimizer, make_scheduler
 from .registry import build_model
@@ -27,6 +28,10 @@ class ImageClassifier(L.LightningModule):
                  milestones=(0.5, 0.75), gamma: float = 0.1, max_norm: float | None = None,
                  max_norm_classifier: bool = False, channels_last: bool = False, compile: bool = False):
         super().__init__()
+        family = getattr(type(self), "family", None)
+        if family is not None and model != family:  # e.g. PlainNetModule.load_from_checkpoint(a VAN run)
+            raise ConfigError(f"{type(self).__name__} is the {family} family's module, but this checkpoint or argument "
+                              f"is a {model} model; use deepplain.family_modules.module_class({model!r})")
         self.save_hyperparameters()
         self.model = build_model(model, depth, arch=arch, input_shape=tuple(input_shape), num_classes=num_classes,
                                  **(model_options or {}))
@@ -76,6 +81,11 @@ class ImageClassifier(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        """The logits of a batch (``(x, y)``, ``[x]`` or ``x``), for ``trainer.predict``."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x)
 
     def on_train_epoch_start(self):
         # The training metrics are saved in checkpoints for a resume in mid-epoch; an epoch that

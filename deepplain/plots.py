@@ -13,7 +13,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .sweep import read_csv
 
 
 def label(row: dict, with_epochs: bool = False) -> str:
@@ -97,29 +96,49 @@ def markdown_table(rows: list[dict], metric: str = "test_acc") -> str:
     return "\n".join(lines)
 
 
+def load_rows(paths) -> list[dict]:
+    """The rows of one or more results.csv files; the same file twice, or a run id in two rows, is refused
+    (its runs would be averaged as if they were seeds)."""
+    from .errors import ConfigError
+    from .inputs import read_results_csv
+    resolved = [Path(p).resolve() for p in paths]
+    twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
+    if twice:
+        raise ConfigError(f"--csv names {', '.join(twice)} more than once")
+    rows, where = [], {}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist (run python -m deepplain.sweep first)")
+        for row in read_results_csv(path):
+            key = (row["run_id"], row.get("dataset", ""))
+            if key in where:
+                raise ConfigError(f"run {row['run_id']} ({row.get('dataset') or 'no dataset'}) is in {where[key]} and "
+                                  f"{path}; combine CSVs of different runs only")
+            where[key] = path
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     from .cli import OneLineParser
+    from .errors import ConfigError
+    from .inputs import output_dir
     p = OneLineParser(prog="python -m deepplain.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", required=True, nargs="+", help="one or more sweeps' results.csv (rows are combined)")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    rows = []
-    for path in map(Path, args.csv):
-        if not path.is_file():
-            print(f"error: {path} does not exist (run python -m deepplain.sweep first)", file=sys.stderr)
-            return 2
-        rows += read_csv(path)
     try:
-        paths = plot_sweep(rows, Path(args.out), args.title)
-    except ValueError as exc:
+        rows = load_rows(args.csv)
+        out = output_dir(args.out)
+        paths = plot_sweep(rows, out, args.title)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown_table(rows))
     for p_ in paths:
         print(f"wrote {p_}")
     return 0
-
 
 
 if __name__ == "__main__":

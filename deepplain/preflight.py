@@ -129,6 +129,12 @@ def measure(config: dict, depth: int, input_shape, num_classes: int) -> MemoryEs
     try:
         with torch.no_grad():
             model.eval()(torch.empty((1, *input_shape), device="meta"))
+    except (RuntimeError, ValueError) as exc:  # a layout whose pooling stages need larger inputs
+        if isinstance(exc, ConfigError):
+            raise
+        shape = "x".join(map(str, input_shape))
+        raise ConfigError(f"{config['model']} {config['arch']} depth {depth} cannot take {shape} inputs "
+                          f"({' '.join(str(exc).split())[:160]}); use a larger --image-size") from None
     finally:
         for h in handles:
             h.remove()
@@ -157,6 +163,24 @@ def estimate(config: dict, input_shape, num_classes: int) -> MemoryEstimate:
     n = (depth - d1) / (d2 - d1)
     return MemoryEstimate(int(e1.parameters + n * (e2.parameters - e1.parameters)),
                           int(e1.activations_per_sample + n * (e2.activations_per_sample - e1.activations_per_sample)))
+
+
+def check_batch_limits(config: dict, info, eval_batch_size: int | None = None) -> None:
+    """A fractional ``--limit-train-batches``/``--limit-val-batches`` that leaves no batch is refused here,
+    not by Lightning after the run folder is written."""
+    if info.train_size is None:
+        return  # a folder dataset: its size is known only once listed
+    held = int(round(info.train_size * config["val_split"]))
+    splits = {"limit_train_batches": (info.train_size - held, config["batch_size"]),
+              "limit_val_batches": (held if held else (info.test_size or 0), eval_batch_size or config["batch_size"])}
+    for key, (samples, size) in splits.items():
+        value = config.get(key)
+        if isinstance(value, float) and value < 1 and samples:
+            batches = -(-samples // size)
+            if int(value * batches) < 1:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"{flag} {value:g} of {batches} batch(es) is less than one batch; give at least "
+                                  f"{1 / batches:.3g} or a count")
 
 
 def available_memory(config: dict) -> tuple[int, str]:

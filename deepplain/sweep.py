@@ -4,20 +4,30 @@
         --depths 1,2,4,8,16,30 --seeds 0,1 --epochs 5 -- --width 50 --lr 0.01
 
 Each run is ``python -m deepplain`` (the training CLI) in its own process, logging to
-``<out>/runs/<run id>/version_N`` and its output to ``<out>/runs/<run id>/train.log``. A run whose
-``summary.json`` already says ``completed`` or ``diverged`` is skipped, so an interrupted sweep
-resumes where it stopped (an interrupted or failed run is run again). ``--parallel N`` runs N at
-a time; ``--gpus 0,1`` gives each concurrent run its own GPU. At the end ``<out>/results.csv``
-holds every run's summary; rows that an earlier sweep with another grid wrote into the same folder
-are kept, so a grid can be extended (more models, depths, seeds) into one CSV.
+``<out>/runs/<run id>/version_N`` and its output to ``<out>/runs/<run id>/train.log``. A run is
+identified by its whole configuration (the train.py flags it runs with, in ``run.json``), not by
+its name: a run whose configuration is the same and whose ``summary.json`` says ``completed`` or
+``diverged`` is skipped; one that was interrupted is resumed from its ``last.ckpt``; one that
+failed is trained again; a run folder that holds another configuration stops the sweep before
+anything trains, with one line saying which. The grid's own flags (``--model``, ``--depth``,
+``--seed``, ``--dataset``, ``--epochs``) and the run's place (``--logdir``, ``--name``,
+``--resume``, ``--config``) cannot be given after ``--`` or in a variant. ``--parallel N`` runs N
+at a time; ``--gpus 0,1`` gives each concurrent run its own GPU. At the end ``<out>/results.csv``
+holds every run's summary and the flags that produced it; rows that an earlier sweep with another
+grid wrote into the same folder are kept, so a grid can be extended into one CSV. One sweep at a
+time writes into a folder (a lock that a crashed sweep cannot leave stuck). Ctrl-C or SIGTERM is
+passed to the running trainings, which save their step; the CSV is written and the sweep exits
+130 or 143; the same command resumes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .inputs import FolderLock, output_dir, read_results_csv
 
 CSV_FIELDS = ["run_id", "model", "depth", "seed", "variant", "dataset", "status", "parameters", "epochs_done",
               "global_step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
@@ -33,6 +44,10 @@ CSV_FIELDS = ["run_id", "model", "depth", "seed", "variant", "dataset", "status"
               "alpha_closed_at_target", "alpha_residual_at_target",
               "run_dir", "flags"]
 FINISHED = ("completed", "diverged")
+RESUMABLE = ("interrupted", "preempted")
+# What the grid sets for each run, and where the run lives: never given after -- or in a variant.
+GRID_FLAGS = ("--model", "--depth", "--seed", "--dataset", "--epochs", "--logdir", "--name", "--resume", "--config",
+              "--print-config")
 
 
 @dataclass
@@ -47,6 +62,19 @@ class Run:
     def run_id(self) -> str:
         return "-".join(p for p in (self.model, f"d{self.depth}", f"s{self.seed}", self.variant) if p)
 
+    def train_flags(self, dataset: str, epochs: int) -> list[str]:
+        """The train.py flags that define this run: its identity (the place it logs to is added apart)."""
+        return ["--model", self.model, "--depth", str(self.depth), "--seed", str(self.seed), "--dataset", dataset,
+                "--epochs", str(epochs), *self.flags]
+
+
+def check_flags(flags: list[str], where: str) -> None:
+    """Refuse the grid's own flags (and the run's place) in ``flags``."""
+    taken = sorted({f.split("=", 1)[0] for f in flags if f.split("=", 1)[0] in GRID_FLAGS})
+    if taken:
+        raise ConfigError(f"{', '.join(taken)} {where} would override what the sweep sets for each run (use "
+                          "--models/--depths/--seeds/--dataset/--epochs, or another --out)")
+
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
     """``NAME=--flag value --flag2`` -> (NAME, [flags]); ``NAME=`` is a variant with no flags."""
@@ -59,9 +87,64 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def grid(models, depths, seeds, variants, common_flags) -> list[Run]:
+    check_flags(common_flags, "after --")
+    names = [name for name, _ in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--variant names must be unique; {', '.join(repeated)} is given more than once")
+    for name, flags in variants:
+        check_flags(flags, f"in --variant {name}")
+    for kind, values in (("--models", models), ("--depths", depths), ("--seeds", seeds)):
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{kind} lists a value twice: {','.join(map(str, values))}")
     variants = variants or [("", [])]
     return [Run(m, d, s, v, [*vf, *common_flags])
             for m, d, s, (v, vf) in itertools.product(models, depths, seeds, variants)]
+
+
+def recorded_flags(root: Path) -> list[str] | None:
+    """The train.py flags a run folder was trained with: ``run.json``, or for folders of earlier sweeps
+    the last command in ``train.log`` (without its place: --logdir, --name, --no-progress)."""
+    record = root / "run.json"
+    if record.is_file():
+        try:
+            return list(json.loads(record.read_text())["flags"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return None
+    log = root / "train.log"
+    if not log.is_file():
+        return None
+    commands = [line[2:].split() for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")]
+    if not commands or "deepplain" not in commands[-1]:
+        return None
+    argv, out = commands[-1][commands[-1].index("deepplain") + 1:], []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--logdir", "--name"):
+            skip = True
+        elif token != "--no-progress":
+            out.append(token)
+    return out
+
+
+def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> None:
+    """Before anything trains: every run folder already in ``out`` holds the configuration asked for."""
+    for run in runs:
+        root = out / "runs" / run.run_id
+        if not root.is_dir():
+            continue
+        before, now = recorded_flags(root), run.train_flags(dataset, epochs)
+        if before is None:
+            if any(root.glob("*/summary.json")):
+                raise ConfigError(f"{root} holds a run whose configuration is not recorded; move it away or use "
+                                  "another --out")
+            continue
+        if before != now:
+            changed = sorted(set(before) ^ set(now))[:6]
+            raise ConfigError(f"{root} was trained with other settings ({' '.join(before)}; differs in "
+                              f"{' '.join(changed)}); use another --out or a --variant name for the new settings")
 
 
 def latest_summary(run_root: Path) -> dict | None:
@@ -74,15 +157,68 @@ def latest_summary(run_root: Path) -> dict | None:
         return None
 
 
-def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, python: str) -> dict:
+def resumable_checkpoint(root: Path, epochs: int) -> Path | None:
+    """The newest ``last.ckpt`` of an interrupted run, if it is sound and has epochs left to train."""
+    from .checkpoints import check_checkpoint, completed_epochs
+    found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    try:
+        if completed_epochs(check_checkpoint(found[-1])) >= epochs:
+            return None
+    except ConfigError:  # damaged: train again from the start
+        return None
+    return found[-1]
+
+
+class Children:
+    """The training processes the sweep is running, so that a signal to the sweep reaches them once."""
+
+    def __init__(self):
+        self.running: set[subprocess.Popen] = set()
+        self.stop_signal: int | None = None
+        self.lock = threading.Lock()
+
+    def forward(self, signum, frame=None) -> None:
+        """The signal handler: the first signal goes to every running training, exactly once each."""
+        with self.lock:
+            if self.stop_signal is not None:
+                return  # a second signal is not passed on: it would stop a training without its checkpoint
+            self.stop_signal = signum
+            for proc in self.running:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+    def add(self, proc: subprocess.Popen) -> None:
+        """Register a started training; one started after the signal gets it now (under the same lock, so
+        never twice)."""
+        with self.lock:
+            self.running.add(proc)
+            if self.stop_signal is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(self.stop_signal)
+
+    def remove(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.running.discard(proc)
+
+
+def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, python: str,
+            children: Children | None = None) -> dict:
     root = out / "runs" / run.run_id
     summary = latest_summary(root)
     if summary and summary.get("status") in FINISHED:
         return row(run, dataset, summary, skipped=True)
+    if children is not None and children.stop_signal is not None:
+        return row(run, dataset, summary or {"status": "not started (the sweep was stopped)"})
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [python, "-m", "deepplain", "--model", run.model, "--depth", str(run.depth), "--seed", str(run.seed),
-           "--dataset", dataset, "--epochs", str(epochs), "--logdir", str(out / "runs"), "--name", run.run_id,
-           "--no-progress", *run.flags]
+    flags = run.train_flags(dataset, epochs)
+    (root / "run.json").write_text(json.dumps({"flags": flags}))
+    checkpoint = resumable_checkpoint(root, epochs) if summary and summary.get("status") in RESUMABLE else None
+    if checkpoint is not None:  # continue the interrupted run where it stopped
+        cmd = [python, "-m", "deepplain", "--resume", str(checkpoint), "--no-progress"]
+    else:
+        cmd = [python, "-m", "deepplain", *flags, "--logdir", str(out / "runs"), "--name", run.run_id, "--no-progress"]
     env = dict(os.environ)
     env.pop("DEEPPLAIN_RUN_DIR", None)
     if gpu is not None:
@@ -90,7 +226,13 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     with open(root / "train.log", "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # its own session: a Ctrl-C in the terminal reaches the sweep, which passes it on once
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        if children is not None:
+            children.add(proc)
+        code = proc.wait()
+        if children is not None:
+            children.remove(proc)
     summary = latest_summary(root)
     if summary is None:
         summary = {"status": f"failed (exit {code}, see {root / 'train.log'})"}
@@ -117,21 +259,32 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_results_csv(path)
 
 
 def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,
-             python: str = sys.executable, echo=print) -> list[dict]:
-    """Run (or skip) every run, ``parallel`` at a time; write and return ``<out>/results.csv`` rows."""
-    out.mkdir(parents=True, exist_ok=True)
+             python: str = sys.executable, echo=print, children: Children | None = None) -> list[dict]:
+    """Run (or skip) every run, ``parallel`` at a time; write and return ``<out>/results.csv`` rows.
+
+    Everything that can be wrong is found first (the folder, an earlier CSV, runs with other
+    settings); then the folder is locked for the sweep's whole length."""
+    output_dir(out)
+    with FolderLock(out, "--out"):
+        csv_path = out / "results.csv"
+        csv_path.with_suffix(".csv.tmp").unlink(missing_ok=True)  # what a killed write left
+        earlier = read_csv(csv_path) if csv_path.is_file() else []
+        check_identities(runs, out, dataset, epochs)
+        return _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, children, earlier)
+
+
+def _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, children, earlier) -> list[dict]:
     gpus = list(gpus or [])
     free = list(gpus)
     lock = threading.Lock()
     rows = []
     # Rows that earlier sweeps with another grid wrote into this folder stay in the CSV.
     csv_path, ids = out / "results.csv", {run.run_id for run in runs}
-    earlier = [r for r in read_csv(csv_path) if r["run_id"] not in ids] if csv_path.is_file() else []
+    earlier = [r for r in earlier if r["run_id"] not in ids]
 
     def task(run):
         gpu = None
@@ -139,7 +292,7 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
             with lock:
                 gpu = free.pop(0)
         try:
-            r = run_one(run, out, dataset, epochs, gpu, python)
+            r = run_one(run, out, dataset, epochs, gpu, python, children)
         finally:
             if gpu is not None:
                 with lock:
@@ -197,18 +350,43 @@ def main(argv=None) -> int:
     resolve_data_env()
     own, flags = split_at_double_dash(argv)
     args = build_parser().parse_args(own)
+    children = Children()
     try:
         if args.epochs < 1 or any(d < 1 for d in args.depths) or args.parallel < 1:
             raise ConfigError("--epochs, --depths and --parallel must be positive")
         variants = [parse_variant(v) for v in args.variant]
         runs = grid(args.models, args.depths, args.seeds, variants, flags)
-        rows = run_grid(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus)
+        with forwarded_signals(children):
+            rows = run_grid(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus,
+                            children=children)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if children.stop_signal is not None:
+        name = "interrupted" if children.stop_signal == signal.SIGINT else "preempted"
+        print(f"{name}: the running trainings saved their step; results so far: {Path(args.out) / 'results.csv'}; "
+              "run the same command to resume", file=sys.stderr)
+        return 128 + children.stop_signal
     failed = [r for r in rows if r["status"] not in FINISHED]
     print(f"{len(rows)} runs, {len(failed)} not completed; results: {Path(args.out) / 'results.csv'}")
     return 1 if failed else 0
+
+
+class forwarded_signals:
+    """Ctrl-C and SIGTERM, while the sweep runs, go to its trainings (once) instead of stopping the sweep."""
+
+    def __init__(self, children: Children):
+        self.children, self.saved = children, {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.saved[signum] = signal.signal(signum, self.children.forward)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for signum, handler in self.saved.items():
+            signal.signal(signum, handler)
+        return False
 
 
 if __name__ == "__main__":

@@ -5,12 +5,13 @@
 """
 from __future__ import annotations
 
+import shutil
 import signal
 from datetime import timedelta
 from pathlib import Path
 
 from .config import check_diagnostics, default_name, model_options
-from .errors import DeepplainError, DivergenceError, RunFailure
+from .errors import DatasetError, DeepplainError, DivergenceError, RunFailure
 
 FINAL_STATUSES = ("completed", "interrupted", "preempted", "diverged", "failed")
 
@@ -70,10 +71,10 @@ def make_strategy(config: dict, strategy_class: str):
 def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
     """Train, test and summarise one run; returns the summary written to ``summary.json``."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichModelSummary, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary, RichProgressBar
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from .checkpoints import AtomicCheckpointIO, remove_stale_temporaries
+    from .checkpoints import AtomicCheckpointIO, RunCheckpoint, remove_stale_temporaries
     from .layers import count_parameters
     from .rundir import atomic_write_json, run_dir_for
     from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunStats, RunStopped, StopSignals
@@ -100,9 +101,9 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
     stats, stop = RunStats(), StopSignals(ckpt_dir / "last.ckpt")
     diagnostics = make_diagnostics(config)
     # Two checkpointers: save_last alone would only refresh last.ckpt when val/acc improves.
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                                 monitor="val/acc", mode="max", save_top_k=1),
-                 ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
+    callbacks = [RunCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+                               monitor="val/acc", mode="max", save_top_k=1),
+                 RunCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
                  LearningRateMonitor(logging_interval="epoch"), RichModelSummary(max_depth=2), stats, stop,
                  RNGState(), DivergenceGuard(), RunFolderSync(run_dir, [stop]), *diagnostics]
     if config.get("progress", True):
@@ -118,7 +119,7 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
     if trainer.is_global_zero and datamodule.validation_source == "test set":
         logger.experiment.add_text("warnings", "val_split=0: validation metrics are measured on the TEST set")
 
-    status, error, metrics = "completed", None, {}
+    status, error, metrics, data_fault = "completed", None, {}, False
     sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first one; restored below
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=config.get("resume"))
@@ -135,6 +136,8 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
     except Exception as exc:  # recorded in summary.json, then reported by the CLI or as a traceback (a bug)
         status = "diverged" if isinstance(exc, DivergenceError) else "failed"
         error = str(exc) if isinstance(exc, (DeepplainError, OSError)) else f"{type(exc).__name__}: {exc}"
+        # bad data met before the run saved anything: bad input, so a new run folder is not left behind
+        data_fault = isinstance(exc, DatasetError) and created and not any(ckpt_dir.glob("*.ckpt"))
         if _is_distributed_failure(exc):
             error = (f"the DDP processes could not reach each other within --dist-timeout "
                      f"{config['dist_timeout']} s ({' '.join(str(exc).split())[:200]})")
@@ -146,7 +149,9 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
             metrics.update(_floats(trainer.callback_metrics))
         summary = _summary(config, trainer, metrics, datamodule, stats, stop, status, error,
                            count_parameters(module.model), module)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and data_fault:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif trainer.is_global_zero:
             _write_summary(run_dir, summary)
     if trainer.is_global_zero and status == "completed":
         from .report import print_trainability_report
@@ -180,7 +185,8 @@ def _write_summary(run_dir: Path, summary: dict) -> None:
 
 def _batches_per_epoch(datamodule, config) -> int:
     sizes = getattr(datamodule, "split_sizes", None) or {"train": 1}
-    return -(-sizes["train"] // config["batch_size"])
+    n, size = sizes["train"], config["batch_size"]
+    return -(-n // size) - (1 if n > 1 and n % size == 1 else 0)  # a last batch of one sample is left out
 
 
 def _floats(metrics) -> dict:

@@ -322,6 +322,18 @@ def test_one_callbacks_probe_is_not_seen_by_anothers_training_capture(tmp_path):
     (lambda: GradientFlowMonitor(max_overhead=1.5), "max_overhead must be in \\(0, 1\\)"),
     (lambda: GradientFlowMonitor(include="body.*"), "include must be a list of glob patterns"),
     (lambda: MaxNormConstraint(float("nan")), "max_norm must be a positive finite number"),
+    (lambda: MaxNormConstraint(include="body.*"), "include must be a list of glob patterns"),
+    (lambda: MaxNormConstraint(exclude="head"), "exclude must be a list of glob patterns"),
+    (lambda: MaxNormConstraint(log_every_n_steps=True), "log_every_n_steps must be a positive integer"),
+    (lambda: __import__("deepplain.callbacks", fromlist=["x"]).AlphaScheduler(include="x"),
+     "include must be a list of glob patterns"),
+    (lambda: ActivationSaturationMonitor(low=float("nan")), "need 0 <= low < high"),
+    (lambda: ActivationSaturationMonitor(high=float("inf")), "need 0 <= low < high, both finite"),
+    (lambda: ActivationSaturationMonitor(probe_size=0), "probe_size must be a positive integer"),
+    (lambda: ConditionNumberProbe(near_zero_rtol=float("nan")), "near_zero_rtol must be a number in \\(0, 1\\)"),
+    (lambda: ConditionNumberProbe(near_zero_rtol=0), "near_zero_rtol must be a number in \\(0, 1\\)"),
+    (lambda: ConditionNumberProbe(max_rows=-5), "max_rows must be an integer >= 2"),
+    (lambda: ConditionNumberProbe(probe_fn="forward"), "probe_fn must be callable"),
 ])
 def test_bad_arguments_are_standard_exceptions(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
