@@ -204,18 +204,19 @@ class TensorDataModule(L.LightningDataModule):
             except Exception as exc:  # network errors come in many types; report them in one line
                 raise DatasetError(f"{self.name}: download into {target} failed ({type(exc).__name__}: "
                                    f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
-                                   f"{self._not_found_hint(roots)}") from None
+                                   f"{self._not_found_hint(roots, downloaded=True)}") from None
             if not self.missing(target):
                 self.root = target
                 return target
         raise DatasetError(f"{self.name} not found: {self._not_found_hint(roots)}")
 
-    def _not_found_hint(self, roots) -> str:
+    def _not_found_hint(self, roots, downloaded: bool = False) -> str:
         expected = ", ".join(" or ".join(alts) for alts in self.files)
         searched = ", ".join(str(r) for r in roots)
         source = "--data-dir" if self.data_dir else "$DEEPPLAIN_DATA, then ./data"
-        return (f"searched {searched} (from {source}); expected {expected}; "
-                f"{self.how_to_get or 'pass --download to fetch it'}")
+        how = ("check the network connection, or put the files there yourself" if downloaded  # --download was given
+               else self.how_to_get or "pass --download to fetch it")
+        return f"searched {searched} (from {source}); expected {expected}; {how}"
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def prepare_data(self) -> None:
