@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -260,7 +261,6 @@ def _resume_lock(config: dict):
     Held by the launching process only (DDP ranks share the folder by design)."""
     from .inputs import FolderLock
     from .rundir import launcher_rank
-    import os
     if not config.get("resume") or launcher_rank() != 0 or os.environ.get("LOCAL_RANK", "0") != "0":
         return contextlib.nullcontext()
     return FolderLock(config["run_dir"], "--resume: the run folder")

@@ -296,8 +296,10 @@ def check_experiment(args, extra: list[str]) -> None:
     if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
         raise ConfigError("--epochs, --depth and --parallel must be positive")
     check_flags(extra, "after --")
-    varied = sorted({f.split("=", 1)[0] for f in extra} & {"--norm", "--activation", "--negative-slope", "--max-norm",
-                                                            "--lr", "--val-split"} - ({"--lr"} if not args.lrs else set()))
+    compared = {"--norm", "--activation", "--negative-slope", "--max-norm", "--val-split"}
+    if args.lrs:
+        compared.add("--lr")  # the grid sets it; without --lrs a common --lr is the user's choice for every variant
+    varied = sorted({f.split("=", 1)[0] for f in extra} & compared)
     if varied:
         raise ConfigError(f"{', '.join(varied)} after -- would change what the experiment compares; its variants "
                           "set them")

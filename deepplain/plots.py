@@ -13,6 +13,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .errors import ConfigError
+from .inputs import output_dir, read_results_csv
+
 
 
 def label(row: dict, with_epochs: bool = False) -> str:
@@ -99,8 +102,6 @@ def markdown_table(rows: list[dict], metric: str = "test_acc") -> str:
 def load_rows(paths) -> list[dict]:
     """The rows of one or more results.csv files; the same file twice, or a run id in two rows, is refused
     (its runs would be averaged as if they were seeds)."""
-    from .errors import ConfigError
-    from .inputs import read_results_csv
     resolved = [Path(p).resolve() for p in paths]
     twice = sorted({str(p) for p in resolved if resolved.count(p) > 1})
     if twice:
@@ -121,8 +122,6 @@ def load_rows(paths) -> list[dict]:
 
 def main(argv=None) -> int:
     from .cli import OneLineParser
-    from .errors import ConfigError
-    from .inputs import output_dir
     p = OneLineParser(prog="python -m deepplain.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", required=True, nargs="+", help="one or more sweeps' results.csv (rows are combined)")
     p.add_argument("--out", required=True)
