@@ -116,8 +116,8 @@ class ActivationSaturationMonitor(SamplingCallback):
         return {**super().state_key_fields(), "layer_types": types}
 
     def tensorboard_layout(self) -> dict:
-        return {"saturation": {f"{stat} ({src})": f"saturation/{src}/{stat}/.*"
-                               for src in ("train", "probe") for stat in STATS}}
+        sources = ("train", "probe") if self.probe is not None else ("train",)  # no empty probe charts
+        return {"saturation": {f"{stat} ({src})": f"saturation/{src}/{stat}/.*" for src in sources for stat in STATS}}
 
     def setup(self, trainer, pl_module, stage):
         if self.layer_types is not None:

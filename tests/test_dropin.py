@@ -287,6 +287,7 @@ def test_a_module_without_forward_is_watched_on_its_training_batches(tmp_path, c
     said = [r.getMessage() for r in caplog.records if "has no forward()" in r.getMessage()]
     assert len(said) == 2 and all("training-batch statistics" in m for m in said)
     assert saturation.probe is None and saturation.probes_taken == 0 and saturation.samples_taken == 3
+    assert not any("(probe)" in chart for chart in saturation.tensorboard_layout()["saturation"])  # no empty charts
     assert condition.probe_mode == "training" and condition.sampled_steps == [0, 2, 3]
     assert list(condition.last_stats) == ["body.1", "body.3", "body.5", "body.7"]
     tags = read_events(tmp_path).Tags()["scalars"]
