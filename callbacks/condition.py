@@ -20,7 +20,7 @@ from .linalg import (
     weight_conditions,
 )
 from .probe_batch import ProbeBatch
-from .probing import LayerCapture, batch_inputs, hidden_layers, layer_weight, select_modules, weight_layers
+from .probing import LayerCapture, batch_inputs, layer_weight, weight_layers
 from .sampling import SamplingCallback
 from .tensorboard import add_image, log_scalars
 
@@ -131,8 +131,7 @@ class ConditionNumberProbe(SamplingCallback):
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
                          probe_size=probe_size or MIN_PROBE, probe_batch=probe_batch, probe_fn=probe_fn,
-                         wants_probe=True)
-        self.layer_types = tuple(layer_types) if layer_types else None
+                         wants_probe=True, layer_types=layer_types)
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
             raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
         if isinstance(near_zero_rtol, bool) or not isinstance(near_zero_rtol, (int, float)) \
@@ -159,18 +158,16 @@ class ConditionNumberProbe(SamplingCallback):
         return {"condition": {s: f"condition/(train/)?{s}/.*" for s in stats}}
 
     def setup(self, trainer, pl_module, stage):
-        if self.layer_types is not None:
-            layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
-        else:
-            layers = hidden_layers(pl_module, self.include, self.exclude)
-        self._layers = self.select_layers(pl_module, layers, "hidden layers")
+        self._layers = self.watched_layers(pl_module, "hidden layers")
         self._weights = weight_layers(pl_module, self.include, self.exclude) if self.weights else []
         self.setup_probe(trainer, pl_module, self._rows_needed)
 
     def _rows_needed(self, trainer, pl_module, batch) -> int:
         """The probe size: the one given, or from the layers' widths (a 2-sample probe forward)."""
-        if not self.auto_probe_size or batch is None:
-            return self.probe_size if not self.auto_probe_size else MIN_PROBE
+        if not self.auto_probe_size:
+            return self.probe_size
+        if batch is None:
+            return MIN_PROBE
         tiny = ProbeBatch(2, batch_inputs(batch)[:2])
         shapes = tiny.run(trainer, pl_module, LayerCapture(
             self._layers, lambda name, out: (int(out.shape[1]) if out.dim() > 1 else 1, int(out[0, 0].numel())

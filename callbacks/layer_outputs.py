@@ -43,10 +43,6 @@ ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SELU, n
                     nn.GLU, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
 RECURRENT_TYPES = (nn.RNNBase, nn.RNNCellBase)  # RNN, LSTM, GRU and their cells
 ATTENTION_TYPES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-EMBEDDING_TYPES = (nn.Embedding, nn.EmbeddingBag)
-CONV_TYPES = (nn.modules.conv._ConvNd,)
 
 
 def first_tensor(module: nn.Module, output: Any) -> Optional[torch.Tensor]:

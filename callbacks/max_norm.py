@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import Callback
 
 from .probing import glob_list, weight_layers
+from .sampling import _positive_int
 from .tensorboard import log_scalars
 
 
@@ -48,13 +49,10 @@ class MaxNormConstraint(Callback):
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
                 or max_norm <= 0:
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
-                                              or log_every_n_steps < 1):
-            raise ValueError(f"log_every_n_steps must be a positive integer or None, got {log_every_n_steps!r}")
         self.max_norm = float(max_norm)
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.skip_classifier = bool(skip_classifier)
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
         self._layers = []
         self._last_step: Optional[int] = None
 

@@ -144,10 +144,9 @@ class ProbeBatch:
         size = max([self.size] + [want(trainer, pl_module, batch) if callable(want) else int(want)
                                   for want in self._requests.values()])
         dm = getattr(trainer, "datamodule", None)
-        loader = training_loader(trainer)
         if dm is not None and callable(getattr(dm, "probe_batch", None)):
             self.inputs, self.source = batch_inputs(dm.probe_batch(size))[:size].detach().cpu(), "the datamodule"
-        elif loader is not None:
+        elif (loader := training_loader(trainer)) is not None:
             self.inputs, self.source = gather_from_loader(loader, size), "a separate pass over the training data"
         if self.inputs is None and batch is not None:
             self.inputs, self.source = batch_inputs(batch)[:size].detach().cpu(), "the first training batch"

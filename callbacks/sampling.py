@@ -33,14 +33,14 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .layer_outputs import unit_dims
 from .probe_batch import ProbeBatch
-from .probing import check_selection, glob_list, has_forward
+from .probing import check_selection, glob_list, has_forward, hidden_layers, select_modules
 from .tensorboard import write_layout
 
 log = logging.getLogger("deepplain.callbacks")
@@ -157,13 +157,15 @@ class SamplingCallback(Callback):
                  use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
                  figure_every_n_samples: Optional[int] = None, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, probe_size: Optional[int] = None, probe_batch=None,
-                 probe_fn: Optional[Callable[[Any, Any], Any]] = None, wants_probe: bool = False):
+                 probe_fn: Optional[Callable[[Any, Any], Any]] = None, wants_probe: bool = False,
+                 layer_types: Optional[Sequence[type]] = None):
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable as probe_fn(pl_module, inputs), got {probe_fn!r}")
         self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps)
         self.budget = OverheadBudget(max_overhead)
         self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
+        self.layer_types = tuple(layer_types) if layer_types else None
         self.wants_probe = bool(wants_probe or probe_batch is not None)
         self.probe_fn = probe_fn
         self.probe_size = probe_size
@@ -297,6 +299,15 @@ class SamplingCallback(Callback):
                      100 * self.budget.spent / max(self.budget.elapsed, 1e-9), self.budget.spent_optional)
 
     # -- layers and the probe batch ----------------------------------------------------------------------
+    def watched_layers(self, pl_module, what: str) -> list:
+        """The layers whose outputs this callback watches: of ``layer_types`` if given, else
+        ``probing.hidden_layers``; checked once (see :meth:`select_layers`)."""
+        if self.layer_types is not None:
+            layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
+        else:
+            layers = hidden_layers(pl_module, self.include, self.exclude)
+        return self.select_layers(pl_module, layers, what)
+
     def select_layers(self, pl_module, layers: list, what: str) -> list:
         """``layers`` after the one setup check (see ``probing.check_selection``); notes the units' layout."""
         check_selection(type(self).__name__, pl_module, layers, self.include, self.exclude, what)

@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
-from .probing import LayerCapture, hidden_layers, select_modules
+from .probing import LayerCapture
 from .sampling import SamplingCallback
 from .tensorboard import add_histogram, add_image, log_scalars
 
@@ -91,14 +91,13 @@ class ActivationSaturationMonitor(SamplingCallback):
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
                          probe_size=probe_size, probe_batch=probe_batch if probe else None,
-                         probe_fn=probe_fn, wants_probe=bool(probe))
+                         probe_fn=probe_fn, wants_probe=bool(probe), layer_types=layer_types)
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
             raise ValueError(f"probe_size must be a positive integer, got {probe_size!r}")
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) \
                 or not 0 <= float(low) < float(high) < float("inf"):
             raise ValueError(f"need 0 <= low < high, both finite numbers, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
-        self.layer_types = tuple(layer_types) if layer_types else None
         if isinstance(histogram_layers, bool) or not isinstance(histogram_layers, int) or histogram_layers < 0:
             raise ValueError(f"histogram_layers must be an integer >= 0, got {histogram_layers!r}")
         self.histogram_layers, self.warn = histogram_layers, bool(warn)
@@ -120,11 +119,7 @@ class ActivationSaturationMonitor(SamplingCallback):
         return {"saturation": {f"{stat} ({src})": f"saturation/{src}/{stat}/.*" for src in sources for stat in STATS}}
 
     def setup(self, trainer, pl_module, stage):
-        if self.layer_types is not None:
-            layers = select_modules(pl_module, self.layer_types, self.include, self.exclude)
-        else:
-            layers = hidden_layers(pl_module, self.include, self.exclude)
-        self._layers = self.select_layers(pl_module, layers, "layers to watch")
+        self._layers = self.watched_layers(pl_module, "layers to watch")
         self.setup_probe(trainer, pl_module, self.probe_size)
         names = [n for n, _ in self._layers]
         count = min(self.histogram_layers, len(names))

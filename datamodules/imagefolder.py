@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from deepplain.errors import ConfigError, DatasetError
+from deepplain.errors import ConfigError, DatasetError, one_line
 
 from .base import DatasetInfo, note_single_sample_batch
 from .paths import candidate_roots
@@ -31,12 +31,12 @@ def load_image(path: str):
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
     except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"imagefolder: {path} is not a readable image ({' '.join(str(exc).split())[:120]})") \
+        raise DatasetError(f"imagefolder: {path} is not a readable image ({one_line(exc, 120)})") \
             from None
     except OSError as exc:
         if exc.errno is not None:  # the disk or the file system: a machine fault
             raise
-        raise DatasetError(f"imagefolder: {path} is a damaged image ({' '.join(str(exc).split())[:120]})") from None
+        raise DatasetError(f"imagefolder: {path} is a damaged image ({one_line(exc, 120)})") from None
 
 
 class ImageFolderDataModule(L.LightningDataModule):

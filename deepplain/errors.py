@@ -4,6 +4,12 @@ The CLI prints ``error: <message>`` for these and exits non-zero without a trace
 """
 
 
+def one_line(exc, limit: int = 200) -> str:
+    """An exception's message on one line (white space folded), at most ``limit`` characters: for
+    quoting a library's error inside ours."""
+    return " ".join(str(exc).split())[:limit]
+
+
 class DeepplainError(Exception):
     """Base class for errors caused by the user's input rather than by a bug."""
 

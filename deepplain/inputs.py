@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 MAX_TEXT_BYTES = 1 << 20  # a configuration or results file larger than 1 MiB is not one a person wrote
 
@@ -25,7 +26,8 @@ def read_text(path, what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
         if not path.is_file():
             raise ConfigError(f"{what} {path} is not a file")
         if size > max_bytes:
-            raise ConfigError(f"{what} {path} is {size:,} bytes; at most {max_bytes:,} are read (is it the right file?)")
+            raise ConfigError(f"{what} {path} is {size:,} bytes; at most {max_bytes:,} are read "
+                              "(is it the right file?)")
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
@@ -49,7 +51,7 @@ def load_yaml(path, what: str = "--config"):
                 raise ConfigError(f"{what} {path} uses YAML anchors/aliases (&name, *name); write the values out")
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML ({' '.join(str(exc).split())[:200]})") from None
+        raise ConfigError(f"{what} {path} is not valid YAML ({one_line(exc)})") from None
 
 
 def output_dir(path, what: str = "--out") -> Path:
@@ -80,7 +82,7 @@ def read_results_csv(path, required=("run_id", "model", "depth", "seed", "status
     """The rows of a sweep's results.csv, checked: the header has ``required``, every row has as many
     fields as the header, and depth and seed are integers."""
     text = read_text(path, "results CSV", max_bytes=64 * MAX_TEXT_BYTES)
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # the csv module, not splitlines, decides where rows end
     header = next(reader, None)
     missing = [c for c in required if c not in (header or [])]
     if missing:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 GIB = 2 ** 30
 DIRECT_BUILD_DEPTH = 256  # deeper models are estimated from two shallow ones before being built
@@ -134,7 +134,7 @@ def measure(config: dict, depth: int, input_shape, num_classes: int) -> MemoryEs
             raise
         shape = "x".join(map(str, input_shape))
         raise ConfigError(f"{config['model']} {config['arch']} depth {depth} cannot take {shape} inputs "
-                          f"({' '.join(str(exc).split())[:160]}); use a larger --image-size") from None
+                          f"({one_line(exc, 160)}); use a larger --image-size") from None
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from .config import check_diagnostics, default_name, model_options
-from .errors import DatasetError, DeepplainError, DivergenceError, RunFailure
+from .errors import DatasetError, DeepplainError, DivergenceError, RunFailure, one_line
 
 FINAL_STATUSES = ("completed", "interrupted", "preempted", "diverged", "failed")
 
@@ -140,7 +140,7 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
         data_fault = isinstance(exc, DatasetError) and created and not any(ckpt_dir.glob("*.ckpt"))
         if _is_distributed_failure(exc):
             error = (f"the DDP processes could not reach each other within --dist-timeout "
-                     f"{config['dist_timeout']} s ({' '.join(str(exc).split())[:200]})")
+                     f"{config['dist_timeout']} s ({one_line(exc)})")
             raise RunFailure(error) from None
         raise
     finally:

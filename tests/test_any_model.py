@@ -380,7 +380,8 @@ def test_an_include_that_matches_nothing_stops_at_setup(make, message, tmp_path)
 
 def test_the_rank_collapse_example_shows_collapse_only_without_skips():
     """examples/rank_collapse.py (docs/RESULTS.md section 9): the probe sees pure attention collapse the tokens of a
-    sequence to one direction (kappa inf, correlation 1, Dong et al.'s residual 0) and the skip connection prevent it."""
+    sequence to one direction (kappa inf, correlation 1, Dong et al.'s residual 0), and the skip connections
+    prevent it."""
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "examples" / "rank_collapse.py"

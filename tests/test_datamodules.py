@@ -163,7 +163,8 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
     def offline(self, root):
         raise OSError("network is unreachable")
     monkeypatch.setattr(MNISTDataModule, "fetch", offline)
-    with pytest.raises(DatasetError, match="MNIST: download into .* failed \\(OSError: network is unreachable\\)") as err:
+    failed = "MNIST: download into .* failed \\(OSError: network is unreachable\\)"
+    with pytest.raises(DatasetError, match=failed) as err:
         MNISTDataModule(data_dir=tmp_path / "dl", download=True).setup()
     # --download was given: the hint is not to pass it again
     assert "pass --download" not in str(err.value) and "check the network connection" in str(err.value)

@@ -161,3 +161,10 @@ def test_a_lock_is_released_by_a_process_that_dies(tmp_path):
     assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 9
     with FolderLock(tmp_path, "x"):  # the dead process left the lock file, not the lock
         pass
+
+
+def test_a_quoted_newline_in_a_results_csv_stays_inside_its_row(tmp_path):
+    from deepplain.inputs import read_results_csv
+    path = write_csv(tmp_path / "a.csv", [["x", "plain", "1", "0", "", "usps", "failed (see\nlog)", "", "", "1"]])
+    rows = read_results_csv(path)
+    assert len(rows) == 1 and rows[0]["status"] == "failed (see\nlog)"

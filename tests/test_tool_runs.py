@@ -126,8 +126,9 @@ def test_family_modules_predict_and_refuse_another_familys_checkpoint(tmp_path):
     assert [o.shape for o in out] == [(4, 3), (2, 3)]
     trainer.strategy.connect(van)
     trainer.save_checkpoint(tmp_path / "van.ckpt")
-    with pytest.raises(ConfigError, match=r"PlainNetModule is the plain family's module, but this checkpoint or "
-                                          r"argument is a van model; use deepplain.family_modules.module_class\('van'\)"):
+    refused = (r"PlainNetModule is the plain family's module, but this checkpoint or argument is a van model; "
+               r"use deepplain.family_modules.module_class\('van'\)")
+    with pytest.raises(ConfigError, match=refused):
         PlainNetModule.load_from_checkpoint(tmp_path / "van.ckpt")
     assert isinstance(VANModule.load_from_checkpoint(tmp_path / "van.ckpt"), VANModule)
 
