@@ -87,7 +87,7 @@ def unit_heatmap(matrix: np.ndarray, title: str, max_side: int = 256) -> Figure:
     fig = new_figure(6.0, 3.6)
     ax = fig.add_subplot()
     image = ax.imshow(np.asarray(matrix, dtype=float).T, aspect="auto", interpolation="nearest", cmap="viridis")
-    ax.set_xlabel("probe sample")
+    ax.set_xlabel("probe row (sample, position or token)")
     ax.set_ylabel("unit")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax)
