@@ -56,7 +56,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from .probing import glob_list, skip_gates
-from .tensorboard import log_scalars, write_layout
+from .publish import DepthTimeSpec, Publisher, write_overview
+from .records import DiagnosticsTable
+from .tensorboard import write_layout
 
 MODES = ("lagrangian", "literal", "unconstrained", "linear", "cosine")
 DEFAULT_PHASE_OUT = 120 / 165  # the VAN paper's Fig. 2: skips gone at about epoch 120 of 165
@@ -85,12 +87,17 @@ class AlphaScheduler(Callback):
         phase_out: when the skips must be gone: a share of training (< 1) or an epoch (>= 1).
             Default 120/165. Used by ``lagrangian``, ``linear`` and ``cosine``.
         alpha_lr: ``eta_alpha`` given directly instead of derived from ``phase_out``.
-        every_n_steps: logging interval of the ``alpha/*`` scalars (also logged at epoch ends).
+        every_n_steps: logging interval of the ``alpha/*`` scalars (also logged at epoch ends);
+            default: every 1% of the run (every 50 steps when its length is unknown).
+        per_layer_scalars: also one scalar per gate (off: a VAN-30 has 60 of them; every gate's
+            values are in ``diagnostics.csv`` and the depth x time image).
 
     TensorBoard: ``alpha/residual`` (the paper's mean alpha residual), ``alpha/share_removed``
-    (share of units with alpha = 1), ``alpha/lambda``, and per gate ``alpha/mean/<gate>`` and
-    ``alpha/lambda/<gate>``. At the end of training it reports the step at which every skip was
-    gone, or how far the alphas still are from 1.
+    (share of units with alpha = 1), ``alpha/lambda``, the same two as ``overview/alpha_residual``
+    and ``overview/alpha_share_removed``, the depth x time image ``alpha/depth_time/mean`` (each
+    gate's mean alpha, redrawn at epoch ends), and with ``per_layer_scalars=True`` per gate
+    ``alpha/mean/<gate>`` and ``alpha/lambda/<gate>``. At the end of training it reports the step at
+    which every skip was gone, or how far the alphas still are from 1.
 
     Example::
 
@@ -102,7 +109,8 @@ class AlphaScheduler(Callback):
 
     def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: float = 0.5, phase_out: Optional[float] = None,
                  alpha_lr: Optional[float] = None, include: Optional[list[str]] = None,
-                 exclude: Optional[list[str]] = None, every_n_steps: int = 50):
+                 exclude: Optional[list[str]] = None, every_n_steps: Optional[int] = None,
+                 per_layer_scalars: bool = False):
         if mode not in MODES:
             raise ValueError(f"AlphaScheduler mode must be one of {', '.join(MODES)}, got {mode!r}")
         for name, value in (("lambda_lr_ratio", lambda_lr_ratio), ("phase_out", phase_out), ("alpha_lr", alpha_lr)):
@@ -115,12 +123,17 @@ class AlphaScheduler(Callback):
             raise ValueError(f"phase_out must be a share of training in (0, 1) or an epoch >= 1, got {phase_out}")
         if alpha_lr is not None and alpha_lr <= 0:
             raise ValueError(f"alpha_lr must be positive, got {alpha_lr}")
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool)
+                                          or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
         self.mode, self.lambda_lr_ratio = mode, float(lambda_lr_ratio)
         self.phase_out = float(phase_out) if phase_out is not None else DEFAULT_PHASE_OUT
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.every_n_steps = every_n_steps
+        self.log_every = every_n_steps or 50
+        self.publisher = Publisher("alpha", {"mean": DepthTimeSpec("mean alpha per gate (1: no skip)",
+                                                                   vmin=0.0, vmax=1.0, label="mean alpha")},
+                                   {}, per_layer_scalars=per_layer_scalars)
         self.alpha_lr = float(alpha_lr) if alpha_lr is not None else None
         self.lambda_lr = None if alpha_lr is None else self.lambda_lr_ratio * self.alpha_lr
         self.target_step: Optional[int] = None
@@ -130,14 +143,21 @@ class AlphaScheduler(Callback):
         self._gates = []
         self._removed_at: Optional[torch.Tensor] = None  # on the device: first step with every alpha == 1
         self._last_update_step: Optional[int] = None
+        self._logged_step: Optional[int] = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude)
 
     def tensorboard_layout(self) -> dict:
-        return {"alpha": {"alpha residual": "alpha/residual", "mean alpha": "alpha/mean/.*",
-                          "lambda": "alpha/lambda/.*"}}
+        charts = {"alpha residual": "alpha/residual", "share of units removed": "alpha/share_removed",
+                  "mean lambda": "alpha/lambda$"}
+        if self.publisher.per_layer_scalars:
+            charts.update({"mean alpha per gate": "alpha/mean/.*", "lambda per gate": "alpha/lambda/.*"})
+        return {"alpha": charts}
+
+    def overview_charts(self) -> dict:
+        return {"VAN skips: alpha residual and share removed": "overview/alpha_(residual|share_removed)"}
 
     # -- setup -----------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
@@ -167,6 +187,8 @@ class AlphaScheduler(Callback):
         self._last_update_step = None
         if self.mode in ("linear", "cosine"):
             self._set_scheduled(trainer.global_step)
+        if self.every_n_steps is None:
+            self.log_every = max(1, int(total) // 100) if math.isfinite(total) else 50
         self._log(trainer)
 
     def _target_steps(self, total: float) -> int:
@@ -243,16 +265,23 @@ class AlphaScheduler(Callback):
             self._set_scheduled(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step % self.every_n_steps == 0:
+        if trainer.global_step % self.log_every == 0:
             self._log(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._log(trainer)
+        self.publisher.draw(trainer, trainer.global_step)  # the image grows epoch by epoch
 
     def on_train_end(self, trainer, pl_module):
+        self._log(trainer)
+        self.publisher.draw(trainer, trainer.global_step)
+        write_overview(trainer, self)
         report = self.report(trainer.global_step)
         if report:
             rank_zero_info(report)
+
+    def teardown(self, trainer, pl_module, stage):
+        DiagnosticsTable.close_for(trainer)
 
     def _note_removal(self, step: int) -> None:
         """Record, on the device and without a host sync, the first step after which every alpha is 1."""
@@ -292,8 +321,17 @@ class AlphaScheduler(Callback):
         return out
 
     def _log(self, trainer):
-        if self._gates:
-            log_scalars(trainer, {f"alpha/{k}": v for k, v in self.summary().items() if k != "removed_step"})
+        """The summary scalars and overview, and each gate's mean alpha and lambda (table, image; per-gate
+        scalars if asked), once per step at most."""
+        if not self._gates or trainer.global_rank != 0 or self._logged_step == trainer.global_step:
+            return
+        self._logged_step = trainer.global_step
+        s = self.summary()
+        gates = {name: {"mean": s[f"mean/{name}"], "lambda": s[f"lambda/{name}"]} for name, _ in self._gates}
+        scalars = {"alpha/residual": s["residual"], "alpha/share_removed": s["share_removed"],
+                   "alpha/lambda": s["lambda"], "overview/alpha_residual": s["residual"],
+                   "overview/alpha_share_removed": s["share_removed"]}
+        self.publisher.publish(trainer, trainer.global_step, "train", gates, extra_scalars=scalars)
 
     def report(self, step: int) -> str:
         """One line: when every skip was gone, or how far the alphas are from 1."""

@@ -7,17 +7,22 @@ import torch
 
 from . import figures
 from .probing import gradient_layers, layer_gradient_tensors
+from .publish import DepthTimeSpec, Publisher
 from .sampling import SamplingCallback
-from .tensorboard import add_image, log_scalars
+from .tensorboard import add_image
 
 
 class GradientFlowMonitor(SamplingCallback):
     """The L2 norm and mean |grad| of each layer's weight gradient (Linear, Conv, Embedding; for
-    RNN/LSTM/GRU and MultiheadAttention all their weight matrices together)
-    (``grad_flow/norm/<layer>``, ``grad_flow/mean_abs/<layer>``), and a gradient-flow image
-    ``grad_flow/profile`` against layer index (the coursework report's Fig. 2/3) for the last sample
-    (``figure_every_n_samples`` for more), drawn when training ends. Cadence and time budget: see
-    ``deepplain.callbacks.sampling``.
+    RNN/LSTM/GRU and MultiheadAttention all their weight matrices together). Cadence and time
+    budget: see ``deepplain.callbacks.sampling``.
+
+    TensorBoard (see ``deepplain.callbacks.publish``): the depth x time image
+    ``grad_flow/depth_time/norm`` (log colour scale), depth quantiles
+    ``grad_flow/depth_{min,median,max}/norm``; per layer ``grad_flow/{norm,mean_abs}/<layer>`` only
+    with ``per_layer_scalars=True``; when training ends, ``grad_flow/profile`` against layer index
+    (the coursework report's Fig. 2/3) at the first, middle and last samples. Every value is in
+    ``diagnostics.csv``.
 
     Gradients are read in ``on_before_optimizer_step``: after DDP's all-reduce and after the
     mixed-precision unscale, so every rank sees the same values and rank zero logs them. Works with
@@ -35,14 +40,18 @@ class GradientFlowMonitor(SamplingCallback):
 
     def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, figure_every_n_samples: Optional[int] = None,
-                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01):
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
+                 per_layer_scalars: bool = False, min_samples: int = 10):
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
-                         figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude)
+                         figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
+                         per_layer_scalars=per_layer_scalars, min_samples=min_samples)
         self._layers = []
 
-    def tensorboard_layout(self) -> dict:
-        return {"grad_flow": {"gradient norm": "grad_flow/norm/.*", "mean |grad|": "grad_flow/mean_abs/.*"}}
+    def make_publisher(self) -> Publisher:
+        specs = {"norm": DepthTimeSpec("gradient norm per layer", scale="log", label="||grad||")}
+        return Publisher("grad_flow", specs, {"norm": ("min", "median", "max")},
+                         per_layer_scalars=self.per_layer_scalars)
 
     def setup(self, trainer, pl_module, stage):
         self._layers = self.select_layers(pl_module, gradient_layers(pl_module, self.include, self.exclude),
@@ -55,6 +64,7 @@ class GradientFlowMonitor(SamplingCallback):
         with self.timed_sample() as cost:
             self._sample(trainer, step)
         self.record(step, cost[0])
+        self.maybe_refresh(trainer, step)
 
     def _sample(self, trainer, step: int) -> None:
         names, rows = [], []
@@ -70,14 +80,11 @@ class GradientFlowMonitor(SamplingCallback):
             return
         values = torch.stack(rows).cpu().tolist()
         self.last_stats = {n: {"norm": v[0], "mean_abs": v[1]} for n, v in zip(names, values)}
-        metrics = {}
-        for n, (norm, mean_abs) in zip(names, values):
-            metrics[f"grad_flow/norm/{n}"] = norm
-            metrics[f"grad_flow/mean_abs/{n}"] = mean_abs
-        log_scalars(trainer, metrics, step)
+        self.publish(trainer, step, "train", self.last_stats)
         self.keep_for_figures(trainer, "profile", step, values)
 
-    def draw(self, trainer, key: str, step: int, values) -> None:
-        fig = figures.depth_profile({"grad norm": [v[0] for v in values], "mean |grad|": [v[1] for v in values]},
-                                    f"gradient flow (step {step})", "gradient", log_y=True)
-        add_image(trainer, "grad_flow/profile", figures.to_image(fig), step)
+    def draw(self, trainer, key: str, samples: list) -> None:
+        norms = {f"step {step}": [v[0] for v in values] for step, values in samples}
+        fig = figures.depth_profiles([(norms, "gradient norm", True, None)],
+                                     "gradient flow by depth, first, middle and last samples")
+        add_image(trainer, "grad_flow/profile", figures.to_image(fig), samples[-1][0])

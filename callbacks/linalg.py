@@ -101,15 +101,38 @@ def _each(fn, stack: torch.Tensor):
     return torch.stack(results)
 
 
-def singular_values(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The singular values of each matrix, as float64 CPU tensors, with the float32-then-float64
-    rule of this module. Non-finite matrices give NaN spectra."""
+def gram(m: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of ``m`` in float64: ``m^T m`` for a tall matrix, ``m m^T`` for a wide one."""
+    m = m.double()
+    return m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+
+
+def gram_singular_values(g: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending) from a float64 Gram matrix (see :func:`gram`): the square roots of
+    its eigenvalues. 2x cheaper than a float32 SVD on a CPU (0.54 s against 1.0 s for 100 matrices of
+    600 x 300 with the float64 recomputations) and as accurate below :data:`FLOAT32_KAPPA_LIMIT`: the
+    eigenvalue error is about eps * n * sigma_max^2, a relative 1e-3 on sigma_min at kappa 1e5 and
+    within 1e-2 at 5e5 (the tiers of this module, tested)."""
+    return torch.linalg.eigvalsh(g).clamp_min(0).sqrt().flip(-1)
+
+
+def singular_values(matrices: Sequence[torch.Tensor], grams: dict | None = None) -> list[torch.Tensor]:
+    """The singular values of each matrix, as float64 CPU tensors, with the tiered rule of this
+    module (on a CPU through the float64 Gram matrix; on an accelerator a batched float32 SVD).
+    Non-finite matrices give NaN spectra. ``grams``, if given, receives index -> the Gram matrix of
+    each finite matrix that had one (for :func:`representation_stats_many`)."""
     out: list = [None] * len(matrices)
     for (shape, _), indices in _by_shape(matrices).items():
         stack = torch.stack([matrices[i].detach().float() for i in indices])
         finite = torch.isfinite(stack).flatten(1).all(dim=1)
         safe = torch.where(finite[:, None, None], stack, torch.zeros((), device=stack.device))
-        spectra = _each(torch.linalg.svdvals, safe).double().cpu()
+        if stack.device.type == "cpu":
+            products = [gram(m) for m in safe]
+            spectra = torch.stack([gram_singular_values(g) for g in products])
+            if grams is not None:
+                grams.update({i: g for i, g, ok in zip(indices, products, finite.tolist()) if ok})
+        else:
+            spectra = torch.linalg.svdvals(safe).double().cpu()
         for row, (i, ok) in enumerate(zip(indices, finite.cpu().tolist())):
             s = spectra[row]
             if not ok:
@@ -118,17 +141,53 @@ def singular_values(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             smax, smin = float(s.max()), float(s.min())
             if smax > 0 and smin > smax / FLOAT32_KAPPA_LIMIT:
                 out[i] = s
-            else:  # ill-conditioned or singular in float32: only float64 can tell how much
+            else:  # ill-conditioned or singular for the fast route: only a float64 SVD can tell how much
                 out[i] = torch.linalg.svdvals(matrices[i].detach().to(torch.float64).cpu())
     return out
 
 
+def representation_stats_many(matrices: Sequence[torch.Tensor], near_zero_rtol: float = 1e-3) -> list[dict]:
+    """:func:`representation_stats` of each matrix; on a CPU the float64 Gram matrix that gives the
+    spectrum gives the collinearity too (one product per layer instead of two)."""
+    grams: dict = {}
+    spectra = singular_values(matrices, grams)
+    out = []
+    for i, (m, s) in enumerate(zip(matrices, spectra)):
+        g = grams.get(i)
+        tall = g is not None and m.shape[0] >= m.shape[1]
+        out.append(representation_stats(m, s, near_zero_rtol,
+                                        collinearity_of=(lambda g=g, m=m: gram_collinearity(g, m)) if tall else None))
+    return out
+
+
+def gram_collinearity(g: torch.Tensor, m: torch.Tensor) -> float:
+    """:func:`collinearity` of the samples x units matrix ``m`` from its float64 Gram matrix ``m^T m``.
+
+    ``cov = E[x x^T] - mean mean^T`` cancels where a unit barely varies around a large mean (tokens
+    collapsed to one direction): there, variance below 1e-9 of the second moment, the direct
+    computation decides."""
+    mean = m.double().mean(dim=0)
+    second = g.diagonal() / m.shape[0]
+    cov = g / m.shape[0] - torch.outer(mean, mean)
+    moving = second > 0
+    if bool(moving.any()) and float((cov.diagonal()[moving] / second[moving]).min()) < 1e-9:
+        return collinearity(m)
+    std = cov.diagonal().clamp_min(0).sqrt()
+    varying = std > 1e-6 * max(1e-30, float(std.max()) if std.numel() else 1.0)
+    k = int(varying.sum())
+    if k < 2:
+        return math.nan
+    corr = cov[varying][:, varying] / torch.outer(std[varying], std[varying])
+    return float((corr.abs().sum() - corr.diagonal().abs().sum()) / (k * (k - 1)))
+
+
 def representation_stats(matrix: torch.Tensor, s: torch.Tensor | None = None,
-                         near_zero_rtol: float = 1e-3) -> dict[str, float]:
+                         near_zero_rtol: float = 1e-3, collinearity_of=None) -> dict[str, float]:
     """For a samples x units matrix: kappa, numerical rank, share of singular values below
     ``near_zero_rtol * sigma_max``, and the mean absolute correlation between units (units with
     constant output are left out; NaN with fewer than two varying units). All NaN when the
-    matrix has non-finite entries. ``s``: its singular values, if already known."""
+    matrix has non-finite entries. ``s``: its singular values, if already known; ``collinearity_of``:
+    a function that gives the collinearity (from a Gram matrix already computed)."""
     x = matrix.detach()
     if s is None:
         s = singular_values([x])[0]
@@ -139,7 +198,7 @@ def representation_stats(matrix: torch.Tensor, s: torch.Tensor | None = None,
     rank = int((s > tol).sum()) if smax > 0 else 0
     near_zero = float((s <= near_zero_rtol * smax).double().mean()) if smax > 0 else 1.0
     return {"kappa": kappa_from_singular_values(s, x.shape), "rank": float(rank), "near_zero": near_zero,
-            "collinearity": collinearity(x)}
+            "collinearity": collinearity_of() if collinearity_of is not None else collinearity(x)}
 
 
 def collinearity(x: torch.Tensor) -> float:

@@ -8,8 +8,10 @@ import torch
 from lightning.pytorch import Callback
 
 from .probing import glob_list, weight_layers
+from .publish import DepthTimeSpec, Publisher, write_overview
+from .records import DiagnosticsTable
 from .sampling import _positive_int
-from .tensorboard import log_scalars
+from .tensorboard import write_layout
 
 
 @torch.no_grad()
@@ -33,8 +35,13 @@ class MaxNormConstraint(Callback):
     with norm above ``max_norm`` is scaled back to ``max_norm``. ``include``/``exclude`` globs pick
     layers; ``skip_classifier=True`` leaves the last Linear layer (the output layer) free, as the
     paper does. Layers with a reparameterised weight (``effective_weight()``, e.g. DiracNet's,
-    which normalises its filters itself) are skipped. Logs the share of units rescaled per layer
-    as ``max_norm/rescaled/<layer>`` every ``log_every_n_steps`` steps (default: the trainer's).
+    which normalises its filters itself) are skipped.
+
+    Every ``log_every_n_steps`` optimizer steps (default: every 1% of the run, or the trainer's
+    ``log_every_n_steps`` when its length is unknown) it logs the share of all units it rescaled
+    at that step (``max_norm/rescaled``, ``overview/max_norm_rescaled``), each layer's share into
+    ``diagnostics.csv`` and the depth x time image ``max_norm/depth_time/rescaled`` (redrawn at
+    epoch ends), and with ``per_layer_scalars=True`` also as ``max_norm/rescaled/<layer>``.
 
     Example::
 
@@ -45,7 +52,8 @@ class MaxNormConstraint(Callback):
     """
 
     def __init__(self, max_norm: float = 3.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
-                 skip_classifier: bool = False, log_every_n_steps: Optional[int] = None):
+                 skip_classifier: bool = False, log_every_n_steps: Optional[int] = None,
+                 per_layer_scalars: bool = False):
         if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
                 or max_norm <= 0:
             raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
@@ -55,6 +63,20 @@ class MaxNormConstraint(Callback):
         self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
         self._layers = []
         self._last_step: Optional[int] = None
+        self._every = 1
+        self.publisher = Publisher("max_norm", {"rescaled": DepthTimeSpec("share of units rescaled",
+                                                                          vmin=0.0, vmax=1.0, cmap="magma",
+                                                                          label="share")},
+                                   {}, per_layer_scalars=per_layer_scalars)
+
+    def tensorboard_layout(self) -> dict:
+        charts = {"share of units rescaled": "max_norm/rescaled$"}
+        if self.publisher.per_layer_scalars:
+            charts["share rescaled per layer"] = "max_norm/rescaled/.*"
+        return {"max_norm": charts}
+
+    def overview_charts(self) -> dict:
+        return {"max-norm: share of units rescaled": "overview/max_norm_rescaled"}
 
     @property
     def state_key(self) -> str:
@@ -74,7 +96,14 @@ class MaxNormConstraint(Callback):
         return [name for name, _ in self._layers]
 
     def on_train_start(self, trainer, pl_module):
+        write_layout(trainer, self)
         self._last_step = trainer.global_step
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # an iterable without a length
+            total = math.inf
+        self._every = self.log_every_n_steps or (max(1, int(total) // 100) if math.isfinite(total)
+                                                 else max(1, trainer.log_every_n_steps))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self._last_step:  # accumulating: no optimizer step happened
@@ -83,10 +112,24 @@ class MaxNormConstraint(Callback):
         # a frozen layer (requires_grad=False) is not trained, so it is not constrained either
         rescaled = {name: apply_max_norm(module.weight, self.max_norm) for name, module in self._layers
                     if module.weight.requires_grad}
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        if trainer.global_step % max(1, every) == 0 and rescaled:
-            shares = torch.stack([mask.float().mean() for mask in rescaled.values()]).cpu().tolist()
-            log_scalars(trainer, {f"max_norm/rescaled/{n}": s for n, s in zip(rescaled, shares)})
+        if trainer.global_step % self._every == 0 and rescaled and trainer.global_rank == 0:
+            counts = torch.stack([torch.stack([mask.float().sum(), torch.tensor(float(mask.numel()),
+                                                                                 device=mask.device)])
+                                  for mask in rescaled.values()]).cpu()
+            total = float(counts[:, 0].sum() / counts[:, 1].sum())
+            self.publisher.publish(trainer, trainer.global_step, "train",
+                                   {n: {"rescaled": float(c / u)} for n, (c, u) in zip(rescaled, counts.tolist())},
+                                   extra_scalars={"max_norm/rescaled": total, "overview/max_norm_rescaled": total})
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.publisher.draw(trainer, trainer.global_step)  # the image grows epoch by epoch
+
+    def on_train_end(self, trainer, pl_module):
+        self.publisher.draw(trainer, trainer.global_step)
+        write_overview(trainer, self)
+
+    def teardown(self, trainer, pl_module, stage):
+        DiagnosticsTable.close_for(trainer)
 
     def state_dict(self):
         return {"max_norm": self.max_norm}

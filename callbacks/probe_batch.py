@@ -15,6 +15,11 @@ change only because the network does. Rules, each for a reason:
   generators are restored), in eval mode and without gradients, so batch-norm statistics, dropout
   masks, the data order and the gradients of the run are untouched; a model with uninitialised
   lazy layers is not probed until training's own forward has initialised them.
+* **Measure what training computes.** Eval mode normalises with batch norm's running statistics;
+  until those have seen a training batch (``num_batches_tracked == 0``: mean 0, variance 1) they
+  describe a network training never computes. Such a layer normalises the probe with the probe's
+  own batch statistics instead, without updating the running ones; ``used_batch_stats`` says
+  whether the last probe did.
 """
 from __future__ import annotations
 
@@ -98,6 +103,26 @@ def gather_from_loader(loader: DataLoader, size: int) -> Optional[torch.Tensor]:
     return torch.cat(parts) if parts else None
 
 
+@contextlib.contextmanager
+def untrained_norms_use_batch_stats(module: nn.Module):
+    """Batch-norm layers whose running statistics have not seen data normalise with the batch's own
+    statistics, without updating the running ones (their buffers are hidden for the duration: in
+    eval mode a BatchNorm without running statistics uses the batch's). Yields the list of them."""
+    hidden = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats \
+                and m.running_mean is not None and m.num_batches_tracked is not None \
+                and int(m.num_batches_tracked) == 0:
+            hidden.append((m, m.running_mean, m.running_var))
+    try:
+        for m, _, _ in hidden:
+            m.running_mean, m.running_var = None, None
+        yield [m for m, _, _ in hidden]
+    finally:
+        for m, mean, var in hidden:
+            m.running_mean, m.running_var = mean, var
+
+
 class ProbeBatch:
     """A fixed input batch kept for the whole run and saved in checkpoints (see the module docstring).
 
@@ -110,6 +135,7 @@ class ProbeBatch:
         self.size = int(size)
         self.inputs: Optional[torch.Tensor] = None if batch is None else batch_inputs(batch)[: self.size].detach().cpu()
         self.source = "the probe_batch argument" if batch is not None else None
+        self.used_batch_stats = False  # whether the last probe normalised with its own batch statistics
         self.members: list = []      # the callbacks sharing this probe, in the trainer's order
         self._requests: dict = {}    # member -> its size, or a function (trainer, pl_module, batch) -> size
 
@@ -173,7 +199,9 @@ class ProbeBatch:
         _RUNNING_PROBE.append(capture)
         try:
             torch.backends.mha.set_fastpath_enabled(False)
-            with forked_random_state(), eval_mode(pl_module), trainer.precision_plugin.forward_context(), capture:
+            with forked_random_state(), eval_mode(pl_module), untrained_norms_use_batch_stats(pl_module) as used, \
+                    trainer.precision_plugin.forward_context(), capture:
+                self.used_batch_stats = bool(used)
                 probe_fn(pl_module, x) if probe_fn is not None else pl_module(x)
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -12,13 +12,22 @@ Lightning hook) and *what* it computes; the base decides *whether* to sample at 
 * **Time budget.** ``max_overhead`` (default 1%) postpones an intermediate sample unless the time
   the callback spent on intermediate samples, plus what the last sample took, stays within that
   share of the wall time since training started; the first and last samples are never postponed
-  and do not count against it. A postponed sample is taken at the first later step the
-  budget allows (due points that pass meanwhile merge into it) and every postponement is logged
-  on the ``deepplain.callbacks`` logger, with a summary line at the end of training.
-* **Figures** cost far more than the statistics (40-120 ms each on a CPU, against a few ms), so
-  a sample keeps only what its figures need, and they are drawn when training ends, off the
-  training path: for the last sample by default (the statistics of every sample are scalars), or
-  with ``figure_every_n_samples=k`` for the first, every k-th and the last.
+  and do not count against it, nor do the samples that keep ``min_samples`` (default 10) spread
+  over a run of known length: whatever the budget, a run has at least that many points in time
+  (one due every tenth of the run), so that its evolution and the ``overview/`` charts show. A
+  postponed sample is taken at the first later step the budget allows (due points that pass
+  meanwhile merge into it) and every postponement is logged on the ``deepplain.callbacks`` logger,
+  with a summary line at the end of training.
+* **What a sample writes** (``deepplain.callbacks.publish``): its per-layer values go to the run's
+  ``diagnostics.csv`` and to the depth x time images ``<prefix>/depth_time/<stat>``; its scalars are
+  a few depth quantiles, the ``overview/`` counts, and one scalar per layer only with
+  ``per_layer_scalars=True``. The findings (vanished, exploded, ... layers) are kept with the
+  worst state each reached (:class:`~deepplain.callbacks.records.FindingsLog`).
+* **Figures** cost far more than the statistics (40-120 ms each on a CPU, against a few ms). The
+  depth x time images are redrawn during the run when the time budget allows (someone watching a
+  long run sees them grow) and always when training ends. Depth profiles are drawn when training
+  ends, off the training path, for the first, middle and last samples in one image (with
+  ``figure_every_n_samples=k`` also every k-th sample's own image).
 * **The probe.** Callbacks that probe share one probe batch per run
   (``deepplain.callbacks.probe_batch``). How it goes through the model is said once, at setup:
   ``forward()``, the user's ``probe_fn(pl_module, inputs)``, or, for a module without
@@ -41,6 +50,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from .layer_outputs import unit_dims
 from .probe_batch import ProbeBatch
 from .probing import check_selection, glob_list, has_forward, hidden_layers, select_modules
+from .publish import Publisher, write_overview
+from .records import DiagnosticsTable, FindingsLog
 from .tensorboard import write_layout
 
 log = logging.getLogger("deepplain.callbacks")
@@ -59,9 +70,13 @@ class SamplingSchedule:
 
     FALLBACK_EVERY = 200  # when the run's length is unknown (an iterable without len, max_epochs=-1)
 
-    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, use_log_every_n_steps: bool = False):
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, use_log_every_n_steps: bool = False,
+                 min_samples: int = 10):
         self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
         self.num_samples = _positive_int("num_samples", num_samples, allow_none=False)
+        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 0:
+            raise ValueError(f"min_samples must be an integer >= 0, got {min_samples!r}")
+        self.min_samples = min(min_samples, self.num_samples)
         self.use_log_every_n_steps = bool(use_log_every_n_steps)
         self.total_steps: Optional[int] = None
         self.every = self.every_n_steps or self.FALLBACK_EVERY
@@ -81,6 +96,13 @@ class SamplingSchedule:
             self.every = max(1, math.ceil((self.total_steps - 1) / max(1, self.num_samples - 1)))
         else:
             self.every = self.FALLBACK_EVERY
+
+    def behind(self, step: int, taken: int) -> bool:
+        """Whether ``taken`` samples by ``step`` fall short of ``min_samples`` spread evenly over the run
+        (one due every ``total / min_samples`` steps): such a sample is taken whatever the budget."""
+        if not self.min_samples or not self.total_steps:
+            return False
+        return taken < min(self.min_samples, math.floor(self.min_samples * step / self.total_steps))
 
     def is_last(self, step: int) -> bool:
         return self.total_steps is not None and step == self.total_steps - 1
@@ -158,10 +180,11 @@ class SamplingCallback(Callback):
                  figure_every_n_samples: Optional[int] = None, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, probe_size: Optional[int] = None, probe_batch=None,
                  probe_fn: Optional[Callable[[Any, Any], Any]] = None, wants_probe: bool = False,
-                 layer_types: Optional[Sequence[type]] = None):
+                 layer_types: Optional[Sequence[type]] = None, per_layer_scalars: bool = False,
+                 min_samples: int = 10):
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable as probe_fn(pl_module, inputs), got {probe_fn!r}")
-        self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps)
+        self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps, min_samples)
         self.budget = OverheadBudget(max_overhead)
         self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
@@ -180,7 +203,12 @@ class SamplingCallback(Callback):
         self.sample_seconds: list[float] = []  # the duration of each sample (statistics and logging)
         self.figure_seconds = 0.0              # drawing the kept figures when training ended
         self.last_stats: dict[str, dict[str, float]] = {}
-        self._figure_data: dict[str, dict] = {}  # key -> {"first", "latest": (step, payload), "extra": [...], "n"}
+        self._figure_data: dict[str, dict] = {}  # key -> {"first", "middle", "latest": (step, payload), "extra", "n"}
+        self.per_layer_scalars = bool(per_layer_scalars)
+        self._publisher: Optional[Publisher] = None
+        self.findings = FindingsLog()
+        self._refreshed_at = 0                 # samples taken when the depth x time images were last drawn
+        self._refreshed_middle = False
         self._pending: Optional[int] = None   # the due step of a postponed sample
         self._mandatory = True                # whether the sample being taken may not be postponed
         self._refused: Optional[int] = None   # the due step whose postponement was counted
@@ -195,16 +223,75 @@ class SamplingCallback(Callback):
         return self._generate_state_key(**self.state_key_fields())
 
     def tensorboard_layout(self) -> dict:
+        return {self.prefix: self.publisher.layout()}
+
+    def overview_charts(self) -> dict:
+        """Custom Scalars charts of the ``overview/`` scalars this callback logs (title -> regex)."""
         return {}
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:  # built on first use: a subclass's settings (thresholds) exist by then
+            self._publisher = self.make_publisher()
+        return self._publisher
+
+    def make_publisher(self) -> Publisher:
+        """Where this callback's per-layer statistics go (subclasses say what they draw and summarise)."""
+        return Publisher(self.prefix, {}, {}, per_layer_scalars=self.per_layer_scalars)
+
+    def publish(self, trainer, step: int, source: str, stats: dict, found: Optional[dict] = None,
+                overview: Optional[dict] = None, note: str = "") -> None:
+        """One sample out (rank zero): table, depth x time record, scalars, findings. Callers then call
+        :meth:`maybe_refresh` outside the sample's own time charge."""
+        if trainer.global_rank != 0:
+            return
+        self.publisher.publish(trainer, step, source, stats, note, self.overview_tags(overview))
+        if found is not None:
+            self.findings.update(step, "probe" if source == "probe" else "training batch", found)
+
+    def overview_tags(self, overview: Optional[dict]) -> dict:
+        """``overview/...`` scalars, suffixed ``#2``, ``#3``, ... for a second, third instance of a class."""
+        suffix = self.publisher.prefix[len(self.prefix):]
+        return {f"{k}{suffix}": v for k, v in (overview or {}).items()}
+
+    def maybe_refresh(self, trainer, step: int) -> None:
+        """Redraw the depth x time images during the run: once at the first sample past the middle of
+        the run (always), and every quarter of the planned samples when the time budget allows what
+        the last drawing took."""
+        if trainer.global_rank != 0 or self.publisher.columns() < 2:
+            return
+        total = self.schedule.total_steps
+        if total and not self._refreshed_middle and step >= total // 2 and not self.schedule.is_last(step):
+            self._refreshed_middle, self._refreshed_at = True, self.samples_taken
+            with self.budget.charge(optional=False):
+                self.publisher.draw(trainer, step)
+            return
+        every = max(2, self.schedule.num_samples // 4)
+        expected = self.publisher.draw_seconds[-1] if self.publisher.draw_seconds else 0.2
+        if self.samples_taken - self._refreshed_at >= every and self.budget.allows(expected):
+            self._refreshed_at = self.samples_taken
+            with self.budget.charge():
+                self.publisher.draw(trainer, step)
 
     # -- deciding when -------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
         self.schedule.start(trainer)
         self.budget.start()
+        twins = [cb for cb in trainer.callbacks if type(cb) is type(self)]
+        if len(twins) > 1 and twins.index(self) > 0:  # a second monitor on other layers: its own tags
+            self.publisher.prefix = f"{self.prefix}#{twins.index(self) + 1}"
+            self.publisher.stems = {k: v.replace(self.prefix, self.publisher.prefix, 1)
+                                    for k, v in self.publisher.stems.items()}
         write_layout(trainer, self)
 
-    def is_mandatory(self, step: int) -> bool:
+    def is_full(self, step: int) -> bool:
+        """The first and the last samples of a run: never postponed, never partial."""
         return self.samples_taken == 0 or self.schedule.is_last(step)
+
+    def is_mandatory(self, step: int) -> bool:
+        """Not postponed by the budget: the first and last samples, and any sample needed to keep
+        ``min_samples`` spread over a run of known length (``SamplingSchedule.behind``)."""
+        return self.is_full(step) or self.schedule.behind(step, self.samples_taken)
 
     def decide(self, trainer, collective: bool = False) -> bool:
         """Whether to take a sample at this step. ``collective=True`` when the sample enters a
@@ -218,8 +305,7 @@ class SamplingCallback(Callback):
             self._pending = step
         if self._pending is None:
             return False
-        expected = self.sample_seconds[-1] if self.sample_seconds else 0.0
-        allowed = self.is_mandatory(step) or self.budget.allows(expected)
+        allowed = self.is_mandatory(step) or self.budget.allows(self.expected_seconds())
         if collective and trainer.world_size > 1:
             allowed = bool(trainer.strategy.broadcast(allowed, src=0))
         if allowed:
@@ -231,44 +317,63 @@ class SamplingCallback(Callback):
             self.note_postponed(trainer, "the sample", step, announce=self._pending == step)
         return False
 
+    def expected_seconds(self) -> float:
+        """What the next intermediate sample is expected to cost: the last one's duration."""
+        return self.sample_seconds[-1] if self.sample_seconds else 0.0
+
     def note_postponed(self, trainer, what: str, step: int, announce: bool = True) -> None:
         """Count one postponed due point and log it (the first of a streak): nothing is dropped silently."""
         self.postponed += 1
         if announce and trainer.global_rank == 0:
-            log.info("%s: %s due at step %d is postponed: %.2f s of optional samples is over %.3g%% of the %.1f s "
-                     "since training started; it is taken at the first step the budget allows", type(self).__name__,
-                     what, step, self.budget.spent_optional, 100 * self.budget.fraction, self.budget.elapsed)
+            log.debug("%s: %s due at step %d is postponed: %.2f s of optional samples is over %.3g%% of the %.1f s "
+                      "since training started; it is taken at the first step the budget allows", type(self).__name__,
+                      what, step, self.budget.spent_optional, 100 * self.budget.fraction, self.budget.elapsed)
 
     def keep_for_figures(self, trainer, key: str, step: int, payload) -> None:
-        """Keep what the figures of this sample need (rank zero only); see :meth:`draw_figures`."""
+        """Keep what the figures of this sample need (rank zero only): the first sample, the one nearest
+        the middle of the run, the latest, and with ``figure_every_n_samples`` every k-th."""
         if trainer.global_rank != 0:
             return
-        slot = self._figure_data.setdefault(key, {"first": None, "latest": None, "extra": [], "n": 0})
-        if self.figure_every and slot["n"] % self.figure_every == 0:
-            slot["extra"].append((step, payload))  # the first sample and every k-th
+        slot = self._figure_data.setdefault(key, {"first": None, "middle": None, "latest": None, "extra": [],
+                                                  "n": 0})
+        if self.figure_every and slot["n"] % self.figure_every == 0 and slot["n"]:
+            slot["extra"].append((step, payload))
+        if slot["first"] is None:
+            slot["first"] = (step, payload)
         else:
+            half = (self.schedule.total_steps or step) / 2
+            outgoing = slot["latest"]
+            if outgoing is not None and (slot["middle"] is None
+                                         or abs(outgoing[0] - half) < abs(slot["middle"][0] - half)):
+                slot["middle"] = outgoing
             slot["latest"] = (step, payload)
         slot["n"] += 1
 
     def draw_figures(self, trainer) -> None:
-        """Draw the kept figures: every figure_every-th sample's (if set) and the latest one's."""
+        """Draw the kept figures (the first, middle and last samples' profiles in one image; every
+        figure_every-th sample's alone) and the depth x time images as they stand."""
         data, self._figure_data = self._figure_data, {}
-        if trainer.global_rank != 0 or not data:
+        if trainer.global_rank != 0:
             return
         start = time.perf_counter()
         with self.budget.charge(optional=False):
+            self.publisher.draw(trainer, trainer.global_step)
             for key, slot in data.items():
-                kept = [slot["first"], *slot["extra"], slot["latest"]]
-                for step, payload in sorted({item[0]: item for item in kept if item is not None}.values(),
-                                            key=lambda item: item[0]):
-                    self.draw(trainer, key, step, payload)
+                kept = sorted({item[0]: item for item in (slot["first"], slot["middle"], slot["latest"])
+                               if item is not None}.values(), key=lambda item: item[0])
+                if kept:
+                    self.draw(trainer, key, kept)
+                for item in slot["extra"]:
+                    self.draw(trainer, key, [item])
         self.figure_seconds += time.perf_counter() - start
 
-    def draw(self, trainer, key: str, step: int, payload) -> None:
-        """Draw the figures of one kept sample (subclasses)."""
+    def draw(self, trainer, key: str, samples: list) -> None:
+        """Draw the depth profiles of the kept samples, ``[(step, payload)]`` in step order, as one
+        image at the last one's step (subclasses)."""
 
     def teardown(self, trainer, pl_module, stage):
         self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
+        DiagnosticsTable.close_for(trainer)
 
     def record(self, step: int, seconds: float | None = None) -> None:
         self.samples_taken += 1
@@ -290,6 +395,7 @@ class SamplingCallback(Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.draw_figures(trainer)
+        write_overview(trainer, self)
         if trainer.global_rank == 0 and self.samples_taken:
             shown = self.sampled_steps if len(self.sampled_steps) <= 12 else (
                 self.sampled_steps[:6] + ["..."] + self.sampled_steps[-5:])
@@ -370,7 +476,7 @@ class SamplingCallback(Callback):
     # -- checkpointing -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"samples_taken": self.samples_taken, "last_sampled_step": self.last_sampled_step,
-                 "postponed": self.postponed, "pending": self._pending}
+                 "postponed": self.postponed, "pending": self._pending, "findings": self.findings.state_dict()}
         if self.probe is not None:
             state["probe"] = self.probe.state_dict(self)
         return state
@@ -380,6 +486,7 @@ class SamplingCallback(Callback):
         self.last_sampled_step = state_dict.get("last_sampled_step", -1)
         self.postponed = state_dict.get("postponed", 0)
         self._pending = state_dict.get("pending")
+        self.findings.load_state_dict(state_dict.get("findings"))
         probe_state = state_dict.get("probe") or {}
         if self.probe is None and self.wants_probe and probe_state.get("inputs") is not None:
             self.probe = ProbeBatch(0)  # loaded before setup, which hands the inputs to the run's shared probe

@@ -8,8 +8,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
 from .probing import LayerCapture
+from .publish import DepthTimeSpec, Publisher
+from .records import DEAD_SHARE
 from .sampling import SamplingCallback
-from .tensorboard import add_histogram, add_image, log_scalars
+from .tensorboard import add_histogram, add_image
 
 STATS = ("mean_abs", "max_abs", "frac_low", "frac_high", "frac_zero", "frac_dead")
 
@@ -66,10 +68,17 @@ class ActivationSaturationMonitor(SamplingCallback):
     ``forward()`` or ``probe_fn(pl_module, inputs)``. A module without ``forward()`` and no
     ``probe_fn`` is watched on its training batches only.
 
-    TensorBoard: ``saturation/{train,probe}/<stat>/<layer>`` scalars; a ``saturation/<source>/profile``
-    image (mean and max |a| with the 0.05 and 50 lines, and the saturated shares, against layer
-    index: the paper's Fig. 2/4 and A1) and histograms of ``histogram_layers`` evenly spaced layers,
-    for the last sample (``figure_every_n_samples`` for more), drawn when training ends.
+    TensorBoard (see ``deepplain.callbacks.publish``): ``overview/layers_{vanished,exploded,dead}``
+    (training batches); depth x time images ``saturation/depth_time/<stat>`` (training batches) and
+    ``saturation/probe/depth_time/<stat>`` for mean and max |a| (log colour scale, 0.05 and 50
+    marked), the shares below 0.05 and above 50 and dead units; depth quantiles
+    ``saturation/[probe/]depth_{min,median,max}/<stat>``; per layer
+    ``saturation/{train,probe}/<stat>/<layer>`` only with ``per_layer_scalars=True``. When training
+    ends: ``saturation/<source>/profile`` (mean and max |a| and the saturated shares against layer
+    index at the first, middle and last samples: the paper's Fig. 2/4 and A1) and histograms of
+    ``histogram_layers`` evenly spaced layers. Every value of every sample is in ``diagnostics.csv``.
+    Until batch norm has seen data the probe uses the probe batch's own statistics (marked in the
+    images; see ``probe_batch``).
 
     Example::
 
@@ -86,12 +95,14 @@ class ActivationSaturationMonitor(SamplingCallback):
                  layer_types: Optional[Sequence[type]] = None, probe: bool = True, probe_size: int = 256,
                  probe_batch: Any = None, histogram_layers: int = 8, figure_every_n_samples: Optional[int] = None,
                  use_log_every_n_steps: bool = False, warn: bool = True, max_overhead: Optional[float] = 0.01,
-                 probe_fn: Optional[Callable[[Any, Any], Any]] = None):
+                 probe_fn: Optional[Callable[[Any, Any], Any]] = None, per_layer_scalars: bool = False,
+                 min_samples: int = 10):
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
                          probe_size=probe_size, probe_batch=probe_batch if probe else None,
-                         probe_fn=probe_fn, wants_probe=bool(probe), layer_types=layer_types)
+                         probe_fn=probe_fn, wants_probe=bool(probe), layer_types=layer_types,
+                         per_layer_scalars=per_layer_scalars, min_samples=min_samples)
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
             raise ValueError(f"probe_size must be a positive integer, got {probe_size!r}")
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) \
@@ -114,9 +125,31 @@ class ActivationSaturationMonitor(SamplingCallback):
         types = [t.__name__ for t in self.layer_types] if self.layer_types else None
         return {**super().state_key_fields(), "layer_types": types}
 
-    def tensorboard_layout(self) -> dict:
-        sources = ("train", "probe") if self.probe is not None else ("train",)  # no empty probe charts
-        return {"saturation": {f"{stat} ({src})": f"saturation/{src}/{stat}/.*" for src in sources for stat in STATS}}
+    def make_publisher(self) -> Publisher:
+        magnitude = dict(scale="log", vmin=self.low / 100, vmax=self.high * 100, cmap="RdBu_r",
+                         thresholds={"low": self.low, "high": self.high})
+        share = dict(vmin=0.0, vmax=1.0, cmap="magma", sources=("train",))  # the probe: magnitudes only
+        specs = {"mean_abs": DepthTimeSpec("mean |a| per layer", label="mean |a|", **magnitude),
+                 "max_abs": DepthTimeSpec("max |a| per layer", label="max |a|", **magnitude),
+                 "frac_low": DepthTimeSpec(f"share of |a| < {self.low:g}", label="share", **share),
+                 "frac_high": DepthTimeSpec(f"share of |a| > {self.high:g}", label="share", **share),
+                 "frac_dead": DepthTimeSpec("share of dead units", label="share",
+                                            thresholds={"dead": DEAD_SHARE}, **share)}
+        summaries = {"mean_abs": ("min", "median"), "max_abs": ("median", "max"), "frac_dead": ("max",)}
+        publisher = Publisher("saturation", specs, summaries, main_source="train",
+                              per_layer_scalars=self.per_layer_scalars,
+                              stems={"train": "saturation/train/", "probe": "saturation/probe/"})
+        publisher.marker_label["probe"] = "BN batch statistics"
+        return publisher
+
+    def overview_charts(self) -> dict:
+        return {"layers vanished / exploded / dead (training batch)": "overview/layers_(vanished|exploded|dead)"}
+
+    def find(self, stats: dict) -> dict[str, list[str]]:
+        """The layers of each finding in one sample (the rules of ``records.finding_rules``)."""
+        return {"vanished": [n for n, s in stats.items() if s["mean_abs"] < self.low],
+                "exploded": [n for n, s in stats.items() if s["max_abs"] > self.high],
+                "dead": [n for n, s in stats.items() if s["frac_dead"] > DEAD_SHARE]}
 
     def setup(self, trainer, pl_module, stage):
         self._layers = self.watched_layers(pl_module, "layers to watch")
@@ -155,6 +188,7 @@ class ActivationSaturationMonitor(SamplingCallback):
             if stats is not None:
                 self.last_stats = stats
         self.record(step, cost[0])
+        self.maybe_refresh(trainer, step)
 
     def on_exception(self, trainer, pl_module, exception):
         if self._capture is not None:  # never leave hooks behind
@@ -191,6 +225,7 @@ class ActivationSaturationMonitor(SamplingCallback):
         self.probe_seconds.append(cost[0])
         self.probes_taken += 1
         self.last_probe_step = step
+        self.maybe_refresh(trainer, step)
 
     def _publish(self, trainer, results: dict, source: str, step: int, gather: bool):
         if not results:
@@ -207,39 +242,43 @@ class ActivationSaturationMonitor(SamplingCallback):
             return None
         alive_parts = torch.split(alive.bool(), sizes, dim=1)
         stats = {name: combine(sums[:, i], alive_parts[i]) for i, name in enumerate(names)}
-        log_scalars(trainer, {f"saturation/{source}/{stat}/{name}": value
-                              for name, row in stats.items() for stat, value in row.items()}, step)
+        found = self.find(stats)
+        overview = {f"overview/layers_{kind}": len(layers) for kind, layers in found.items()} \
+            if source == "train" else None
+        note = "bn_batch_statistics" if source == "probe" and self.probe is not None and self.probe.used_batch_stats \
+            else ""
+        self.publish(trainer, step, source, stats, found, overview, note)
         samples = {name: results[name][2] for name in names if results[name][2] is not None}
         self.keep_for_figures(trainer, source, step, (stats, samples))
         if self.warn:
-            self._maybe_warn(stats)
+            self._maybe_warn(trainer, step, found)
         return stats
 
-    def draw(self, trainer, source: str, step: int, payload) -> None:
-        stats, samples = payload
-        names = list(stats)
-        magnitude = {"mean |a|": [stats[n]["mean_abs"] for n in names], "max |a|": [stats[n]["max_abs"] for n in names]}
-        shares = {f"|a| < {self.low:g}": [stats[n]["frac_low"] for n in names],
-                  f"|a| > {self.high:g}": [stats[n]["frac_high"] for n in names],
-                  "dead units": [stats[n]["frac_dead"] for n in names]}
-        fig = figures.depth_profiles(
-            [(magnitude, "|activation|", True, {f"low {self.low:g}": self.low, f"high {self.high:g}": self.high}),
-             (shares, "share", False, None)], f"activations by depth ({source}, step {step})")
-        add_image(trainer, f"saturation/{source}/profile", figures.to_image(fig), step)
-        for name, sample in samples.items():
-            if sample.numel():
-                add_histogram(trainer, f"saturation/{source}/hist/{name}", sample, step)
+    def draw(self, trainer, source: str, samples: list) -> None:
+        if source == "train" and self.probes_taken:
+            return  # the probe's profile is the paper's figure; the training batches are in the depth x time images
+        def series(stat):
+            return {f"step {step}": [stats[n][stat] for n in stats] for step, (stats, _) in samples}
+        thresholds = {f"low {self.low:g}": self.low, f"high {self.high:g}": self.high}
+        # two panels: the shares have their depth x time images (each panel costs ~80 ms to draw)
+        fig = figures.depth_profiles([(series("mean_abs"), "mean |a|", True, thresholds),
+                                      (series("max_abs"), "max |a|", True, thresholds)],
+                                     f"activations by depth ({source}), first, middle and last samples")
+        add_image(trainer, f"saturation/{source}/profile", figures.to_image(fig), samples[-1][0])
+        for step, (_, histograms) in samples:  # first, middle, last: TensorBoard's Distributions has a time axis
+            for name, sample in histograms.items():
+                if sample.numel():
+                    add_histogram(trainer, f"saturation/{source}/hist/{name}", sample, step)
 
-    def _maybe_warn(self, stats):
-        vanished = [n for n, s in stats.items() if s["mean_abs"] < self.low]
-        exploded = [n for n, s in stats.items() if s["max_abs"] > self.high]
-        for kind, layers, rule in (("vanished", vanished, f"mean |a| < {self.low:g}"),
-                                   ("exploded", exploded, f"max |a| > {self.high:g}")):
+    def _maybe_warn(self, trainer, step: int, found: dict) -> None:
+        for kind, rule in (("vanished", f"mean |a| < {self.low:g}"), ("exploded", f"max |a| > {self.high:g}")):
+            layers = found[kind]
             if layers and kind not in self._warned:
                 self._warned.add(kind)
                 shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
-                rank_zero_warn(f"ActivationSaturationMonitor: activations {kind} ({rule}) in {len(layers)} "
-                               f"layer(s): {shown}")
+                message = f"activations {kind} ({rule}) in {len(layers)} layer(s) at step {step}: {shown}"
+                self.findings.say(step, f"ActivationSaturationMonitor: {message}")
+                rank_zero_warn(f"ActivationSaturationMonitor: {message}")
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self):

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diagnostics", help="all | none | comma list of saturation,condition,grad_flow (default all)")
     g.add_argument("--diag-every", type=int, help="sampling interval in steps for every diagnostic "
                                                   "(default: about 20 samples spread over the run)")
+    g.add_argument("--per-layer-scalars", action="store_true",
+                   help="also one TensorBoard scalar per layer and statistic (thousands of tags for a 100-layer "
+                        "net; every value is in <run>/diagnostics.csv and the depth x time images anyway)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
@@ -204,13 +207,30 @@ def print_config(config: dict) -> None:
 
 
 # -- start-up --------------------------------------------------------------------------------------
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a message comes: while rich's live progress bar draws it
+    replaces ``sys.stderr`` and prints what it gets above the bar (a handler that kept the stream it
+    was made with wrote into the middle of the bar)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler sets it; the current sys.stderr is always used
+        pass
+
+
 def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     ours = logging.getLogger("deepplain")
     if not any(getattr(h, "_deepplain", False) for h in ours.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._deepplain = True
         ours.addHandler(handler)

@@ -27,7 +27,7 @@ BASE = dict(
     logdir="runs", name=None, num_workers=0, fast_dev_run=False, limit_train_batches=None,
     limit_val_batches=None, resume=None, diagnostics="all", diag_every=None, alpha_mode="lagrangian",
     lambda_lr_ratio=None, phase_out=None, channels_last=False, compile=False, image_size=None,
-    accumulate_grad_batches=1, deterministic=False, progress=True, verify_checksums=True,
+    accumulate_grad_batches=1, deterministic=False, progress=True, verify_checksums=True, per_layer_scalars=False,
 )
 
 # The recipe a dataset implies when neither a preset nor a flag says otherwise.
@@ -41,7 +41,7 @@ VAN_ONLY = ("alpha_mode", "lambda_lr_ratio", "phase_out")
 # What --resume may change: the length of the run, hardware, logging and where the data is.
 CHANGEABLE_ON_RESUME = {"epochs", "resume", "accelerator", "devices", "strategy", "num_nodes", "precision",
                         "progress", "limit_train_batches", "limit_val_batches", "num_workers", "data_dir",
-                        "diag_every", "dist_timeout", "download", "verify_checksums"}
+                        "diag_every", "dist_timeout", "download", "verify_checksums", "per_layer_scalars"}
 MAX_SEED = 2 ** 32 - 1
 MAX_NAME_BYTES = 200
 MAX_IMAGE_SIZE = 1024

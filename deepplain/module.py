@@ -123,6 +123,10 @@ class ImageClassifier(L.LightningModule):
             self._method_callbacks = self.make_callbacks()
         return list(self._method_callbacks)
 
+    def method_callbacks(self) -> list:
+        """The callbacks the method itself needs (the same instances Lightning gets)."""
+        return self.configure_callbacks()
+
     def make_callbacks(self) -> list:
         """The callbacks the method itself needs (max-norm here; subclasses add theirs)."""
         callbacks = []

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import RichProgressBar
 
 from .errors import DivergenceError
 
@@ -254,3 +255,15 @@ class RunFolderSync(Callback):
             for target in self._targets:
                 target.checkpoint_path = shared / target.checkpoint_path.relative_to(self.run_dir)
             self.run_dir = shared
+
+
+class RunProgressBar(RichProgressBar):
+    """Rich's progress bar with the run's version number as ``v_num`` (Lightning shows the last four
+    characters of a string version: ``on_0`` for ``version_0``)."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        version = getattr(trainer.logger, "version", None)
+        if isinstance(version, str):
+            items["v_num"] = version.removeprefix("version_")
+        return items

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import check_diagnostics, default_name, model_options
 from .errors import DatasetError, DeepplainError, DivergenceError, RunFailure, one_line
+from .report import trainability_findings
 
 FINAL_STATUSES = ("completed", "interrupted", "preempted", "diverged", "failed")
 
@@ -43,15 +44,17 @@ def make_module(config: dict, input_shape, num_classes: int):
     return cls(**kwargs)
 
 
-DIAGNOSTICS_BUDGET = 0.01  # the share of training time all diagnostics together may spend on intermediate samples
+# The share of training time each diagnostic may spend on samples beyond the ten each run gets anyway
+# (sampling.SamplingSchedule.min_samples): 1% together, most of it where a sample is cheap.
+DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
 
 
 def make_diagnostics(config: dict) -> list:
-    """The diagnostics ``--diagnostics`` names, sharing one 1% time budget for intermediate samples."""
+    """The diagnostics ``--diagnostics`` names, each with its share of :data:`DIAGNOSTICS_BUDGET`."""
     from .callbacks import DIAGNOSTICS
     names = check_diagnostics(config["diagnostics"])
-    share = DIAGNOSTICS_BUDGET / max(1, len(names))
-    return [DIAGNOSTICS[name](every_n_steps=config.get("diag_every"), max_overhead=share) for name in names]
+    return [DIAGNOSTICS[name](every_n_steps=config.get("diag_every"), max_overhead=DIAGNOSTICS_BUDGET[name],
+                              per_layer_scalars=config.get("per_layer_scalars", False)) for name in names]
 
 
 def make_strategy(config: dict, strategy_class: str):
@@ -71,18 +74,21 @@ def make_strategy(config: dict, strategy_class: str):
 def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
     """Train, test and summarise one run; returns the summary written to ``summary.json``."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from .checkpoints import AtomicCheckpointIO, RunCheckpoint, remove_stale_temporaries
     from .layers import count_parameters
     from .rundir import atomic_write_json, run_dir_for
-    from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunStats, RunStopped, StopSignals
+    from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunProgressBar, RunStats, RunStopped, StopSignals
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     datamodule = datamodule or make_datamodule(config)
     datamodule.setup("fit")  # decode once, here: shapes and class counts are needed to build the model
     module = make_module(config, datamodule.input_shape, datamodule.num_classes)
+    for cb in module.method_callbacks():  # max-norm and VAN's scheduler log per layer only when asked, too
+        if getattr(cb, "publisher", None) is not None:
+            cb.publisher.per_layer_scalars = bool(config.get("per_layer_scalars", False))
     root = getattr(datamodule, "root", None)
     config["data_root"] = str(Path(root).resolve()) if root is not None and str(root) != "." else None
 
@@ -107,7 +113,7 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
                  LearningRateMonitor(logging_interval="epoch"), RichModelSummary(max_depth=2), stats, stop,
                  RNGState(), DivergenceGuard(), RunFolderSync(run_dir, [stop]), *diagnostics]
     if config.get("progress", True):
-        callbacks.append(RichProgressBar())
+        callbacks.append(RunProgressBar())
     trainer = L.Trainer(
         max_epochs=config["epochs"], accelerator=config["accelerator"], devices=config["devices"],
         strategy=make_strategy(config, strategy_class), num_nodes=config["num_nodes"], precision=config["precision"],
@@ -153,13 +159,32 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
             shutil.rmtree(run_dir, ignore_errors=True)
         elif trainer.is_global_zero:
             _write_summary(run_dir, summary)
+    if trainer.is_global_zero:
+        _log_hparams(logger, config, summary)
     if trainer.is_global_zero and status == "completed":
-        from .report import print_trainability_report
-        print_trainability_report(diagnostics)
+        from .report import print_run_end, print_trainability_report
+        print_trainability_report(diagnostics + module.method_callbacks())
         for line in _method_reports(module, trainer):
             print(line)
-        print(f"run folder: {run_dir}")
+        print_run_end(summary)
     return summary
+
+
+HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+
+
+def _log_hparams(logger, config: dict, summary: dict) -> None:
+    """The run's configuration with its final metrics (``hparam/<metric>``), so TensorBoard's HParams
+    dashboard lists the runs of a sweep in one table."""
+    params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()
+              if v is not None and k not in ("run_dir", "data_root", "resume", "data_dir")}
+    metrics = {f"hparam/{k}": float(summary[k]) for k in HPARAM_METRICS if summary.get(k) is not None}
+    if metrics:
+        try:
+            logger.log_hyperparams(params, metrics=metrics)
+            logger.finalize("success")  # written and closed now: nothing touches the run folder after the run
+        except Exception as exc:  # an odd value must not cost the run its summary
+            print(f"warning: hyperparameters not logged to TensorBoard ({one_line(exc)})")
 
 
 def _is_distributed_failure(exc: BaseException) -> bool:
@@ -230,4 +255,5 @@ def _summary(config, trainer, metrics, datamodule, stats, stop, status, error, p
         "interrupt_checkpoint": str(stop.saved) if stop.saved else None,
         "resume_from": str(last) if last.is_file() and status != "completed" else None,
         "run_dir": config["run_dir"], "config": dict(config), **_alpha_summary(module),
+        "diagnostics": trainability_findings(getattr(trainer, "callbacks", [])),
     }

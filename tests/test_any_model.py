@@ -218,9 +218,10 @@ MODELS = {
 
 def diagnostics():
     # small probes and matrices keep the 24 pairs of runs fast; the defaults are tested elsewhere
-    return [ActivationSaturationMonitor(every_n_steps=2, max_overhead=None, probe_size=16),
-            ConditionNumberProbe(every_n_steps=2, max_overhead=None, probe_size=16, max_rows=256),
-            GradientFlowMonitor(every_n_steps=2, max_overhead=None)]
+    return [ActivationSaturationMonitor(every_n_steps=2, max_overhead=None, probe_size=16, per_layer_scalars=True),
+            ConditionNumberProbe(every_n_steps=2, max_overhead=None, probe_size=16, max_rows=256,
+                                 per_layer_scalars=True),
+            GradientFlowMonitor(every_n_steps=2, max_overhead=None, per_layer_scalars=True)]
 
 
 def train(name: str, precision: str, callbacks: list):
@@ -261,7 +262,7 @@ def test_diagnostics_log_on_any_model_and_change_nothing(name, precision):
     assert all(not m._forward_hooks for m in watched.modules())
     if name == "lightning_demo_transformer":  # forward(inputs, target): the probe falls back, with one warning
         assert sum("the probe batch could not go through the model" in m for m in messages) == 2
-        assert cbs[1].probe_mode == "training" and any(t.startswith("condition/train/kappa/") for t in tags)
+        assert cbs[1].probe_mode == "training" and any(t.startswith("condition/train/log10_kappa/") for t in tags)
 
 
 def test_watched_layers_of_recurrent_and_attention_models():
@@ -280,11 +281,11 @@ def test_watched_layers_of_recurrent_and_attention_models():
 
 
 def test_demo_transformer_probed_through_probe_fn():
-    cbs = [ConditionNumberProbe(every_n_steps=2, max_overhead=None, probe_size=16,
+    cbs = [ConditionNumberProbe(every_n_steps=2, max_overhead=None, probe_size=16, per_layer_scalars=True,
                                 probe_fn=lambda module, x: module(x, x))]
     _, tags, messages = train("lightning_demo_transformer", "32-true", cbs)
     assert cbs[0].probe_mode == "probe_fn" and not any("could not go through" in m for m in messages)
-    assert any(t.startswith("condition/kappa/model.transformer.encoder.layers.0") for t in tags)
+    assert any(t.startswith("condition/log10_kappa/model.transformer.encoder.layers.0") for t in tags)
 
 
 def test_a_probe_is_gathered_from_as_many_training_batches_as_the_widest_layer_needs(tmp_path):

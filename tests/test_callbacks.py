@@ -1,4 +1,5 @@
 """Diagnostic callbacks: statistics against independent computations, and use in foreign modules."""
+import csv
 import math
 import warnings
 
@@ -20,6 +21,7 @@ from deepplain.callbacks.linalg import (
     FLOAT32_KAPPA_LIMIT,
     FLOAT32_TIERS,
     representation_stats,
+    representation_stats_many,
     singular_values,
     weight_condition_stats,
 )
@@ -61,6 +63,22 @@ def test_batched_float32_spectra_agree_with_numpy_float64(shape):
         assert got == pytest.approx(expected[0] / expected[-1], rel=tolerance), kappa
         if kappa < 1e6:  # beyond that, storing the matrix in float32 has already moved its small singular values
             assert got == pytest.approx(reference[0] / reference[-1], rel=1e-2), kappa
+
+
+def test_statistics_from_the_gram_matrix_equal_the_direct_ones():
+    """representation_stats_many shares one float64 Gram matrix between spectrum and collinearity; it agrees
+    with representation_stats on ordinary, wide, rank-deficient and nearly constant matrices."""
+    rng = np.random.default_rng(2)
+    ordinary = np.maximum(rng.normal(size=(600, 50)) @ rng.normal(size=(50, 50)) + 0.5, 0)
+    wide = rng.normal(size=(20, 60))
+    deficient = rng.normal(size=(200, 5)) @ rng.normal(size=(5, 30))
+    constant = 1 + 1e-5 * rng.normal(size=(100, 8))  # variance 1e-10 of the second moment: cancels
+    matrices = [torch.tensor(m, dtype=torch.float32) for m in (ordinary, wide, deficient, constant)]
+    for got, m in zip(representation_stats_many(matrices), matrices):
+        expected = representation_stats(m)
+        for key in ("kappa", "rank", "near_zero"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-6), key
+        assert got["collinearity"] == pytest.approx(expected["collinearity"], rel=1e-4, nan_ok=True)
 
 
 def test_singular_matrix_gives_inf_and_rank_deficiency():
@@ -192,10 +210,13 @@ def read_events(path):
 
 
 def all_diagnostics(every=2):
-    return [ActivationSaturationMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None),
-            ConditionNumberProbe(every_n_steps=every, max_overhead=None, weight_norms=("inf", "2")),
-            GradientFlowMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None),
-            MaxNormConstraint(3.0)]
+    return [ActivationSaturationMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None,
+                                        per_layer_scalars=True),
+            ConditionNumberProbe(every_n_steps=every, max_overhead=None, weight_norms=("inf", "2"),
+                                 per_layer_scalars=True),
+            GradientFlowMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None,
+                                per_layer_scalars=True),
+            MaxNormConstraint(3.0, per_layer_scalars=True)]
 
 
 @pytest.mark.parametrize("module_cls,kind", [(ForeignMLP, "mlp"), (ForeignCNN, "cnn")])
@@ -208,16 +229,19 @@ def test_callbacks_in_foreign_modules(module_cls, kind, precision, tmp_path):
     scalars, images, hists = acc.Tags()["scalars"], acc.Tags()["images"], acc.Tags()["histograms"]
     layer = "body.1" if kind == "mlp" else "body.2"  # the first ReLU
     for tag in [f"saturation/train/mean_abs/{layer}", f"saturation/train/frac_dead/{layer}",
-                f"saturation/probe/max_abs/{layer}", f"condition/kappa/{layer}", f"condition/collinearity/{layer}",
-                "condition/weight_kappa/body.0", "condition/weight_kappa_inf/head", "grad_flow/norm/body.0",
-                "grad_flow/mean_abs/head", "max_norm/rescaled/body.0"]:
+                f"saturation/probe/max_abs/{layer}", f"condition/log10_kappa/{layer}",
+                f"condition/collinearity/{layer}", "condition/weight_log10_kappa/body.0",
+                "condition/weight_log10_kappa_inf/head", "grad_flow/norm/body.0", "grad_flow/mean_abs/head",
+                "max_norm/rescaled/body.0", "overview/layers_vanished", "overview/worst_log10_kappa"]:
         assert tag in scalars, tag
     assert [e.step for e in acc.Scalars(f"saturation/train/mean_abs/{layer}")] == [0, 2, 4, 5]  # 0 and the last
-    assert [e.step for e in acc.Scalars(f"condition/kappa/{layer}")] == [0, 2, 4, 6]  # the last: after the update
-    for tag in ["saturation/train/profile", "saturation/probe/profile", "condition/profile", "grad_flow/profile"]:
+    assert [e.step for e in acc.Scalars(f"condition/log10_kappa/{layer}")] == [0, 2, 4, 6]  # the last: after the update
+    for tag in ["saturation/probe/profile", "condition/profile", "grad_flow/profile", "saturation/depth_time/max_abs",
+                "saturation/probe/depth_time/max_abs", "condition/depth_time/log10_kappa", "grad_flow/depth_time/norm",
+                "max_norm/depth_time/rescaled"]:
         assert tag in images, tag
     assert any(t.startswith("condition/heatmap/") for t in images)
-    assert f"saturation/train/hist/{layer}" in hists
+    assert f"saturation/probe/hist/{layer}" in hists
     assert acc.Tensors("custom_scalars__config__")  # the custom-scalars layout
     for cb in cbs[:3]:
         assert all(math.isfinite(v) for row in cb.last_stats.values() for v in row.values()
@@ -231,8 +255,9 @@ def test_logged_statistics_equal_an_independent_computation(tmp_path):
     initial = ForeignMLP()
     initial.load_state_dict(module.state_dict())
     probe_inputs = torch.randn(100, 20, generator=torch.Generator().manual_seed(1))
-    monitor = ActivationSaturationMonitor(every_n_steps=100, probe=False, max_overhead=None)
-    probe = ConditionNumberProbe(every_n_steps=100, max_overhead=None, probe_size=64, probe_batch=probe_inputs)
+    monitor = ActivationSaturationMonitor(every_n_steps=100, probe=False, max_overhead=None, per_layer_scalars=True)
+    probe = ConditionNumberProbe(every_n_steps=100, max_overhead=None, probe_size=64, probe_batch=probe_inputs,
+                                 per_layer_scalars=True)
     first = next(iter(loaders()[0]))[0]
     with torch.no_grad():
         relu1 = initial.body[:2](first).numpy()                   # the first ReLU on the first batch, step 0
@@ -244,11 +269,16 @@ def test_logged_statistics_equal_an_independent_computation(tmp_path):
     assert step0("saturation/train/frac_low/body.1") == pytest.approx((np.abs(relu1) < 0.05).mean(), rel=1e-5)
     assert probe.probe.inputs.shape[0] == 64
     s = np.linalg.svd(probed, compute_uv=False)
-    assert step0("condition/kappa/body.1") == pytest.approx(s[0] / s[-1], rel=1e-3)
+    assert step0("condition/log10_kappa/body.1") == pytest.approx(np.log10(s[0] / s[-1]), abs=5e-4)
     w = initial.body[0].weight.detach().double().numpy()
     expected = np.linalg.norm(w, np.inf) * np.linalg.norm(np.linalg.inv(w), np.inf) if w.shape[0] == w.shape[1] else \
         np.linalg.norm(w, np.inf) * np.linalg.norm(np.linalg.pinv(w), np.inf)
-    assert step0("condition/weight_kappa_inf/body.0") == pytest.approx(expected, rel=1e-3)
+    assert step0("condition/weight_log10_kappa_inf/body.0") == pytest.approx(np.log10(expected), abs=5e-4)
+    with open(next((tmp_path / "tb").glob("version_*")) / "diagnostics.csv", newline="") as handle:
+        table = {(r["statistic"], r["layer"]): float(r["value"]) for r in csv.DictReader(handle) if r["step"] == "0"}
+    assert table[("kappa", "body.1")] == pytest.approx(s[0] / s[-1], rel=1e-3)  # the raw kappa, in the table
+    assert table[("weight_kappa_inf", "body.0")] == pytest.approx(expected, rel=1e-3)
+    assert table[("train/mean_abs", "body.1")] == pytest.approx(np.abs(relu1).mean(), rel=1e-5)
 
 
 def test_hooks_are_removed_between_samples(tmp_path):
@@ -281,7 +311,7 @@ def test_saturation_warns_once_naming_layers(tmp_path):
     train, _ = loaders()
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, callbacks=[monitor], enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
-    vanished = "activations vanished \\(mean \\|a\\| < 0.05\\) in .* layer\\(s\\): body.*"
+    vanished = "activations vanished \\(mean \\|a\\| < 0.05\\) in .* layer\\(s\\) at step 0: body.*"
     with pytest.warns(UserWarning, match=vanished) as w:
         trainer.fit(module, train)
     assert sum("vanished" in str(x.message) for x in w) == 1

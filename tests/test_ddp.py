@@ -47,8 +47,9 @@ def test_callbacks_in_foreign_module_under_ddp(tmp_path):
     assert len(versions) == 1  # rank zero alone writes
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(versions[0])).Reload()
-    assert "saturation/train/mean_abs/body.1" in acc.Tags()["scalars"]
-    assert "condition/kappa/body.1" in acc.Tags()["scalars"]
+    assert "saturation/depth_max/max_abs" in acc.Tags()["scalars"] and "overview/layers_dead" in acc.Tags()["scalars"]
+    assert "condition/depth_max/log10_kappa" in acc.Tags()["scalars"]
+    assert (versions[0] / "diagnostics.csv").is_file()
 
 
 def test_van_lambdas_identical_across_ranks(tmp_path):

@@ -115,8 +115,10 @@ def test_callbacks_depend_on_nothing_of_deepplain():
 
 
 def test_two_saturation_monitors_on_different_layers_log_and_resume_separately(tmp_path):
-    first = ActivationSaturationMonitor(every_n_steps=2, include=["body.1", "body.3"], max_overhead=None)
-    second = ActivationSaturationMonitor(every_n_steps=3, include=["body.5", "body.7"], max_overhead=None)
+    first = ActivationSaturationMonitor(every_n_steps=2, include=["body.1", "body.3"], max_overhead=None,
+                                        per_layer_scalars=True)
+    second = ActivationSaturationMonitor(every_n_steps=3, include=["body.5", "body.7"], max_overhead=None,
+                                         per_layer_scalars=True)
     assert first.state_key != second.state_key
     train, val = loaders()
     trainer = L.Trainer(max_steps=6, accelerator="cpu", callbacks=[first, second], default_root_dir=tmp_path,
@@ -125,9 +127,13 @@ def test_two_saturation_monitors_on_different_layers_log_and_resume_separately(t
     trainer.fit(ForeignMLP(), train, val)
     acc = read_events(tmp_path)
     assert [e.step for e in acc.Scalars("saturation/train/mean_abs/body.1")] == [0, 2, 4, 5]
-    assert [e.step for e in acc.Scalars("saturation/train/mean_abs/body.7")] == [0, 3, 5]
-    assert "saturation/train/mean_abs/body.5" in acc.Tags()["scalars"] and list(first.last_stats) == ["body.1",
-                                                                                                      "body.3"]
+    assert [e.step for e in acc.Scalars("saturation#2/train/mean_abs/body.7")] == [0, 3, 5]
+    assert "saturation#2/train/mean_abs/body.5" in acc.Tags()["scalars"] and list(first.last_stats) == ["body.1",
+                                                                                                        "body.3"]
+    # the second monitor's summaries, images and overview do not overwrite the first's
+    assert [e.step for e in acc.Scalars("saturation#2/depth_max/max_abs")] == [0, 3, 5]
+    assert "saturation#2/depth_time/max_abs" in acc.Tags()["images"] and "overview/layers_dead#2" in acc.Tags()[
+        "scalars"]
     path = tmp_path / "both.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["callbacks"]
@@ -281,25 +287,26 @@ class NoForward(ForeignMLP):
 def test_a_module_without_forward_is_watched_on_its_training_batches(tmp_path, caplog):
     """No forward(): both probing callbacks capture the training step's own forward, say so once, and log."""
     saturation = ActivationSaturationMonitor(every_n_steps=2, max_overhead=None)
-    condition = ConditionNumberProbe(every_n_steps=2, max_overhead=None)
+    condition = ConditionNumberProbe(every_n_steps=2, max_overhead=None, per_layer_scalars=True)
     with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
         fit(NoForward(), [saturation, condition], tmp_path, steps=4)
     said = [r.getMessage() for r in caplog.records if "has no forward()" in r.getMessage()]
     assert len(said) == 2 and all("training-batch statistics" in m for m in said)
     assert saturation.probe is None and saturation.probes_taken == 0 and saturation.samples_taken == 3
-    assert not any("(probe)" in chart for chart in saturation.tensorboard_layout()["saturation"])  # no empty charts
+    assert not saturation.publisher.records.get("probe")  # no probe, no probe images or charts
     assert condition.probe_mode == "training" and condition.sampled_steps == [0, 2, 3]
     assert list(condition.last_stats) == ["body.1", "body.3", "body.5", "body.7"]
     tags = read_events(tmp_path).Tags()["scalars"]
-    assert "condition/train/kappa/body.1" in tags and "condition/kappa/body.1" not in tags
-    assert "condition/train/weight_kappa_inf/body.0" in tags
+    assert "condition/train/log10_kappa/body.1" in tags and "condition/log10_kappa/body.1" not in tags
+    assert "condition/train/weight_log10_kappa_inf/body.0" in tags
+    assert "condition/train/depth_time/log10_kappa" in read_events(tmp_path).Tags()["images"]
     assert all(not m._forward_hooks for m in NoForward().modules())
 
 
 def test_a_module_without_forward_probed_through_probe_fn(tmp_path, caplog):
     probe_fn = lambda module, x: module.head(module.body(x))  # noqa: E731
-    saturation = ActivationSaturationMonitor(every_n_steps=2, probe_fn=probe_fn)
-    condition = ConditionNumberProbe(every_n_steps=2, probe_fn=probe_fn)
+    saturation = ActivationSaturationMonitor(every_n_steps=2, probe_fn=probe_fn, per_layer_scalars=True)
+    condition = ConditionNumberProbe(every_n_steps=2, probe_fn=probe_fn, per_layer_scalars=True)
     with caplog.at_level("INFO", logger="lightning.pytorch.utilities.rank_zero"):
         fit(NoForward(), [saturation, condition], tmp_path, steps=4)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("deepplain: probe batch")]
@@ -308,7 +315,7 @@ def test_a_module_without_forward_probed_through_probe_fn(tmp_path, caplog):
                     "probe_fn(pl_module, inputs)"]
     assert saturation.probes_taken >= 2 and condition.probe_mode == "probe_fn"
     tags = read_events(tmp_path).Tags()["scalars"]
-    assert "condition/kappa/body.1" in tags and "saturation/probe/mean_abs/body.1" in tags
+    assert "condition/log10_kappa/body.1" in tags and "saturation/probe/mean_abs/body.1" in tags
 
 
 def test_the_users_matplotlib_backend_is_unchanged(tmp_path):
