@@ -10,7 +10,7 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
-from .config import check_diagnostics, default_name, model_options
+from .config import VAN_ONLY, check_diagnostics, default_name, model_options
 from .errors import DatasetError, DeepplainError, DivergenceError, RunFailure, one_line
 from .report import trainability_findings
 
@@ -171,13 +171,17 @@ def run(config: dict, datamodule=None, strategy_class: str = "") -> dict:
 
 
 HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+# What tells the runs of a sweep apart, in the HParams table's column order (the rest is in config.json).
+HPARAM_KEYS = ("model", "arch", "depth", "width", "dataset", "activation", "norm", "init", "max_norm", "alpha_mode",
+               "optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "epochs", "seed",
+               "precision")
 
 
 def _log_hparams(logger, config: dict, summary: dict) -> None:
-    """The run's configuration with its final metrics (``hparam/<metric>``), so TensorBoard's HParams
-    dashboard lists the runs of a sweep in one table."""
-    params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in config.items()
-              if v is not None and k not in ("run_dir", "data_root", "resume", "data_dir")}
+    """The run's identifying options (:data:`HPARAM_KEYS`) with its final metrics (``hparam/<metric>``),
+    so TensorBoard's HParams dashboard lists the runs of a sweep in one table."""
+    params = {k: (config[k] if isinstance(config[k], (int, float, str, bool)) else str(config[k]))
+              for k in HPARAM_KEYS if config.get(k) is not None and (k not in VAN_ONLY or config["model"] == "van")}
     metrics = {f"hparam/{k}": float(summary[k]) for k in HPARAM_METRICS if summary.get(k) is not None}
     if metrics:
         try:

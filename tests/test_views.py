@@ -108,6 +108,11 @@ def test_summary_and_terminal_say_how_the_run_ended(deep_run):
     assert "tensorboard --logdir " + str(run) in printed and f"run folder: {run}" in printed
     assert "test" in printed and f"{summary['test_acc']:.2%}" in printed
     assert "hparam/test_acc" in acc.Tags()["scalars"]  # the HParams dashboard's metric
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert {"model", "depth", "width", "dataset", "lr", "seed"} <= set(start.hparams)
+    assert "alpha_mode" not in start.hparams and start.hparams["depth"].number_value == 100  # a plain run
 
 
 def test_overview_has_ten_points_in_a_200_step_run_and_alpha_every_percent(runs):
