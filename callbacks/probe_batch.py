@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.utils.data import DataLoader, IterableDataset
 
-from .probing import _RUNNING_PROBE, LayerCapture, batch_inputs, eval_mode
+from .probing import _RUNNING_PROBE, LayerCapture, ProbeComplete, batch_inputs, eval_mode
 
 ProbeFn = Callable[[nn.Module, Any], Any]  # (pl_module, inputs) -> output
 
@@ -202,7 +202,10 @@ class ProbeBatch:
             with forked_random_state(), eval_mode(pl_module), untrained_norms_use_batch_stats(pl_module) as used, \
                     trainer.precision_plugin.forward_context(), capture:
                 self.used_batch_stats = bool(used)
-                probe_fn(pl_module, x) if probe_fn is not None else pl_module(x)
+                try:
+                    probe_fn(pl_module, x) if probe_fn is not None else pl_module(x)
+                except ProbeComplete:  # the capture has every layer it waits for (a rotating sample)
+                    pass
         finally:
             torch.backends.mha.set_fastpath_enabled(fastpath)
             _RUNNING_PROBE.pop()

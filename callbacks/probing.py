@@ -168,6 +168,11 @@ def batch_inputs(batch) -> torch.Tensor:
 _RUNNING_PROBE: list = []  # the capture of the probe forward in progress, if any
 
 
+class ProbeComplete(Exception):
+    """Raised inside a probe forward once every layer its capture waits for has fired
+    (``LayerCapture(stop_after=...)``): the rest of the forward is not needed. Caught by the probe."""
+
+
 class LayerCapture:
     """Attach forward hooks to ``layers`` on enter, remove them on exit.
 
@@ -182,9 +187,11 @@ class LayerCapture:
     """
 
     def __init__(self, layers: Sequence[tuple[str, nn.Module]], reduce: Callable[[str, torch.Tensor], object],
-                 unit_dims: Optional[dict] = None):
+                 unit_dims: Optional[dict] = None, stop_after: Optional[Iterable[str]] = None):
         self.layers, self.reduce = list(layers), reduce
         self.unit_dims = unit_dims
+        self.stop_after = None if stop_after is None else set(stop_after)
+        self._waiting: Optional[set] = None
         self.results: dict[str, object] = {}
         self._handles = []
 
@@ -203,10 +210,15 @@ class LayerCapture:
                 k += 1
                 key = f"{name}#{k}"
             self.results[key] = self.reduce(key, units_on_dim1(tensor.detach(), unit_dim))
+            if self._waiting is not None and _RUNNING_PROBE and _RUNNING_PROBE[-1] is self:
+                self._waiting.discard(name)
+                if not self._waiting:  # a probe that needs no deeper layer stops here
+                    raise ProbeComplete
         return hook
 
     def __enter__(self) -> "LayerCapture":
         self.results = {}
+        self._waiting = None if self.stop_after is None else set(self.stop_after)
         self._handles = [m.register_forward_hook(self._hook(n, m)) for n, m in self.layers]
         return self
 

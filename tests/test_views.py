@@ -305,3 +305,23 @@ def test_progress_bar_shows_the_run_version_and_log_lines_go_to_the_current_stde
     monkeypatch.setattr(sys, "stderr", replaced)  # what rich's live display does while it draws
     handler.emit(logging.LogRecord("deepplain", logging.INFO, __file__, 1, "postponed", None, None))
     assert "postponed" in replaced.getvalue()
+
+
+def test_a_rotating_condition_sample_measures_a_block_and_stops_the_probe_there(tmp_path):
+    """Intermediate samples take the next block of layers_per_sample consecutive layers and stop the probe
+    forward after it: the classifier sees the probe only at the full first and last samples."""
+    module = ForeignMLP(depth=12, width=8)
+    probe_calls = []
+    module.head.register_forward_hook(lambda m, i, o: probe_calls.append(1) if not m.training else None)
+    probe = ConditionNumberProbe(every_n_steps=1, max_overhead=None, layers_per_sample=4, probe_size=64)
+    train, _ = loaders()
+    L.Trainer(max_steps=5, accelerator="cpu", logger=TensorBoardLogger(str(tmp_path), name="tb"),
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[probe]).fit(module, train)
+    # step 4 is the last step: its sample is the one after the last update, step 5
+    assert probe.sampled_steps == [0, 1, 2, 3, 5] and len(probe_calls) == 2  # steps 0 and 5 ran to the end
+    rows = table_rows(next((tmp_path / "tb").glob("version_*")))
+    relus = [f"body.{2 * i + 1}" for i in range(12)]
+    blocks = [sorted(values(rows, "kappa", step, "condition"), key=relus.index) for step in range(1, 4)]
+    assert blocks == [relus[0:4], relus[4:8], relus[8:12]]
+    assert len(values(rows, "kappa", 0, "condition")) == len(values(rows, "kappa", 5, "condition")) == 12
