@@ -30,6 +30,23 @@ __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition"
            "representation_matrix", "weight_matrix", "probe_size_for"]
 
 
+def spread_order(count: int) -> list[int]:
+    """0 .. count-1 in an order that spreads over the range from the start (van der Corput:
+    0, 1/2, 1/4, 3/4, ... of it), so that the first few cover it evenly: 13 gives 0, 6, 3, 9, 1, 8, ..."""
+    order: list[int] = []
+    r = 0
+    while len(order) < count:
+        fraction, bit, n = 0.0, 0.5, r
+        while n:
+            fraction += bit * (n & 1)
+            n, bit = n >> 1, bit / 2
+        block = int(fraction * count)
+        if block not in order:
+            order.append(block)
+        r += 1
+    return order
+
+
 def _merge(*tables: dict) -> dict:
     """layer -> statistics, the rows of several tables merged (a layer can have both kinds)."""
     out: dict = {}
@@ -111,8 +128,9 @@ class ConditionNumberProbe(SamplingCallback):
 
     **Which layers a sample covers.** The first and the last samples measure every layer. With more
     than ``layers_per_sample`` (default 8) layers, an intermediate sample measures a rotating
-    subset: the next block of 8 consecutive layers, in the order the forward meets them, and the
-    probe forward stops after the block's last layer (on average half a forward, and 8 spectra:
+    subset: a block of 8 consecutive layers, in the order the forward meets them, and the probe
+    forward stops after the block's last layer (the blocks come spread over the depth: 0, 6, 3, 9,
+    ... of 13) (on average half a forward, and 8 spectra:
     about 0.15 s against 1.2 s for all 100 layers of the 300-unit MLP on a 2-core CPU); a dozen of
     them cover the whole network. (Before a full sample has shown the order, or when a module is
     called twice in one forward, it takes every k-th layer and the whole forward.) Between its
@@ -219,15 +237,16 @@ class ConditionNumberProbe(SamplingCallback):
     def _probe_subset(self, full: bool) -> tuple[list, Optional[list[str]]]:
         """The hidden layers a probe sample captures, and the names after which its forward may stop.
 
-        A rotating sample takes the next block of ``layers_per_sample`` consecutive layers in the order
-        the forward meets them and stops the probe forward after the block's last one (on average half
-        the forward); before the order is known, or when a layer is called twice in a forward, it takes
-        every k-th layer and runs the whole forward."""
+        A rotating sample takes a block of ``layers_per_sample`` consecutive layers in the order the
+        forward meets them and stops the probe forward after the block's last one (on average half the
+        forward); the blocks come in :func:`spread_order`, so that a run too short for a whole sweep
+        still sees every depth. Before the order is known, or when a layer is called twice in a
+        forward, it takes every k-th layer and runs the whole forward."""
         layers = self._subset(self._layers, full)
         if layers is self._layers or self._fire_order is None:
             return layers, None
         k = math.ceil(len(self._fire_order) / self.layers_per_sample)
-        block = self._rotation % k
+        block = spread_order(k)[self._rotation % k]
         names = self._fire_order[block * self.layers_per_sample:(block + 1) * self.layers_per_sample]
         by_name = dict(self._layers)
         return [(n, by_name[n]) for n in names], names

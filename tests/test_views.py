@@ -12,8 +12,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
-from deepplain.callbacks import MaxNormConstraint, figures
+from deepplain.callbacks import (
+    ActivationSaturationMonitor,
+    ConditionNumberProbe,
+    GradientFlowMonitor,
+    MaxNormConstraint,
+    figures,
+)
+from deepplain.callbacks.condition import spread_order
 from deepplain.callbacks.probe_batch import untrained_norms_use_batch_stats
 from deepplain.callbacks.records import SINGULAR_LOG10_KAPPA, DepthTimeRecord, DiagnosticsTable, FindingsLog
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -325,3 +331,4 @@ def test_a_rotating_condition_sample_measures_a_block_and_stops_the_probe_there(
     blocks = [sorted(values(rows, "kappa", step, "condition"), key=relus.index) for step in range(1, 4)]
     assert blocks == [relus[0:4], relus[4:8], relus[8:12]]
     assert len(values(rows, "kappa", 0, "condition")) == len(values(rows, "kappa", 5, "condition")) == 12
+    assert spread_order(13) == [0, 6, 3, 9, 1, 8, 4, 11, 7, 10, 2, 5, 12] and spread_order(1) == [0]
