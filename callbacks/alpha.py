@@ -58,6 +58,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from .probing import glob_list, skip_gates
 from .publish import DepthTimeSpec, Publisher, write_overview
 from .records import DiagnosticsTable
+from .sampling import every_percent
 from .tensorboard import write_layout
 
 MODES = ("lagrangian", "literal", "unconstrained", "linear", "cosine")
@@ -188,7 +189,7 @@ class AlphaScheduler(Callback):
         if self.mode in ("linear", "cosine"):
             self._set_scheduled(trainer.global_step)
         if self.every_n_steps is None:
-            self.log_every = max(1, int(total) // 100) if math.isfinite(total) else 50
+            self.log_every = every_percent(trainer, 50)
         self._log(trainer)
 
     def _target_steps(self, total: float) -> int:

@@ -10,7 +10,7 @@ from lightning.pytorch import Callback
 from .probing import glob_list, weight_layers
 from .publish import DepthTimeSpec, Publisher, write_overview
 from .records import DiagnosticsTable
-from .sampling import _positive_int
+from .sampling import _positive_int, every_percent
 from .tensorboard import write_layout
 
 
@@ -98,12 +98,7 @@ class MaxNormConstraint(Callback):
     def on_train_start(self, trainer, pl_module):
         write_layout(trainer, self)
         self._last_step = trainer.global_step
-        try:
-            total = float(trainer.estimated_stepping_batches)
-        except Exception:  # an iterable without a length
-            total = math.inf
-        self._every = self.log_every_n_steps or (max(1, int(total) // 100) if math.isfinite(total)
-                                                 else max(1, trainer.log_every_n_steps))
+        self._every = self.log_every_n_steps or every_percent(trainer, trainer.log_every_n_steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self._last_step:  # accumulating: no optimizer step happened

@@ -65,6 +65,21 @@ def _positive_int(name: str, value, allow_none: bool = True):
     return value
 
 
+def planned_steps(trainer) -> Optional[int]:
+    """The optimizer steps the trainer plans for this fit, or None when no length is known."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # no length known; Lightning raises for some iterable loaders
+        return None
+    return int(total) if math.isfinite(total) and total > 0 else None
+
+
+def every_percent(trainer, fallback: int) -> int:
+    """An interval of 1% of the planned run (at least 1 step); ``fallback`` when its length is unknown."""
+    total = planned_steps(trainer)
+    return max(1, total // 100) if total else max(1, fallback)
+
+
 class SamplingSchedule:
     """Which optimizer steps are due for a sample (see the module docstring)."""
 
@@ -83,11 +98,7 @@ class SamplingSchedule:
 
     def start(self, trainer) -> None:
         """Fix the cadence for this fit from the trainer's planned number of optimizer steps."""
-        try:
-            total = float(trainer.estimated_stepping_batches)
-        except Exception:  # no length known; Lightning raises for some iterable loaders
-            total = math.inf
-        self.total_steps = int(total) if math.isfinite(total) and total > 0 else None
+        self.total_steps = planned_steps(trainer)
         if self.use_log_every_n_steps:
             self.every = max(1, int(trainer.log_every_n_steps))
         elif self.every_n_steps:
