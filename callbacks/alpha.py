@@ -40,7 +40,8 @@ default 120/165, the share of the paper's Fig. 2.
 Other modes: ``literal`` (eq. 7-8 per step with eta = the optimizer's current learning rate,
 without its momentum), ``unconstrained`` (lambda = 0, the paper's "VAN (lambda=0)": alpha follows
 its gradient at the optimizer's learning rate), ``linear`` and ``cosine`` (alpha set
-deterministically, reaching 1 at ``phase_out``).
+deterministically, reaching 1 at ``phase_out``). The first three are update rules
+(:class:`UpdateRule`), the last two schedules, functions of the step (:class:`AlphaSchedule`).
 
 In every mode alpha is updated here, in ``on_before_optimizer_step`` (after DDP's all-reduce
 and the mixed-precision unscale), and its gradient is then cleared, so the model's optimizer
@@ -49,11 +50,13 @@ never moves it, whatever optimizer it is.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from .probing import glob_list, skip_gates
 from .publish import DepthTimeSpec, Publisher, write_overview
@@ -61,8 +64,41 @@ from .records import DiagnosticsTable
 from .sampling import every_percent
 from .tensorboard import write_layout
 
-MODES = ("lagrangian", "literal", "unconstrained", "linear", "cosine")
 DEFAULT_PHASE_OUT = 120 / 165  # the VAN paper's Fig. 2: skips gone at about epoch 120 of 165
+PAPER_LAMBDA_LR_RATIO = {"conv": 0.1, "mlp": 0.5}  # eta'/eta: the paper's CIFAR networks and its MLPs
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """alpha moved by eq. 7 at every optimizer step, lambda by eq. 8.
+
+    ``calibrated``: step sizes from ``phase_out`` (:func:`calibrated_step_sizes`) and the constraint
+    enforced exactly from the target step on; otherwise eta is the optimizer's current learning rate.
+    ``constrained``: lambda takes part (False: the paper's "VAN (lambda = 0)", lambda held at 0).
+    """
+    calibrated: bool
+    constrained: bool
+
+    def step_sizes(self, optimizer_lr: float, lambda_lr_ratio: float) -> tuple[float, float]:
+        """(eta_alpha, eta_lambda) of an uncalibrated rule at the optimizer's learning rate."""
+        return optimizer_lr, (lambda_lr_ratio * optimizer_lr if self.constrained else 0.0)
+
+
+@dataclass(frozen=True)
+class AlphaSchedule:
+    """alpha set to ``shape(progress)`` for every unit, progress = step / target step (capped at 1)."""
+    shape: Callable[[float], float]
+
+    def alpha(self, step: int, target_step: int) -> float:
+        return self.shape(min(1.0, step / max(1, target_step)))
+
+
+UPDATE_RULES = {"lagrangian": UpdateRule(calibrated=True, constrained=True),
+                "literal": UpdateRule(calibrated=False, constrained=True),
+                "unconstrained": UpdateRule(calibrated=False, constrained=False)}
+SCHEDULES = {"linear": AlphaSchedule(lambda p: p),
+             "cosine": AlphaSchedule(lambda p: 0.5 * (1.0 - math.cos(math.pi * p)))}
+MODES = tuple(UPDATE_RULES) + tuple(SCHEDULES)
 
 
 def calibrated_step_sizes(target_steps: int, lambda_lr_ratio: float) -> tuple[float, float]:
@@ -75,6 +111,20 @@ def calibrated_step_sizes(target_steps: int, lambda_lr_ratio: float) -> tuple[fl
     return eta_alpha, r * eta_alpha
 
 
+@torch.no_grad()
+def lagrangian_step(gate: nn.Module, grad: torch.Tensor, eta_alpha: float, eta_lambda: float,
+                    constrained: bool) -> None:
+    """Eq. 7-8 on one gate, in place; a step whose gradient is not finite (one the loss scaler skips)
+    changes nothing."""
+    alpha, lam = gate.alpha, gate.lagrange_lambda
+    grad = grad.to(alpha.dtype)
+    finite = torch.isfinite(grad).all()
+    push = grad + lam.to(alpha.dtype) if constrained else grad
+    alpha.copy_(torch.where(finite, (alpha - eta_alpha * push).clamp(0.0, 1.0), alpha))
+    if eta_lambda:
+        lam.add_(torch.where(finite, eta_lambda * (alpha.to(lam.dtype) - 1.0), torch.zeros_like(lam)))
+
+
 class AlphaScheduler(Callback):
     """Drives the ``alpha`` of every VAN skip gate to 1; see the module docstring for the dynamics.
 
@@ -84,7 +134,8 @@ class AlphaScheduler(Callback):
     Args:
         mode: ``lagrangian`` (calibrated eq. 7-8, default), ``literal``, ``unconstrained``,
             ``linear`` or ``cosine``.
-        lambda_lr_ratio: ``r = eta_lambda / eta_alpha``: the paper's 0.5 for MLPs, 0.1 on CIFAR.
+        lambda_lr_ratio: ``r = eta_lambda / eta_alpha``; default the paper's (:data:`PAPER_LAMBDA_LR_RATIO`):
+            0.1 for a model with convolutions, 0.5 for an MLP.
         phase_out: when the skips must be gone: a share of training (< 1) or an epoch (>= 1).
             Default 120/165. Used by ``lagrangian``, ``linear`` and ``cosine``.
         alpha_lr: ``eta_alpha`` given directly instead of derived from ``phase_out``.
@@ -108,7 +159,8 @@ class AlphaScheduler(Callback):
                             callbacks=[AlphaScheduler("lagrangian", lambda_lr_ratio=0.5, phase_out=0.75)])
     """
 
-    def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: float = 0.5, phase_out: Optional[float] = None,
+    def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: Optional[float] = None,
+                 phase_out: Optional[float] = None,
                  alpha_lr: Optional[float] = None, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, every_n_steps: Optional[int] = None,
                  per_layer_scalars: bool = False):
@@ -118,7 +170,7 @@ class AlphaScheduler(Callback):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if lambda_lr_ratio < 0:
+        if lambda_lr_ratio is not None and lambda_lr_ratio < 0:
             raise ValueError(f"lambda_lr_ratio must be >= 0, got {lambda_lr_ratio}")
         if phase_out is not None and phase_out <= 0:
             raise ValueError(f"phase_out must be a share of training in (0, 1) or an epoch >= 1, got {phase_out}")
@@ -127,7 +179,9 @@ class AlphaScheduler(Callback):
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool)
                                           or every_n_steps < 1):
             raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
-        self.mode, self.lambda_lr_ratio = mode, float(lambda_lr_ratio)
+        self.mode = mode
+        self.rule, self.schedule = UPDATE_RULES.get(mode), SCHEDULES.get(mode)  # exactly one of them
+        self.lambda_lr_ratio = float(lambda_lr_ratio) if lambda_lr_ratio is not None else None
         self.phase_out = float(phase_out) if phase_out is not None else DEFAULT_PHASE_OUT
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.every_n_steps = every_n_steps
@@ -136,12 +190,12 @@ class AlphaScheduler(Callback):
                                                                    vmin=0.0, vmax=1.0, label="mean alpha")},
                                    {}, per_layer_scalars=per_layer_scalars)
         self.alpha_lr = float(alpha_lr) if alpha_lr is not None else None
-        self.lambda_lr = None if alpha_lr is None else self.lambda_lr_ratio * self.alpha_lr
+        self.lambda_lr = None
         self.target_step: Optional[int] = None
-        self.removed_step: Optional[int] = None
+        self._removed_step_saved: Optional[int] = None  # from a checkpoint, until training starts
         self.closed_at_target: Optional[dict] = None  # units the projection at T closed, and their residual
         self.steps_per_epoch: Optional[float] = None
-        self._gates = []
+        self._gates: list = []
         self._removed_at: Optional[torch.Tensor] = None  # on the device: first step with every alpha == 1
         self._last_update_step: Optional[int] = None
         self._logged_step: Optional[int] = None
@@ -160,6 +214,19 @@ class AlphaScheduler(Callback):
     def overview_charts(self) -> dict:
         return {"VAN skips: alpha residual and share removed": "overview/alpha_(residual|share_removed)"}
 
+    @property
+    def gates(self) -> list:
+        """``(name, gate)`` of every skip gate this scheduler drives (empty before ``setup``)."""
+        return list(self._gates)
+
+    @property
+    def removed_step(self) -> Optional[int]:
+        """The first step after which every alpha was 1, or None."""
+        if self._removed_at is None:
+            return self._removed_step_saved
+        step = int(self._removed_at)
+        return step if step >= 0 else None
+
     # -- setup -----------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage):
         self._gates = skip_gates(pl_module, self.include, self.exclude)
@@ -167,9 +234,14 @@ class AlphaScheduler(Callback):
             raise ValueError(f"AlphaScheduler found no VAN skip gates in {type(pl_module).__name__}: it needs modules "
                              "with an 'alpha' parameter and a 'lagrange_lambda' buffer of the same shape (e.g. "
                              "deepplain's van family)")
+        if self.lambda_lr_ratio is None:
+            convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in pl_module.modules())
+            self.lambda_lr_ratio = PAPER_LAMBDA_LR_RATIO["conv" if convolutional else "mlp"]
+        if self.alpha_lr is not None and self.lambda_lr is None:
+            self.lambda_lr = self.lambda_lr_ratio * self.alpha_lr
 
     def on_fit_start(self, trainer, pl_module):
-        if self.mode == "unconstrained":
+        if self.rule is not None and not self.rule.constrained:
             with torch.no_grad():
                 for _, gate in self._gates:
                     gate.lagrange_lambda.zero_()
@@ -179,14 +251,16 @@ class AlphaScheduler(Callback):
         total = float(trainer.estimated_stepping_batches)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         self.steps_per_epoch = total / epochs if epochs and math.isfinite(total) else None
-        if self.target_step is None and self.mode in ("lagrangian", "linear", "cosine"):
+        calibrated = self.rule is not None and self.rule.calibrated
+        if self.target_step is None and (self.schedule is not None or calibrated):
             self.target_step = self._target_steps(total)
-        if self.mode == "lagrangian" and self.alpha_lr is None:
+        if calibrated and self.alpha_lr is None:
             self.alpha_lr, self.lambda_lr = calibrated_step_sizes(self.target_step, self.lambda_lr_ratio)
         device = self._gates[0][1].alpha.device
-        self._removed_at = torch.tensor(-1 if self.removed_step is None else self.removed_step, device=device)
+        saved = self.removed_step
+        self._removed_at = torch.tensor(-1 if saved is None else saved, device=device)
         self._last_update_step = None
-        if self.mode in ("linear", "cosine"):
+        if self.schedule is not None:
             self._set_scheduled(trainer.global_step)
         if self.every_n_steps is None:
             self.log_every = every_percent(trainer, 50)
@@ -212,7 +286,8 @@ class AlphaScheduler(Callback):
                 return float(group["lr"])
         return float(optimizer.param_groups[0]["lr"])
 
-    def _unscale(self, trainer, optimizer, gate) -> float:
+    @staticmethod
+    def _unscale(trainer, optimizer, gate) -> float:
         """1 / loss scale when alpha's gradient was not unscaled (16-mixed, alpha outside the optimizer)."""
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None or any(p is gate.alpha for g in optimizer.param_groups for p in g["params"]):
@@ -224,31 +299,23 @@ class AlphaScheduler(Callback):
         if step == self._last_update_step:  # one update per optimizer step
             return
         self._last_update_step = step
-        if self.mode in ("linear", "cosine"):
+        if self.schedule is not None:  # alpha is set at the batch start, not learnt
             for _, gate in self._gates:
                 gate.alpha.grad = None
             return
-        if self.mode == "lagrangian":
+        if self.rule.calibrated:
             if step + 1 >= self.target_step:  # from T on the constraint holds exactly: a plain network
                 self._enforce_constraint(step + 1)
                 return
             eta_alpha, eta_lambda = self.alpha_lr, self.lambda_lr
         else:
-            eta_alpha = self._optimizer_lr(optimizer)
-            eta_lambda = self.lambda_lr_ratio * eta_alpha if self.mode == "literal" else 0.0
-        with torch.no_grad():
-            for _, gate in self._gates:
-                alpha, lam, grad = gate.alpha, gate.lagrange_lambda, gate.alpha.grad
-                if grad is None:
-                    continue
-                grad = grad.to(alpha.dtype) * self._unscale(trainer, optimizer, gate)
-                finite = torch.isfinite(grad).all()  # a step the loss scaler skips is skipped here too
-                push = grad + lam.to(alpha.dtype) if self.mode != "unconstrained" else grad
-                alpha.copy_(torch.where(finite, (alpha - eta_alpha * push).clamp(0.0, 1.0), alpha))
-                if eta_lambda:
-                    lam.add_(torch.where(finite, eta_lambda * (alpha.to(lam.dtype) - 1.0), torch.zeros_like(lam)))
-                gate.alpha.grad = None  # the optimizer must not move alpha (no momentum, no weight decay)
-            self._note_removal(step + 1)
+            eta_alpha, eta_lambda = self.rule.step_sizes(self._optimizer_lr(optimizer), self.lambda_lr_ratio)
+        for _, gate in self._gates:
+            if gate.alpha.grad is not None:
+                grad = gate.alpha.grad * self._unscale(trainer, optimizer, gate)
+                lagrangian_step(gate, grad, eta_alpha, eta_lambda, self.rule.constrained)
+            gate.alpha.grad = None  # the optimizer must not move alpha (no momentum, no weight decay)
+        self._note_removal(step + 1)
 
     def _enforce_constraint(self, step: int) -> None:
         with torch.no_grad():
@@ -262,7 +329,7 @@ class AlphaScheduler(Callback):
             self._note_removal(step)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.mode in ("linear", "cosine"):
+        if self.schedule is not None:
             self._set_scheduled(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -290,12 +357,8 @@ class AlphaScheduler(Callback):
         self._removed_at = torch.where(closed & (self._removed_at < 0), torch.full_like(self._removed_at, step),
                                        self._removed_at)
 
-    def scheduled_alpha(self, step: int) -> float:
-        progress = min(1.0, step / max(1, self.target_step or 1))
-        return progress if self.mode == "linear" else 0.5 * (1.0 - math.cos(math.pi * progress))
-
     def _set_scheduled(self, step: int) -> None:
-        value = self.scheduled_alpha(step)
+        value = self.schedule.alpha(step, self.target_step or 1)
         with torch.no_grad():
             for _, gate in self._gates:
                 gate.alpha.fill_(value)
@@ -312,8 +375,6 @@ class AlphaScheduler(Callback):
                                              (1 - g.alpha.float()).pow(2).mean(), (g.alpha == 1).float().sum(),
                                              torch.tensor(float(g.alpha.numel()), device=g.alpha.device)])
                                 for _, g in self._gates]).cpu()
-            if self._removed_at is not None and int(self._removed_at) >= 0:
-                self.removed_step = int(self._removed_at)
         out = {"residual": float(rows[:, 2].mean()), "share_removed": float(rows[:, 3].sum() / rows[:, 4].sum()),
                "lambda": float((rows[:, 1] * rows[:, 4]).sum() / rows[:, 4].sum()), "removed_step": self.removed_step}
         for (name, _), (alpha, lam, *_rest) in zip(self._gates, rows.tolist()):
@@ -358,8 +419,6 @@ class AlphaScheduler(Callback):
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self):
-        if self._removed_at is not None and int(self._removed_at) >= 0:
-            self.removed_step = int(self._removed_at)
         return {"mode": self.mode, "lambda_lr_ratio": self.lambda_lr_ratio, "phase_out": self.phase_out,
                 "alpha_lr": self.alpha_lr, "lambda_lr": self.lambda_lr, "target_step": self.target_step,
                 "removed_step": self.removed_step, "closed_at_target": self.closed_at_target}
@@ -368,6 +427,7 @@ class AlphaScheduler(Callback):
         if state_dict.get("mode", self.mode) != self.mode:
             raise ValueError(f"the checkpoint was trained with alpha mode {state_dict['mode']!r}, not {self.mode!r}")
         # The step sizes fixed when training started are kept, so a resumed run follows the same trajectory.
-        for key in ("alpha_lr", "lambda_lr", "target_step", "removed_step", "closed_at_target"):
+        for key in ("lambda_lr_ratio", "alpha_lr", "lambda_lr", "target_step", "closed_at_target"):
             if state_dict.get(key) is not None:
                 setattr(self, key, state_dict[key])
+        self._removed_step_saved = state_dict.get("removed_step")

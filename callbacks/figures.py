@@ -10,9 +10,11 @@ import math
 from typing import Optional
 
 import numpy as np
+from matplotlib import colormaps, font_manager
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from PIL import Image, ImageDraw, ImageFont
 
 _PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # plain labels: log-axis mathtext costs ~40% of a figure
 
@@ -105,9 +107,6 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
     Drawn with PIL rather than matplotlib (10 ms against 200 ms): these images are redrawn during
     the run, inside the diagnostics' time budget.
     """
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw
-
     data = np.asarray(data, dtype=float).reshape(len(row_labels), len(column_labels))
     measured = ~np.isnan(data) if measured is None else np.asarray(measured, dtype=bool)
     finite = data[np.isfinite(data)]
@@ -197,7 +196,6 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
 
 def _legend_lines(entries: list, font, width: int) -> list[list]:
     """The legend's entries wrapped into lines no wider than ``width`` pixels."""
-    from PIL import Image, ImageDraw
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lines, line, used = [], [], 0
     for colour, label in entries:
@@ -213,8 +211,6 @@ def _legend_lines(entries: list, font, width: int) -> list[list]:
 @functools.lru_cache(maxsize=None)
 def _font(size: int):
     """DejaVu Sans, which matplotlib ships: the same type as the other figures, on every platform."""
-    from matplotlib import font_manager
-    from PIL import ImageFont
     return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
 
 
@@ -230,7 +226,6 @@ def _bar_ticks(lo: float, hi: float, scale: str) -> list[float]:
         decades = list(range(math.ceil(math.log10(lo) - 1e-9), math.floor(math.log10(hi) + 1e-9) + 1))
         step = max(1, math.ceil(len(decades) / 8))
         return [10.0 ** d for d in decades[::step]]
-    from matplotlib.ticker import MaxNLocator
     return [float(v) for v in MaxNLocator(5).tick_values(lo, hi) if lo - 1e-12 <= v <= hi + 1e-12]
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from . import figures
 from .records import DepthTimeRecord, DiagnosticsTable, log_folder
 from .tensorboard import add_image, log_scalars, png_bytes
@@ -161,7 +163,6 @@ def write_overview(trainer, caller) -> Optional[Path]:
     """``overview.png`` in the run folder: the key depth x time images of every callback, two per row,
     for reading a run without TensorBoard. Written by the last callback with a publisher, when it
     ends training (after the others drew theirs); returns the path."""
-    import numpy as np
     owners = [cb for cb in trainer.callbacks if isinstance(getattr(cb, "publisher", None), Publisher)]
     folder = log_folder(trainer)
     if trainer.global_rank != 0 or not owners or owners[-1] is not caller or folder is None:

@@ -13,6 +13,8 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 DEAD_SHARE = 0.5          # a layer is "dead" when more than this share of its units never fire on the batch
 ILL_CONDITIONED = 1e6     # representation kappa above this (and finite) is ill-conditioned
 # A singular representation (kappa = inf) is logged as log10 kappa = 17: above any finite float64
@@ -69,7 +71,6 @@ class DepthTimeRecord:
     def matrix(self, stat: str):
         """(layers in order of first appearance, steps, layers x steps values (NaN where not measured),
         layers x steps mask of the values measured at that sample, notes per column)."""
-        import numpy as np
         columns = self.columns.get(stat, [])
         layers: dict[str, None] = {}
         for _, values, _, _ in columns:

@@ -74,6 +74,7 @@ def add_image(trainer, tag: str, image: np.ndarray, step: int) -> None:
         path.write_bytes(encoded)
     if not writers:
         return
+    # Only here: the callbacks also log to loggers without TensorBoard (CSVLogger), where it need not be installed.
     from tensorboard.compat.proto.summary_pb2 import Summary
     value = Summary.Value(tag=tag, image=Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
                                                        encoded_image_string=encoded))

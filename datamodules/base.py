@@ -19,7 +19,7 @@ from deepplain.errors import ConfigError, DatasetError
 
 from .augment import random_crop_flip
 from .paths import candidate_roots
-from .splits import stratified_split
+from .splits import MAX_VAL_SPLIT, ValidationSource, stratified_split
 
 log = logging.getLogger("deepplain.data")
 
@@ -38,8 +38,9 @@ class DatasetInfo:
 def _check_args(batch_size, val_split, seed):
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-    if not (0.0 <= float(val_split) < 1.0):
-        raise ConfigError(f"val_split must be in [0, 1) (0 validates on the test set), got {val_split!r}")
+    if not (0.0 <= float(val_split) <= MAX_VAL_SPLIT):
+        raise ConfigError(f"val_split must be in [0, {MAX_VAL_SPLIT:g}] (0 validates on the test set), "
+                          f"got {val_split!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
 
@@ -239,10 +240,10 @@ class TensorDataModule(L.LightningDataModule):
                                   f"{self.name}; use a smaller share")
             val = (train_x[held], train_y[held])
             train = (train_x[keep], train_y[keep])
-            self.validation_source = "train split (held out)"
+            self.validation_source = ValidationSource.HELD_OUT
         else:
             train, val = (train_x, train_y), (test_x, test_y)
-            self.validation_source = "test set"
+            self.validation_source = ValidationSource.TEST
             log.warning("%s: val_split=0, so validation metrics are measured on the TEST set", self.name)
         self._splits = {"train": train, "val": val, "test": (test_x, test_y)}
         self.input_shape = tuple(train_x.shape[1:])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torchvision.datasets as tvd
 
 from deepplain.errors import DatasetError
 
@@ -46,13 +47,11 @@ class _CifarDataModule(CropFlipMixin, TensorDataModule):
         return torch.cat(images), torch.cat(labels)
 
     def decode(self, root: Path) -> dict:
-        import torchvision.datasets as tvd
         cls = getattr(tvd, self.torchvision_class)
         md5 = dict(cls.train_list + cls.test_list)
         return {"train": self._read(root, self.train_files, md5), "test": self._read(root, self.test_files, md5)}
 
     def fetch(self, root: Path) -> None:
-        import torchvision.datasets as tvd
         root.mkdir(parents=True, exist_ok=True)
         getattr(tvd, self.torchvision_class)(str(root), train=True, download=True)
 

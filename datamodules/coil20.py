@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.utils import download_and_extract_archive
 
 from deepplain.errors import ConfigError, DatasetError
 
@@ -58,7 +60,6 @@ class COIL20DataModule(TensorDataModule):
                                    "the file is corrupt: unzip the archive again")
 
     def decode(self, root: Path) -> dict:
-        from PIL import Image, UnidentifiedImageError
         self._check_sums(root)
         folder = root / FOLDER
         images = np.zeros((OBJECTS, POSES, self.image_size, self.image_size), dtype=np.uint8)
@@ -89,5 +90,4 @@ class COIL20DataModule(TensorDataModule):
         return {"train": (flat[train], labels[train]), "test": (flat[test], labels[test])}
 
     def fetch(self, root: Path) -> None:
-        from torchvision.datasets.utils import download_and_extract_archive
         download_and_extract_archive(URL, download_root=str(root / "coil20"))

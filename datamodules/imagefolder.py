@@ -10,12 +10,15 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
 
 from deepplain.errors import ConfigError, DatasetError, one_line
 
 from .base import DatasetInfo, note_single_sample_batch
 from .paths import candidate_roots
+from .splits import ValidationSource
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -26,7 +29,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 def load_image(path: str):
     """An RGB image; a file PIL cannot read is a data fault (DatasetError, exit 2) naming the file, not an OSError
     that would read as a machine fault."""
-    from PIL import Image, UnidentifiedImageError
     try:
         with open(path, "rb") as fh:
             return Image.open(fh).convert("RGB")
@@ -47,12 +49,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+        if val_split:
+            raise ConfigError(f"imagefolder validates on its val/ folder; val_split does not apply, got {val_split!r}")
         self.data_dir, self.batch_size, self.seed = data_dir, batch_size, seed
         self.num_workers, self.image_size = num_workers, image_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.input_shape = (3, image_size, image_size)
         self.num_classes = self.split_sizes = None
-        self.validation_source = "val/ folder"
+        self.validation_source = ValidationSource.VAL_FOLDER
+        self.root = None  # the data folder, once found
         self._train = self._val = None
 
     def info(self) -> DatasetInfo:
@@ -73,6 +78,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         roots = candidate_roots(self.data_dir)
         for root in roots:
             if (root / "train").is_dir() and (root / "val").is_dir():
+                self.root = root
                 return root
         raise DatasetError(f"imagefolder not found: searched {', '.join(map(str, roots))}; expected train/<class>/ and "
                            "val/<class>/ image folders under --data-dir")
@@ -80,7 +86,6 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage=None):
         if self._train is not None:
             return
-        from torchvision import datasets, transforms
         root = self.find_root()
         normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train_tf = transforms.Compose([transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip(),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torchvision.datasets as tvd
+
 from .base import DatasetInfo, TensorDataModule
 from .paths import first_existing
 from .readers import read_idx
@@ -29,7 +31,6 @@ class _IdxDataModule(TensorDataModule):
 
     def _md5(self) -> dict:
         """torchvision's published md5 per original .gz file name."""
-        import torchvision.datasets as tvd
         resources = getattr(tvd, self.torchvision_class).resources
         return {name.rsplit("/", 1)[-1]: md5 for name, md5 in resources}
 
@@ -45,7 +46,6 @@ class _IdxDataModule(TensorDataModule):
         return out
 
     def fetch(self, root: Path) -> None:
-        import torchvision.datasets as tvd
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             getattr(tvd, self.torchvision_class)(str(root), train=train, download=True)

@@ -1,7 +1,21 @@
 """Seeded, stratified index splits."""
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
+
+MAX_VAL_SPLIT = 0.9  # the largest share of a training split that may be held out for validation
+
+
+class ValidationSource(str, Enum):
+    """Where a datamodule's validation batches come from (``datamodule.validation_source``)."""
+    HELD_OUT = "train split (held out)"
+    TEST = "test set"
+    VAL_FOLDER = "val/ folder"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
+import torchvision.datasets as tvd
 
 from deepplain.errors import DatasetError
 
@@ -37,7 +39,6 @@ class USPSDataModule(TensorDataModule):
 
     def decode(self, root: Path) -> dict:
         if all((root / rel).is_file() for rel in _LIBSVM.values()):
-            import torchvision.datasets as tvd
             out = {}
             for split, rel in _LIBSVM.items():
                 if self.verify_checksums:
@@ -47,14 +48,12 @@ class USPSDataModule(TensorDataModule):
         return read_usps_h5(root / _H5)
 
     def fetch(self, root: Path) -> None:
-        import torchvision.datasets as tvd
         (root / "usps").mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             tvd.USPS(str(root / "usps"), train=train, download=True)
 
 
 def read_usps_h5(path: Path) -> dict:
-    import h5py
     out = {}
     try:
         with h5py.File(path, "r") as fh:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 import zipfile
 from contextlib import suppress
 from pathlib import Path
@@ -25,6 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import ConfigError, DivergenceError
+from .files import atomic_file
 
 TEMP_SUFFIX = ".tmp"
 REQUIRED_KEYS = ("state_dict", "epoch", "global_step", "loops", "optimizer_states")
@@ -59,19 +59,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if bad is not None:
             raise DivergenceError(f"refusing to save {path.name}: {bad} holds non-finite values (the weights "
                                   "diverged); the previous checkpoint is kept")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         try:
-            with os.fdopen(fd, "wb") as fh:
+            with atomic_file(path, "wb", suffix=TEMP_SUFFIX) as fh:
                 torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException as exc:
-            with suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OSError(exc.errno, f"no space left to save {path.name} ({exc.strerror}); the previous "
                                          "checkpoint is kept") from None
             raise

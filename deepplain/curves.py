@@ -12,6 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from .errors import ConfigError
+from .inputs import OneLineParser, output_file
+
 
 def _event_dir(run_dir: Path) -> Path:
     """The newest folder under ``run_dir`` (itself included) that holds event files."""
@@ -28,7 +34,6 @@ def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
     step, at ``step / steps_per_epoch`` (so 0 is the start of training). A run without skip gates
     has an empty ``alpha_residual``.
     """
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(_event_dir(Path(run_dir))), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -47,7 +52,6 @@ def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
 
 
 def plot_curves(runs: dict[str, dict], out: Path, title: str = "") -> Path:
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(7, 4.2), dpi=120)
     ax = fig.add_subplot()
     alpha_ax = None
@@ -77,15 +81,12 @@ def plot_curves(runs: dict[str, dict], out: Path, title: str = "") -> Path:
 
 
 def main(argv=None) -> int:
-    from .cli import OneLineParser
     p = OneLineParser(prog="python -m deepplain.curves", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", action="append", required=True, metavar="NAME=DIR",
                    help="a run folder (train.py's --logdir/--name, or a sweep's runs/<id>), repeatable")
     p.add_argument("--out", required=True, help="the PNG to write")
     p.add_argument("--title", default="")
     args = p.parse_args(argv)
-    from .errors import ConfigError
-    from .inputs import output_file
     runs = {}
     try:
         out = output_file(args.out, ".png")

@@ -27,11 +27,25 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from matplotlib.figure import Figure
 
-from .presets import PRESETS
+from .callbacks.condition import representation_matrix, weight_matrix
+from .callbacks.linalg import weight_conditions
+from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_layers
+from .callbacks.saturation import activation_stats, combine
+from .cli import parse_args
+from .config import merge
+from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
-from .sweep import FINISHED, Run, check_flags, run_grid, split_at_double_dash
+from .family_modules import module_class
+from .inputs import OneLineParser, output_dir
+from .plan import make_datamodule
+from .presets import PRESETS
+from .schema import from_dict
+from .status import FINISHED, RunStatus
+from .sweep import Run, check_flags, run_grid, split_at_double_dash
 
 RECIPE_PRESET = "oyedotun-mlp-100"
 COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
@@ -91,7 +105,8 @@ def best_per_configuration(rows: list[dict]) -> dict[str, dict]:
     """configuration -> its row at the learning rate with the best held-out accuracy (finished runs first)."""
     best = {}
     for r in rows:
-        score = (r["status"] == "completed", float(r["val_acc"]) if r.get("val_acc") not in (None, "") else -1.0)
+        accuracy = float(r["val_acc"]) if r.get("val_acc") not in (None, "") else -1.0
+        score = (r["status"] == RunStatus.COMPLETED, accuracy)
         name = r["configuration"]
         if name not in best or score > best[name][0]:
             best[name] = (score, r)
@@ -99,7 +114,7 @@ def best_per_configuration(rows: list[dict]) -> dict[str, dict]:
 
 
 def _errors(r: dict) -> list[str]:
-    if r.get("status") != "completed":  # a diverged run's last epoch metrics are not its result
+    if r.get("status") != RunStatus.COMPLETED:  # a diverged run's last epoch metrics are not its result
         return [r.get("status") or "missing"] * 3
     return [f"{100 * (1 - float(r[k])):.2f}%" if r.get(k) not in (None, "") else "-"
             for k in ("train_acc", "val_acc", "test_acc")]
@@ -109,17 +124,10 @@ def _errors(r: dict) -> list[str]:
 @torch.no_grad()
 def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
     """Per-layer statistics of a trained run on its whole training split, with the callbacks' functions."""
-    from .callbacks.condition import representation_matrix, weight_matrix
-    from .callbacks.linalg import weight_conditions
-    from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_layers
-    from .callbacks.saturation import activation_stats, combine
-    from .family_modules import module_class
-    from .training import make_datamodule
-
-    config = json.loads((checkpoint.parent.parent / "config.json").read_text())
-    module = module_class(config["model"]).load_from_checkpoint(checkpoint, map_location="cpu")
+    config = from_dict(json.loads((checkpoint.parent.parent / "config.json").read_text()))
+    module = module_class(config.model).load_from_checkpoint(checkpoint, map_location="cpu")
     # the data exactly as the run read it: its folder, image size and split (flags after -- included)
-    dm = make_datamodule({**config, "data_dir": config.get("data_root") or config.get("data_dir")})
+    dm = make_datamodule(config, data_dir=config.data_root or config.data_dir)
     dm.setup()
     x = dm.probe_batch(max_samples, split="train")[0]
     layers = hidden_layers(module)
@@ -141,8 +149,6 @@ def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
 
 
 def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> list[Path]:
-    import numpy as np
-    from matplotlib.figure import Figure
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     panels = [("mean_abs_activation", "mean |activation|",
@@ -263,8 +269,6 @@ def _lrs(text: str) -> list[float]:
 
 
 def main(argv=None) -> int:
-    from .cli import OneLineParser
-    from .datamodules.paths import resolve_data_env
     resolve_data_env()
     p = OneLineParser(prog="python -m deepplain.experiments", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -290,9 +294,6 @@ def check_experiment(args, extra: list[str]) -> None:
     """Everything about the command that can be wrong, before any variant trains: the numbers, the output
     folder, flags after -- that the experiment sets itself, and the flags of every variant as train.py
     checks them (without reading data)."""
-    from .cli import parse_args
-    from .config import merge
-    from .inputs import output_dir
     if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
         raise ConfigError("--epochs, --depth and --parallel must be positive")
     check_flags(extra, "after --")

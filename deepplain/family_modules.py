@@ -1,14 +1,17 @@
-"""One thin LightningModule per family: each brings what its method needs via ``configure_callbacks``."""
+"""One thin LightningModule per family: each brings what its method needs via ``configure_callbacks``.
+
+Each family's record (``deepplain.registry``) names its module here; ``module_class(name)`` looks it up.
+"""
 from __future__ import annotations
 
 import torch
 
-from .callbacks.alpha import MODES as SCHEDULER_MODES
+from .callbacks import AlphaScheduler
 from .errors import ConfigError
 from .models.dirac import _DiracMixin
 from .module import ImageClassifier
-
-ALPHA_MODES = SCHEDULER_MODES + ("off",)
+from .registry import get_family
+from .schema import ALPHA_MODES, DEFAULTS
 
 
 class PlainNetModule(ImageClassifier):
@@ -32,31 +35,25 @@ class HighwayModule(ImageClassifier):
 class VANModule(ImageClassifier):
     """VAN: adds ``deepplain.callbacks.AlphaScheduler`` to drive every alpha to 1.
 
-    ``lambda_lr_ratio`` is eta'/eta: the paper uses 0.5 for its MLPs and 0.1 on CIFAR (the
-    default follows ``arch``). ``phase_out`` is when the skips must be gone: a share of training
+    ``lambda_lr_ratio`` is eta'/eta (default: the paper's, 0.5 for its MLPs and 0.1 for its conv
+    networks; see ``AlphaScheduler``). ``phase_out`` is when the skips must be gone: a share of training
     (< 1) or an epoch (default 120/165, the paper's Fig. 2). ``alpha_mode="off"`` adds no scheduler.
     """
 
     family = "van"
 
-    def __init__(self, *args, alpha_mode: str = "lagrangian", lambda_lr_ratio: float | None = None,
+    def __init__(self, *args, alpha_mode: str = DEFAULTS["alpha_mode"], lambda_lr_ratio: float | None = None,
                  phase_out: float | None = None, **kwargs):
         if alpha_mode not in ALPHA_MODES:
             raise ConfigError(f"alpha mode must be one of {', '.join(ALPHA_MODES)}, got {alpha_mode!r}")
         super().__init__(*args, **kwargs)
         self.save_hyperparameters()
 
-    @property
-    def lambda_lr_ratio(self) -> float:
-        hp = self.hparams
-        return hp.lambda_lr_ratio if hp.lambda_lr_ratio is not None else (0.1 if hp.arch == "conv" else 0.5)
-
     def make_callbacks(self) -> list:
         callbacks = super().make_callbacks()
         hp = self.hparams
         if hp.alpha_mode != "off":
-            from .callbacks import AlphaScheduler
-            callbacks.append(AlphaScheduler(mode=hp.alpha_mode, lambda_lr_ratio=self.lambda_lr_ratio,
+            callbacks.append(AlphaScheduler(mode=hp.alpha_mode, lambda_lr_ratio=hp.lambda_lr_ratio,
                                             phase_out=hp.phase_out))
         return callbacks
 
@@ -74,9 +71,6 @@ class DiracNetModule(ImageClassifier):
                     self.log(f"dirac/b/{name}", layer.b.mean().float(), sync_dist=False)
 
 
-FAMILY_MODULES = {"plain": PlainNetModule, "van": VANModule, "dirac": DiracNetModule, "resnet": ResNetModule,
-                  "highway": HighwayModule}
-
-
 def module_class(model_name: str) -> type[ImageClassifier]:
-    return FAMILY_MODULES.get(model_name, ImageClassifier)
+    """The LightningModule of family ``model_name`` (its registry record says which)."""
+    return get_family(model_name).module_class()

@@ -7,11 +7,14 @@ points print it and exit 2 before anything is trained or written.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import fcntl
 import io
 import os
 from pathlib import Path
+
+import yaml
 
 from .errors import ConfigError, one_line
 
@@ -43,7 +46,6 @@ def read_text(path, what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
 def load_yaml(path, what: str = "--config"):
     """A YAML file of plain values: aliases and anchors are refused (a few bytes of them can expand to
     gigabytes), as is anything that is not valid YAML."""
-    import yaml
     text = read_text(path, what)
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
@@ -135,3 +137,11 @@ class FolderLock:
             self._fh.close()
             self._fh = None
         return False
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line on stderr and exit status 2 (bad input), as in
+    every deepplain entry point."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -73,10 +73,6 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = F
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
 
 
-def classifier_head(in_features: int, num_classes: int) -> nn.Linear:
-    return nn.Linear(in_features, num_classes)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -7,14 +7,17 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from .callbacks import MaxNormConstraint
 from .errors import ConfigError
 from .layers import count_parameters
 from .optim import make_optimizer, make_scheduler
 from .registry import build_model
+from .schema import DEFAULTS
 
 
 class ImageClassifier(L.LightningModule):
-    """Cross-entropy classifier around ``deepplain.build_model(model, depth, ...)``.
+    """Cross-entropy classifier around ``deepplain.build_model(model, depth, ...)`` (``label_smoothing``
+    smooths the training target; validation and test report the plain cross-entropy).
 
     Every constructor argument is saved with ``save_hyperparameters``, so
     ``ImageClassifier.load_from_checkpoint(path)`` (or the family's subclass) rebuilds the model
@@ -22,11 +25,14 @@ class ImageClassifier(L.LightningModule):
     checkpoints, so a run resumed in the middle of an epoch reports the whole epoch.
     """
 
-    def __init__(self, model: str = "plain", depth: int = 10, arch: str = "mlp", input_shape=(1, 28, 28),
-                 num_classes: int = 10, model_options: dict | None = None, optimizer: str = "sgd", lr: float = 0.1,
-                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0, schedule: str = "none",
-                 milestones=(0.5, 0.75), gamma: float = 0.1, max_norm: float | None = None,
-                 max_norm_classifier: bool = False, channels_last: bool = False, compile: bool = False):
+    def __init__(self, model: str = DEFAULTS["model"], depth: int = 10, arch: str = "mlp", input_shape=(1, 28, 28),
+                 num_classes: int = 10, model_options: dict | None = None, optimizer: str = DEFAULTS["optimizer"],
+                 lr: float = 0.1, momentum: float = DEFAULTS["momentum"], nesterov: bool = DEFAULTS["nesterov"],
+                 weight_decay: float = 0.0, schedule: str = "none", milestones=(0.5, 0.75),
+                 gamma: float = DEFAULTS["gamma"], max_norm: float | None = DEFAULTS["max_norm"],
+                 max_norm_classifier: bool = DEFAULTS["max_norm_classifier"],
+                 channels_last: bool = DEFAULTS["channels_last"], compile: bool = DEFAULTS["compile"],
+                 label_smoothing: float = DEFAULTS["label_smoothing"]):
         super().__init__()
         family = getattr(type(self), "family", None)
         if family is not None and model != family:  # e.g. PlainNetModule.load_from_checkpoint(a VAN run)
@@ -64,7 +70,10 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch, stage: str):
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits.float(), y)
+        # Label smoothing shapes the training target only: val/test loss stay the plain cross-entropy,
+        # comparable across runs with and without it.
+        smoothing = self.hparams.get("label_smoothing", 0.0) if stage == "train" else 0.0
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
         accuracy, mean_loss = getattr(self, f"{stage}_acc"), getattr(self, f"{stage}_loss")
         accuracy(logits.detach(), y)
         mean_loss(loss.detach(), weight=y.shape[0])
@@ -131,7 +140,6 @@ class ImageClassifier(L.LightningModule):
         """The callbacks the method itself needs (max-norm here; subclasses add theirs)."""
         callbacks = []
         if self.hparams.max_norm:
-            from .callbacks import MaxNormConstraint
             # The PlainNet paper constrains "every hidden unit": the classifier is free unless asked.
             callbacks.append(MaxNormConstraint(self.hparams.max_norm,
                                                skip_classifier=not self.hparams.get("max_norm_classifier", False)))

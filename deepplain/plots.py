@@ -13,9 +13,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .errors import ConfigError
-from .inputs import output_dir, read_results_csv
+from matplotlib.figure import Figure
 
+from .errors import ConfigError
+from .inputs import OneLineParser, output_dir, read_results_csv
+from .status import RunStatus
 
 
 def label(row: dict, with_epochs: bool = False) -> str:
@@ -28,7 +30,7 @@ def aggregate(rows: list[dict], metric: str) -> dict[str, dict[int, tuple[float,
 
     When the runs trained for different numbers of epochs, each label says its epochs, so that
     budgets are never averaged together or compared unmarked."""
-    done = [r for r in rows if r.get("status") == "completed" and r.get(metric) not in (None, "")]
+    done = [r for r in rows if r.get("status") == RunStatus.COMPLETED and r.get(metric) not in (None, "")]
     with_epochs = len({str(r.get("epochs_done")) for r in done}) > 1
     values = defaultdict(lambda: defaultdict(list))
     for r in done:
@@ -48,7 +50,6 @@ def _plot_curves(ax, table, transform=lambda x: x):
 
 
 def plot_sweep(rows: list[dict], out: Path, title: str = "") -> list[Path]:
-    from matplotlib.figure import Figure
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     test = aggregate(rows, "test_acc")
@@ -121,7 +122,6 @@ def load_rows(paths) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    from .cli import OneLineParser
     p = OneLineParser(prog="python -m deepplain.plots", description=__doc__.split("\n\n")[0])
     p.add_argument("--csv", required=True, nargs="+", help="one or more sweeps' results.csv (rows are combined)")
     p.add_argument("--out", required=True)

@@ -20,12 +20,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
 
+from .config import model_options
 from .errors import ConfigError, one_line
+from .registry import build_model, get_family
+from .schema import DEFAULTS, RunConfig, flag
 
 GIB = 2 ** 30
 DIRECT_BUILD_DEPTH = 256  # deeper models are estimated from two shallow ones before being built
+HARDWARE_FLAGS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
 
 
 @contextlib.contextmanager
@@ -55,36 +60,30 @@ def multi_node_launcher() -> bool:
     return "NODE_RANK" in env and "MASTER_ADDR" in env  # Lightning's manual multi-node setup
 
 
-def check_trainer_flags(config: dict) -> tuple[str, str, int]:
+def check_trainer_flags(config: RunConfig) -> tuple[str, str, int]:
     """Validate the flags passed through to Lightning. Returns the precision that will be used, the
     strategy's class name and how many training processes this machine will hold."""
-    if config["num_nodes"] > 1 and not multi_node_launcher():
-        raise ConfigError(f"--num-nodes {config['num_nodes']} needs a multi-node launcher (srun under SLURM, torchrun, "
+    if config.num_nodes > 1 and not multi_node_launcher():
+        raise ConfigError(f"--num-nodes {config.num_nodes} needs a multi-node launcher (srun under SLURM, torchrun, "
                           "or NODE_RANK and MASTER_ADDR set on every node); started alone it would wait for the other "
                           "nodes forever")
-    import lightning as L
-    flags = {k: config[k] for k in ("accelerator", "devices", "strategy", "num_nodes", "precision")}
+    flags = {k: getattr(config, k) for k in HARDWARE_FLAGS}
     try:
         with quiet():
             trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False, **flags)
     except Exception as exc:  # Lightning raises ValueError, TypeError, MisconfigurationException, RuntimeError
-        shown = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items() if v != _default(k))
+        shown = " ".join(f"{flag(k)} {v}" for k, v in flags.items() if v != DEFAULTS[k])
         reason = " ".join(str(exc).split())  # Lightning's message, on one line
         raise ConfigError(f"{shown or 'the hardware flags'}: {reason[:400]}") from None
     on_cpu = trainer.strategy.root_device.type == "cpu"
     return str(trainer.precision), type(trainer.strategy).__name__, trainer.num_devices if on_cpu else 1
 
 
-def _default(key: str):
-    from .config import BASE
-    return BASE[key]
-
-
-def check_logdir(config: dict) -> None:
+def check_logdir(logdir: str, name: str | None) -> None:
     """The log folder and the run's name folder can be created and written."""
-    base = Path(config["logdir"]).expanduser()
-    for path in (base, base / (config.get("name") or "")):
+    base = Path(logdir).expanduser()
+    for path in (base, base / (name or "")):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"--logdir {path} is a file, not a folder")
     existing = base
@@ -113,13 +112,12 @@ class MemoryEstimate:
         return weights + activations + data_bytes
 
 
-def measure(config: dict, depth: int, input_shape, num_classes: int) -> MemoryEstimate:
+def measure(config: RunConfig, depth: int, input_shape, num_classes: int, options: dict | None = None) \
+        -> MemoryEstimate:
     """Parameters and activation elements per sample of the model at ``depth``, on the meta device."""
-    from .config import model_options
-    from .registry import build_model
     with torch.device("meta"):
-        model = build_model(config["model"], depth, arch=config["arch"], input_shape=tuple(input_shape),
-                            num_classes=num_classes, **model_options(config))
+        model = build_model(config.model, depth, arch=config.arch, input_shape=tuple(input_shape),
+                            num_classes=num_classes, **(model_options(config) if options is None else options))
     total = [0]
 
     def count(module, inputs, output):
@@ -133,7 +131,7 @@ def measure(config: dict, depth: int, input_shape, num_classes: int) -> MemoryEs
         if isinstance(exc, ConfigError):
             raise
         shape = "x".join(map(str, input_shape))
-        raise ConfigError(f"{config['model']} {config['arch']} depth {depth} cannot take {shape} inputs "
+        raise ConfigError(f"{config.model} {config.arch} depth {depth} cannot take {shape} inputs "
                           f"({one_line(exc, 160)}); use a larger --image-size") from None
     finally:
         for h in handles:
@@ -141,51 +139,45 @@ def measure(config: dict, depth: int, input_shape, num_classes: int) -> MemoryEs
     return MemoryEstimate(sum(p.numel() for p in model.parameters()), total[0])
 
 
-def estimate(config: dict, input_shape, num_classes: int) -> MemoryEstimate:
-    """The model's size at ``config['depth']``. Deeper than ``DIRECT_BUILD_DEPTH``, it is extrapolated
-    from the two shallowest valid depths, exactly: every family's parameters and activations grow
-    linearly with its number of blocks. Those builds check the options; the depth is checked
-    against the family's rule (a depth off its arithmetic progression is built, which raises)."""
-    depth = config["depth"]
+def estimate(config: RunConfig, input_shape, num_classes: int) -> MemoryEstimate:
+    """The model's size at ``config.depth``. Deeper than ``DIRECT_BUILD_DEPTH``, it is extrapolated
+    from the first two depths of the family's depth rule that ``depth`` follows, exactly: every
+    family's parameters and activations grow linearly with its number of blocks. The depth is
+    checked against the rule first; those builds check the options."""
+    depth = config.depth
     if depth <= DIRECT_BUILD_DEPTH:
         return measure(config, depth, input_shape, num_classes)
-    valid = []
-    for d in range(1, DIRECT_BUILD_DEPTH + 1):
-        try:
-            valid.append((d, measure(config, d, input_shape, num_classes)))
-        except ConfigError:
-            continue
-        if len(valid) == 2:
-            break
-    if len(valid) < 2 or (depth - valid[0][0]) % (valid[1][0] - valid[0][0]):
-        return measure(config, depth, input_shape, num_classes)  # raises the family's depth error
-    (d1, e1), (d2, e2) = valid
+    form = get_family(config.model).form(config.arch)
+    options = model_options(config)
+    if form.pick_options is not None:  # what the builder picks at this depth (resnet's block), fixed for all three
+        options = form.pick_options(depth, options)
+    rule = form.check_depth(f"{config.model} {config.arch}", depth, options)
+    (d1, e1), (d2, e2) = [(d, measure(config, d, input_shape, num_classes, options)) for d in rule.first_depths(2)]
     n = (depth - d1) / (d2 - d1)
     return MemoryEstimate(int(e1.parameters + n * (e2.parameters - e1.parameters)),
                           int(e1.activations_per_sample + n * (e2.activations_per_sample - e1.activations_per_sample)))
 
 
-def check_batch_limits(config: dict, info, eval_batch_size: int | None = None) -> None:
+def check_batch_limits(config: RunConfig, info, eval_batch_size: int | None = None) -> None:
     """A fractional ``--limit-train-batches``/``--limit-val-batches`` that leaves no batch is refused here,
     not by Lightning after the run folder is written."""
     if info.train_size is None:
         return  # a folder dataset: its size is known only once listed
-    held = int(round(info.train_size * config["val_split"]))
-    splits = {"limit_train_batches": (info.train_size - held, config["batch_size"]),
-              "limit_val_batches": (held if held else (info.test_size or 0), eval_batch_size or config["batch_size"])}
+    held = int(round(info.train_size * config.val_split))
+    splits = {"limit_train_batches": (info.train_size - held, config.batch_size),
+              "limit_val_batches": (held if held else (info.test_size or 0), eval_batch_size or config.batch_size)}
     for key, (samples, size) in splits.items():
-        value = config.get(key)
+        value = getattr(config, key)
         if isinstance(value, float) and value < 1 and samples:
             batches = -(-samples // size)
             if int(value * batches) < 1:
-                flag = "--" + key.replace("_", "-")
-                raise ConfigError(f"{flag} {value:g} of {batches} batch(es) is less than one batch; give at least "
+                raise ConfigError(f"{flag(key)} {value:g} of {batches} batch(es) is less than one batch; give at least "
                                   f"{1 / batches:.3g} or a count")
 
 
-def available_memory(config: dict) -> tuple[int, str]:
+def available_memory(accelerator: str) -> tuple[int, str]:
     """Bytes of memory the run can use and where: the smallest free GPU, or the machine's RAM."""
-    accelerator = str(config.get("accelerator", "auto"))
+    accelerator = str(accelerator)
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
         return free, "the GPU"
@@ -196,16 +188,16 @@ def available_memory(config: dict) -> tuple[int, str]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), "this machine"
 
 
-def check_model_memory(config: dict, info, processes: int = 1) -> MemoryEstimate:
+def check_model_memory(config: RunConfig, info, processes: int = 1) -> MemoryEstimate:
     """Refuse, with the numbers, a model (and dataset) that cannot fit; return the estimate."""
     est = estimate(config, info.input_shape, info.num_classes)
     need = _need(config, est, info, processes)
-    available, where = available_memory(config)
+    available, where = available_memory(config.accelerator)
     if need > 0.9 * available:
         raise ConfigError(
             f"this run needs about {need / GIB:.1f} GiB ({est.parameters / 1e6:,.1f}M parameters, "
-            f"{est.activations_per_sample * config['batch_size'] * 8 / GIB:.1f} GiB of activations at batch "
-            f"{config['batch_size']}{f', {processes} processes' if processes > 1 else ''}) but "
+            f"{est.activations_per_sample * config.batch_size * 8 / GIB:.1f} GiB of activations at batch "
+            f"{config.batch_size}{f', {processes} processes' if processes > 1 else ''}) but "
             f"{available / GIB:.1f} GiB is free on {where}; lower --depth, --width or --batch-size")
     return est
 
@@ -213,5 +205,5 @@ def check_model_memory(config: dict, info, processes: int = 1) -> MemoryEstimate
 def _need(config, est: MemoryEstimate, info, processes: int) -> int:
     samples = (info.train_size or 0) + (info.test_size or 0)
     data = samples * math.prod(info.input_shape)  # decoded once to uint8
-    per_process = est.bytes_needed(config["batch_size"], config["optimizer"], config["momentum"], data)
+    per_process = est.bytes_needed(config.batch_size, config.optimizer, config.momentum, data)
     return per_process * max(1, processes)

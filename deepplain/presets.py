@@ -3,6 +3,15 @@ from __future__ import annotations
 
 from .errors import ConfigError
 
+# The recipe a dataset implies (by its default architecture, ``datamodules.DATASETS``) when neither a
+# preset nor a flag says otherwise.
+RECIPES = {
+    "conv": dict(arch="conv", lr=0.1, weight_decay=1e-4, epochs=165, batch_size=128, schedule="multistep",
+                 milestones=[82, 125]),  # the VAN/ResNet CIFAR recipe
+    "mlp": dict(arch="mlp", lr=0.01, weight_decay=0.0, epochs=50, batch_size=128, schedule="none",
+                milestones=[0.5, 0.75]),
+}
+
 PRESETS: dict[str, dict] = {
     "oyedotun-mlp-100": dict(
         _doc="PlainNet paper: 100-layer MLP, 300 units, BN + LeakyReLU(0.3) + max-norm 3 + He-uniform, on USPS "

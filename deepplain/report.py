@@ -7,6 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .callbacks.records import finding_rules
+from .datamodules.splits import ValidationSource
+from .status import RunSummary
 
 
 def trainability_findings(callbacks) -> dict:
@@ -58,18 +60,18 @@ def print_trainability_report(callbacks, console: Console | None = None) -> dict
     return report
 
 
-def print_run_end(summary: dict, console: Console | None = None) -> None:
+def print_run_end(summary: RunSummary, console: Console | None = None) -> None:
     """Final loss and accuracy of each split, the run folder and the TensorBoard command that shows it."""
     console = console or Console()
-    table = Table(title=f"run {summary['status']}", show_lines=False)
+    table = Table(title=f"run {summary.status}", show_lines=False)
     for column in ("split", "loss", "accuracy"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for split in ("train", "val", "test"):
-        loss, acc = summary.get(f"{split}_loss"), summary.get(f"{split}_acc")
+        loss, acc = getattr(summary, f"{split}_loss"), getattr(summary, f"{split}_acc")
         if loss is not None or acc is not None:
-            name = "val (test set)" if split == "val" and summary.get("validation_source") == "test set" else split
+            name = "val (test set)" if split == "val" and summary.validation_source == ValidationSource.TEST else split
             table.add_row(name, "-" if loss is None else f"{loss:.4f}", "-" if acc is None else f"{acc:.2%}")
     console.print(table)
-    run_dir = summary["run_dir"]
+    run_dir = summary.run_dir
     console.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
     console.print(f"see it in TensorBoard: tensorboard --logdir {run_dir}", highlight=False, soft_wrap=True)

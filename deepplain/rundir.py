@@ -1,4 +1,4 @@
-"""Run folders that are never overwritten, and files written atomically.
+"""Run folders that are never overwritten.
 
 Who creates the folder:
 
@@ -12,10 +12,8 @@ Who creates the folder:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -74,30 +72,3 @@ def reserve_run_dir(logdir, name: str) -> Path:
             continue
         os.environ[RUN_DIR_ENV] = str(run)
         return run
-
-
-def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=_jsonable)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    return str(value)

@@ -1,17 +1,22 @@
 """Callbacks the CLI adds to every run: bookkeeping, exact resume, the divergence guard and stop signals."""
 from __future__ import annotations
 
+import random
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import RichProgressBar
 
+from .callbacks.probing import LayerCapture, batch_inputs
+from .checkpoints import first_non_finite
 from .errors import DivergenceError
+from .status import RunStatus
 
 
 class RunStats(Callback):
@@ -59,9 +64,6 @@ class RNGState(Callback):
     """Saves and restores the torch, numpy and Python random generators with each checkpoint."""
 
     def state_dict(self):
-        import random
-
-        import numpy as np
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         # plain lists and tensors only, so that checkpoints load with torch.load(weights_only=True)
         return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
@@ -69,9 +71,6 @@ class RNGState(Callback):
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
     def load_state_dict(self, state_dict):
-        import random
-
-        import numpy as np
         torch.set_rng_state(state_dict["torch"])
         kind, keys, pos, has_gauss, cached = state_dict["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -144,7 +143,6 @@ class DivergenceGuard(Callback):
             raise self._error(pl_module, step, self._batch, same_step=False)
 
     def check_weights(self, trainer, pl_module):
-        from .checkpoints import first_non_finite
         bad = first_non_finite(dict(pl_module.named_parameters()))
         diverged = bad is not None
         if trainer.world_size > 1:
@@ -154,7 +152,6 @@ class DivergenceGuard(Callback):
                                   f"(first: {bad or 'on another rank'}) although the loss was finite")
 
     def _error(self, pl_module, step: int, batch, same_step: bool) -> DivergenceError:
-        from .checkpoints import first_non_finite
         layer = first_non_finite_layer(pl_module, batch) if batch is not None else None
         param = first_non_finite(dict(pl_module.named_parameters()))
         where = f"first non-finite layer output: {layer}" if layer else "no layer output is non-finite now"
@@ -170,7 +167,6 @@ def first_non_finite_layer(pl_module, batch) -> str | None:
 
     The forward runs as in training (batch norm on batch statistics), without gradients, and the
     batch-norm running statistics are restored afterwards."""
-    from .callbacks.probing import LayerCapture, batch_inputs
     leaves = [(n, m) for n, m in pl_module.named_modules() if n and not list(m.children())]
     buffers = {k: v.clone() for k, v in pl_module.state_dict().items() if "running_" in k or "num_batches" in k}
     try:
@@ -188,9 +184,9 @@ class RunStopped(BaseException):
     A BaseException, like KeyboardInterrupt, so that ``except Exception`` in user code cannot swallow it.
     """
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: RunStatus):
         super().__init__(reason)
-        self.reason = reason
+        self.reason = RunStatus(reason)
 
 
 class StopSignals(Callback):
@@ -204,7 +200,7 @@ class StopSignals(Callback):
 
     def __init__(self, checkpoint_path: Path):
         self.checkpoint_path = Path(checkpoint_path)
-        self.requested: Optional[str] = None
+        self.requested: Optional[RunStatus] = None
         self.saved: Optional[Path] = None
         self._previous = {}
 
@@ -215,17 +211,17 @@ class StopSignals(Callback):
                 signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.requested == "interrupted":
+        if signum == signal.SIGINT and self.requested is RunStatus.INTERRUPTED:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.requested = "preempted" if signum == signal.SIGTERM else "interrupted"
+        self.requested = RunStatus.PREEMPTED if signum == signal.SIGTERM else RunStatus.INTERRUPTED
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stop = self.requested is not None
         if trainer.world_size > 1:  # every rank stops at the same step, or a collective would hang
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
-            raise RunStopped(self.requested or "preempted")
+            raise RunStopped(self.requested or RunStatus.PREEMPTED)
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, RunStopped) and trainer.state.fn == "fit":

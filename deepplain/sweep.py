@@ -35,16 +35,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoints import check_checkpoint, completed_epochs
+from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
-from .inputs import FolderLock, output_dir, read_results_csv
+from .files import atomic_file
+from .inputs import FolderLock, OneLineParser, output_dir, read_results_csv
+from .status import FINISHED, RESUMABLE, RunStatus, RunSummary
 
-CSV_FIELDS = ["run_id", "model", "depth", "seed", "variant", "dataset", "status", "parameters", "epochs_done",
-              "global_step", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
-              "wall_seconds", "samples_per_second", "alpha_residual", "alpha_removed_step", "alpha_target_step",
-              "alpha_closed_at_target", "alpha_residual_at_target",
-              "run_dir", "flags"]
-FINISHED = ("completed", "diverged")
-RESUMABLE = ("interrupted", "preempted")
+# The run's summary fields (``status.RunSummary``) between the sweep's own columns.
+CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
+NOT_STARTED = "not started (the sweep was stopped)"
 # What the grid sets for each run, and where the run lives: never given after -- or in a variant.
 GRID_FLAGS = ("--model", "--depth", "--seed", "--dataset", "--epochs", "--logdir", "--name", "--resume", "--config",
               "--print-config")
@@ -159,7 +159,6 @@ def latest_summary(run_root: Path) -> dict | None:
 
 def resumable_checkpoint(root: Path, epochs: int) -> Path | None:
     """The newest ``last.ckpt`` of an interrupted run, if it is sound and has epochs left to train."""
-    from .checkpoints import check_checkpoint, completed_epochs
     found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
         return None
@@ -210,7 +209,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     if summary and summary.get("status") in FINISHED:
         return row(run, dataset, summary, skipped=True)
     if children is not None and children.stop_signal is not None:
-        return row(run, dataset, summary or {"status": "not started (the sweep was stopped)"})
+        return row(run, dataset, summary or {"status": NOT_STARTED})
     root.mkdir(parents=True, exist_ok=True)
     flags = run.train_flags(dataset, epochs)
     (root / "run.json").write_text(json.dumps({"flags": flags}))
@@ -235,7 +234,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
             children.remove(proc)
     summary = latest_summary(root)
     if summary is None:
-        summary = {"status": f"failed (exit {code}, see {root / 'train.log'})"}
+        summary = {"status": f"{RunStatus.FAILED} (exit {code}, see {root / 'train.log'})"}
     return row(run, dataset, summary)
 
 
@@ -248,14 +247,11 @@ def row(run: Run, dataset: str, summary: dict, skipped: bool = False) -> dict:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_file(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in sorted(rows, key=lambda r: (r["model"], r["variant"] or "", int(r["depth"]), int(r["seed"]))):
             writer.writerow(r)
-    os.replace(tmp, path)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -321,7 +317,6 @@ def _csv_list(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser
     p = OneLineParser(prog="python -m deepplain.sweep", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="sweep folder (runs/ and results.csv go there)")
@@ -346,7 +341,6 @@ def split_at_double_dash(argv) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    from .datamodules.paths import resolve_data_env
     resolve_data_env()
     own, flags = split_at_double_dash(argv)
     args = build_parser().parse_args(own)

@@ -3,9 +3,14 @@ import pickle
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 from deepplain.datamodules.paths import resolve_data_env
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.foreign import loaders
 
 REPO = Path(__file__).resolve().parents[1]
 # CI and the README set DEEPPLAIN_DATA, relative to where pytest starts; a developer checkout finds the
@@ -53,3 +58,24 @@ def tiny_cifar(tmp_path) -> Path:
 @pytest.fixture
 def runs(tmp_path) -> Path:
     return tmp_path / "runs"
+
+
+# -- helpers the test files share (import them: from conftest import fit, read_events) -----------------
+def fit(module, callbacks, tmp_path, kind="mlp", steps=6, precision="32-true", accumulate=1, logger=True, **kw):
+    train, val = loaders(kind)
+    log = TensorBoardLogger(str(tmp_path), name="tb") if logger else False
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=log,
+                        precision=precision, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=1, val_check_interval=3,
+                        accumulate_grad_batches=accumulate, log_every_n_steps=1, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, train, val)
+    return trainer
+
+
+def read_events(path):
+    path = next(path.glob("tb/version_*")) if (path / "tb").is_dir() else path
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc

@@ -7,11 +7,13 @@ import pytest
 import torch
 from deepplain.callbacks import AlphaScheduler
 from deepplain.callbacks.alpha import DEFAULT_PHASE_OUT, calibrated_step_sizes
+from deepplain.datamodules import FakeDataModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import deepplain
 from deepplain.cli import main
+from deepplain.family_modules import VANModule
 from tests.foreign import ForeignMLP, loaders
 
 
@@ -35,14 +37,12 @@ def test_calibrated_step_sizes_close_the_skips_at_the_target(ratio, target):
 
 
 def van_module(**kw):
-    from deepplain.family_modules import VANModule
     kw.setdefault("alpha_mode", "off")
     return VANModule(model="van", depth=4, arch="mlp", input_shape=(1, 8, 8), num_classes=4,
                      model_options={"width": 16}, lr=0.1, weight_decay=1e-3, **kw)
 
 
 def van_data():
-    from deepplain.datamodules import FakeDataModule
     return FakeDataModule(input_shape=(1, 8, 8), num_classes=4, train_size=256, test_size=32, batch_size=32,
                           val_split=0.0)
 

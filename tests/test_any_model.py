@@ -2,8 +2,10 @@
 layers, Lightning's own demos, modules without forward(), lazy layers with dropout, tuple and dict outputs,
 manual optimization. Each runs in 32-true and bf16-mixed; every callback must log something, and the final
 weights and buffers must equal those of the same seeded run without the callbacks."""
+import importlib.util
 import math
 import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -21,6 +23,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, TensorDataset
+
+from tests.foreign import ForeignMLP, loaders
 
 STEPS = 3
 
@@ -292,7 +296,6 @@ def test_a_probe_is_gathered_from_as_many_training_batches_as_the_widest_layer_n
     """A drop-in run on batches of 16 and layers of 200 units: the probe takes 400 samples from 25 batches, each
     layer's rank is numpy's rank of that layer on those samples (far above the 16 one batch could show), and
     training's data order and weights are those of a run without it."""
-    from tests.foreign import ForeignMLP
 
     def loader():
         g = torch.Generator().manual_seed(0)
@@ -327,7 +330,6 @@ def test_a_probe_is_gathered_from_as_many_training_batches_as_the_widest_layer_n
 
 def test_one_probe_batch_is_shared_and_saved_once(tmp_path):
     """All diagnostics together add at most one probe batch to a checkpoint."""
-    from tests.foreign import ForeignMLP
 
     def checkpoint_size(callbacks, path):
         torch.manual_seed(0)
@@ -369,7 +371,6 @@ def test_one_probe_batch_is_shared_and_saved_once(tmp_path):
     (lambda: GradientFlowMonitor(include=["nothing"]), r"GradientFlowMonitor: include=\['nothing'\]"),
 ])
 def test_an_include_that_matches_nothing_stops_at_setup(make, message, tmp_path):
-    from tests.foreign import ForeignMLP, loaders
     seen = []
     module = ForeignMLP()
     module.training_step = lambda batch, i: seen.append(i)
@@ -383,8 +384,6 @@ def test_the_rank_collapse_example_shows_collapse_only_without_skips():
     """examples/rank_collapse.py (docs/RESULTS.md section 9): the probe sees pure attention collapse the tokens of a
     sequence to one direction (kappa inf, correlation 1, Dong et al.'s residual 0), and the skip connections
     prevent it."""
-    import importlib.util
-    from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "examples" / "rank_collapse.py"
     spec = importlib.util.spec_from_file_location("rank_collapse", path)
     example = importlib.util.module_from_spec(spec)
@@ -400,7 +399,6 @@ def test_the_rank_collapse_example_shows_collapse_only_without_skips():
 
 def test_a_callback_whose_probe_fails_leaves_the_shared_probe_to_the_others(tmp_path):
     """Saturation's probe_fn fails, condition's works: the shared inputs are still saved, by the one that probes."""
-    from tests.foreign import ForeignMLP, loaders
 
     def broken(module, x):
         raise RuntimeError("no probe for me")

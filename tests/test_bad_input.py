@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,6 @@ def damage(kind, run: Path, ckpt: Path):
     elif kind == "truncated":
         ckpt.write_bytes(data[:20000])
     elif kind == "byte-flipped":  # one bit of rot in the largest tensor (torch.load alone would not notice)
-        import zipfile
         with zipfile.ZipFile(ckpt) as archive:
             record = max(archive.infolist(), key=lambda i: i.file_size)
         offset = record.header_offset + 30 + len(record.filename.encode()) + len(record.extra) + record.file_size // 2

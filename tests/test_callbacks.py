@@ -1,12 +1,13 @@
 """Diagnostic callbacks: statistics against independent computations, and use in foreign modules."""
 import csv
 import math
-import warnings
 
+import deepplain.callbacks.max_norm as mn
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import fit, read_events
 from deepplain.callbacks import (
     ActivationSaturationMonitor,
     ConditionNumberProbe,
@@ -26,8 +27,6 @@ from deepplain.callbacks.linalg import (
     weight_condition_stats,
 )
 from deepplain.callbacks.saturation import activation_stats, combine
-from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.foreign import ForeignCNN, ForeignMLP, FunctionalMLP, loaders
 
@@ -189,26 +188,6 @@ def test_max_norm_bounds_rows_and_leaves_others_untouched():
 
 
 # -- in foreign LightningModules ----------------------------------------------------------------------
-def fit(module, callbacks, tmp_path, kind="mlp", steps=6, precision="32-true", accumulate=1, logger=True, **kw):
-    train, val = loaders(kind)
-    log = TensorBoardLogger(str(tmp_path), name="tb") if logger else False
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=log,
-                        precision=precision, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, limit_val_batches=1, val_check_interval=3,
-                        accumulate_grad_batches=accumulate, log_every_n_steps=1, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, train, val)
-    return trainer
-
-
-def read_events(path):
-    path = next(path.glob("tb/version_*")) if (path / "tb").is_dir() else path
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
 def all_diagnostics(every=2):
     return [ActivationSaturationMonitor(every_n_steps=every, figure_every_n_samples=1, max_overhead=None,
                                         per_layer_scalars=True),
@@ -327,7 +306,6 @@ def test_max_norm_only_after_real_optimizer_steps(tmp_path, monkeypatch):
         calls.append(trainer.global_step)
         original(trainer, *args)
     cb.on_train_batch_end = spy
-    import deepplain.callbacks.max_norm as mn
     real = mn.apply_max_norm
     monkeypatch.setattr(mn, "apply_max_norm", lambda w, c: applied.append(1) or real(w, c))
     fit(module, [cb], tmp_path, steps=3, accumulate=2, logger=False)

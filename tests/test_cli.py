@@ -4,14 +4,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deepplain.cli import build_parser, main
 from deepplain.config import merge
 from deepplain.errors import ConfigError
+from deepplain.family_modules import VANModule
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_FIELDS = {"model", "depth", "dataset", "parameters", "epochs_done", "train_loss", "train_acc", "val_loss",
@@ -51,7 +54,6 @@ def test_usps_plain_run_writes_events_checkpoints_and_summary(runs):
 def test_checkpoint_rebuilds_model_without_arguments(runs):
     main(["--model", "van", "--depth", "3", "--dataset", "usps", "--epochs", "1", "--limit-train-batches", "3",
           "--logdir", str(runs), "--no-progress", "--diagnostics", "none"])
-    from deepplain.family_modules import VANModule
     module = VANModule.load_from_checkpoint(only_run(runs) / "checkpoints" / "last.ckpt")
     assert module.hparams.model == "van" and len(module.model.skip_gates()) == 3
 
@@ -73,21 +75,21 @@ def test_fast_dev_run_conv_forms_on_cifar10(model, depth, extra, runs, tiny_cifa
 
 def test_default_recipe_is_van26_on_cifar10():
     config = merge({"model": "van", "depth": 26})
-    assert (config["dataset"], config["arch"], config["optimizer"], config["lr"], config["momentum"]) == (
+    assert (config.dataset, config.arch, config.optimizer, config.lr, config.momentum) == (
         "cifar10", "conv", "sgd", 0.1, 0.9)
-    assert (config["epochs"], config["milestones"], config["batch_size"], config["schedule"]) == (
+    assert (config.epochs, config.milestones, config.batch_size, config.schedule) == (
         165, [82, 125], 128, "multistep")
-    assert merge({"model": "plain", "dataset": "usps"})["arch"] == "mlp"
+    assert merge({"model": "plain", "dataset": "usps"}).arch == "mlp"
     highway = merge({"model": "highway"})  # no conv form: its MLP form, on CIFAR-10 too
-    assert (highway["arch"], highway["dataset"], highway["depth"]) == ("mlp", "cifar10", 10)
+    assert (highway.arch, highway.dataset, highway.depth) == ("mlp", "cifar10", 10)
 
 
 def test_preset_loads_and_flags_override():
     config = merge({"preset": "oyedotun-mlp-100", "depth": 20})
-    assert config["depth"] == 20 and config["width"] == 300 and config["activation"] == "lrelu"
-    assert config["max_norm"] == 3.0 and config["norm"] == "bn" and config["init"] == "he-uniform"
-    assert merge({"preset": "van-26-cifar10"})["lambda_lr_ratio"] == 0.1
-    assert merge({"preset": "dirac-28-10-cifar10"})["width"] == 10
+    assert config.depth == 20 and config.width == 300 and config.activation == "lrelu"
+    assert config.max_norm == 3.0 and config.norm == "bn" and config.init == "he-uniform"
+    assert merge({"preset": "van-26-cifar10"}).lambda_lr_ratio == 0.1
+    assert merge({"preset": "dirac-28-10-cifar10"}).width == 10
 
 
 def test_help_lists_presets(capsys):
@@ -141,8 +143,6 @@ def test_config_check_rejects_van_flags_elsewhere():
 
 
 def test_dirac_imagenet_form_on_an_image_folder(tmp_path, runs):
-    import numpy as np
-    from PIL import Image
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for cls in ("cat", "dog"):

@@ -277,7 +277,7 @@ def test_fake_datamodule_shapes_and_seed():
 def test_bad_arguments_rejected():
     with pytest.raises(ConfigError, match="unknown dataset 'svhn'; valid datasets: mnist, fashion-mnist"):
         get_datamodule("svhn")
-    with pytest.raises(ConfigError, match="val_split must be in \\[0, 1\\)"):
+    with pytest.raises(ConfigError, match="val_split must be in \\[0, 0.9\\]"):
         get_datamodule("usps", val_split=1.5)
     with pytest.raises(ConfigError, match="batch size must be a positive integer"):
         get_datamodule("usps", batch_size=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,7 +46,6 @@ def test_callbacks_in_foreign_module_under_ddp(tmp_path):
     assert result["saturation_layers"] == ["body.1", "body.3", "body.5", "body.7"]
     versions = list((tmp_path / "foreign").glob("version_*"))
     assert len(versions) == 1  # rank zero alone writes
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(versions[0])).Reload()
     assert "saturation/depth_max/max_abs" in acc.Tags()["scalars"] and "overview/layers_dead" in acc.Tags()["scalars"]
     assert "condition/depth_max/log10_kappa" in acc.Tags()["scalars"]

@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit, read_events
 from deepplain.callbacks import (
     ActivationSaturationMonitor,
     AlphaScheduler,
@@ -24,7 +25,6 @@ from deepplain.callbacks import (
 from torch import nn
 
 from tests.foreign import ForeignMLP, loaders
-from tests.test_callbacks import fit, read_events
 
 REPO = Path(__file__).resolve().parents[1]
 

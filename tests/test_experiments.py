@@ -4,8 +4,10 @@ import json
 import math
 
 import pytest
+from torch.utils.tensorboard import SummaryWriter
 
-from deepplain import experiments, plots
+from deepplain import curves, experiments, plots
+from deepplain.cli import main
 from deepplain.errors import ConfigError
 from deepplain.sweep import CSV_FIELDS, Run, grid, parse_variant, read_csv
 from deepplain.sweep import main as sweep_main
@@ -99,9 +101,7 @@ def test_runs_of_different_budgets_are_labelled_not_averaged():
 
 
 def test_curves_read_from_event_files(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
 
-    from deepplain import curves
     steps_per_epoch, residuals = 10, [1.0, 0.6, 0.2, 0.0]
     with SummaryWriter(str(tmp_path / "run" / "version_0")) as writer:
         for epoch in range(3):
@@ -180,7 +180,6 @@ def test_diagnostics_with_a_grid_end_to_end(tmp_path):
 
 
 def test_analyse_and_diagnostic_figures_on_a_tiny_run(tmp_path):
-    from deepplain.cli import main
     for variant, flags in experiments.VARIANTS.items():
         assert main(["--model", "plain", "--depth", "4", "--width", "16", "--dataset", "usps", "--epochs", "1",
                      "--limit-train-batches", "3", "--limit-val-batches", "1", "--diagnostics", "none", "--logdir",

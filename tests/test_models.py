@@ -1,11 +1,14 @@
 """Model families: shapes, parameter counts against the papers, gradients, depth rules, fold/export."""
 import pytest
 import torch
+from deepplain.callbacks.probing import skip_gates as iter_skip_gates
 from torch import nn
 
 import deepplain
 from deepplain import ConfigError, build_model, count_parameters
-from deepplain.models import DiracConv2d, DiracLinear, iter_skip_gates
+from deepplain.models import DiracConv2d, DiracLinear
+from deepplain.models.resnet import block_for_depth
+from deepplain.optim import parameter_groups
 
 SHAPES = {"mnist": ((1, 28, 28), 10), "usps": ((1, 16, 16), 10), "coil20": ((1, 32, 32), 20),
           "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
@@ -104,7 +107,6 @@ def test_invalid_depths_rejected_with_valid_values(name, arch, depth, message):
     (20, "basic", 0.27), (32, "basic", None), (56, "basic", 0.85), (110, "basic", 1.7), (29, "bottleneck", None),
     (164, "bottleneck", 1.7), (1001, "bottleneck", 10.2)])
 def test_resnet_block_follows_depth_as_he_et_al(depth, block, millions_expected):
-    from deepplain.models.resnet import block_for_depth
     assert block_for_depth(depth) == block
     with torch.device("meta"):
         model = build_model("resnet", depth, arch="conv", input_shape=(3, 32, 32), num_classes=10)
@@ -262,7 +264,6 @@ def test_highway_gate_bias_starts_negative():
 
 
 def test_weight_decay_skips_biases_norms_and_method_scales():
-    from deepplain.optim import parameter_groups
     for name, arch in [("van", "conv"), ("dirac", "conv"), ("plain", "mlp")]:
         model = build_model(name, 10, arch=arch, input_shape=(3, 32, 32), num_classes=10, **(
             {"activation": "prelu"} if name == "plain" else {}))

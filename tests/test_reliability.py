@@ -14,9 +14,11 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import deepplain.checkpoints as checkpoints
 import deepplain.training as training
 from deepplain.checkpoints import AtomicCheckpointIO, remove_stale_temporaries
 from deepplain.cli import main
+from deepplain.errors import DivergenceError
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_VAN = ["--model", "van", "--depth", "3", "--width", "16", "--dataset", "fake", "--arch", "mlp", "--epochs", "3",
@@ -175,7 +177,6 @@ def test_atomic_io_refuses_non_finite_weights_and_keeps_the_old_file(tmp_path):
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
     before = path.read_bytes()
-    from deepplain.errors import DivergenceError
     with pytest.raises(DivergenceError, match="refusing to save last.ckpt: w holds non-finite values"):
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, math.nan])}}, path)
 
@@ -188,7 +189,6 @@ def test_atomic_io_refuses_non_finite_weights_and_keeps_the_old_file(tmp_path):
 
 
 def test_full_disk_keeps_the_previous_checkpoint_and_writes_the_summary(tmp_path, monkeypatch, capsys):
-    import deepplain.checkpoints as checkpoints
     real_save = torch.save
     calls = []
 

@@ -5,13 +5,13 @@ import time
 
 import lightning as L
 import pytest
+from conftest import fit, read_events
 from deepplain.callbacks import ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor
 from deepplain.callbacks.sampling import OverheadBudget, SamplingSchedule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from deepplain.cli import main
 from tests.foreign import ForeignMLP
-from tests.test_callbacks import fit, read_events
 
 
 class FakeTrainer:

@@ -7,13 +7,16 @@ words, and must leave the files that were there before as they were.
 """
 import csv
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from deepplain import curves, experiments, plots, sweep
 from deepplain.cli import main as train_main
-from deepplain.inputs import FolderLock
+from deepplain.inputs import FolderLock, read_results_csv
 
 GRID = ["--dataset", "usps", "--models", "plain", "--depths", "1", "--seeds", "0", "--epochs", "1"]
 FIELDS = ["run_id", "model", "depth", "seed", "variant", "dataset", "status", "test_acc", "train_acc", "epochs_done"]
@@ -136,7 +139,6 @@ def test_a_wrong_input_is_one_line_and_exit_2(name, entry, build, expected, tmp_
 
 
 def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
-    import time
     (tmp_path / "bomb.yaml").write_text(bomb())
     start = time.perf_counter()
     assert train_main(["--config", str(tmp_path / "bomb.yaml")]) == 2
@@ -154,8 +156,6 @@ def test_a_sweep_folder_is_written_by_one_sweep_at_a_time(tmp_path, capsys):
 
 
 def test_a_lock_is_released_by_a_process_that_dies(tmp_path):
-    import subprocess
-    import sys
     script = (f"from deepplain.inputs import FolderLock; import os\n"
               f"FolderLock({str(tmp_path)!r}, 'x').__enter__(); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", script], timeout=60).returncode == 9
@@ -164,7 +164,6 @@ def test_a_lock_is_released_by_a_process_that_dies(tmp_path):
 
 
 def test_a_quoted_newline_in_a_results_csv_stays_inside_its_row(tmp_path):
-    from deepplain.inputs import read_results_csv
     path = write_csv(tmp_path / "a.csv", [["x", "plain", "1", "0", "", "usps", "failed (see\nlog)", "", "", "1"]])
     rows = read_results_csv(path)
     assert len(rows) == 1 and rows[0]["status"] == "failed (see\nlog)"

@@ -1,6 +1,7 @@
 """Reliability of the experiment tools on real runs: a sweep row is what was measured, nothing written is lost,
 the sweep is a good parent to its trainings, and runs fail before training rather than after."""
 import json
+import logging
 import os
 import shutil
 import signal
@@ -10,15 +11,23 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from deepplain.callbacks import MaxNormConstraint
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
+from deepplain import experiments
+from deepplain.checkpoints import RunCheckpoint
 from deepplain.cli import main as train_main
 from deepplain.errors import ConfigError
 from deepplain.family_modules import PlainNetModule, VANModule
 from deepplain.inputs import FolderLock
 from deepplain.sweep import main as sweep_main
 from deepplain.sweep import read_csv
+from tests.foreign import ForeignMLP, loaders
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--limit-train-batches", "2", "--limit-val-batches", "1", "--diagnostics", "none", "--width", "16"]
@@ -120,7 +129,6 @@ def test_family_modules_predict_and_refuse_another_familys_checkpoint(tmp_path):
     van = VANModule(model="van", depth=2, arch="mlp", input_shape=(1, 8, 8), num_classes=3,
                     model_options={"width": 8})
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    from torch.utils.data import DataLoader, TensorDataset
     loader = DataLoader(TensorDataset(torch.randn(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)), batch_size=4)
     out = trainer.predict(van, loader)
     assert [o.shape for o in out] == [(4, 3), (2, 3)]
@@ -134,8 +142,6 @@ def test_family_modules_predict_and_refuse_another_familys_checkpoint(tmp_path):
 
 
 def test_max_norm_leaves_frozen_layers_alone(tmp_path):
-    from deepplain.callbacks import MaxNormConstraint
-    from tests.foreign import ForeignMLP, loaders
     module = ForeignMLP(lr=5.0)
     frozen = module.body[2]
     with torch.no_grad():
@@ -150,7 +156,6 @@ def test_max_norm_leaves_frozen_layers_alone(tmp_path):
 
 def test_a_last_batch_of_one_sample_is_left_out_and_said(tmp_path, caplog):
     """fake has 1,800 training samples: batch 1799 leaves one, which batch norm cannot take."""
-    import logging
     data_log = logging.getLogger("deepplain.data")  # the CLI's "deepplain" logger does not propagate
     data_log.addHandler(caplog.handler)
     try:
@@ -164,8 +169,6 @@ def test_a_last_batch_of_one_sample_is_left_out_and_said(tmp_path, caplog):
 
 @pytest.fixture
 def image_folder(tmp_path):
-    import numpy as np
-    from PIL import Image
     for split in ("train", "val"):
         for c in ("a", "b"):
             folder = tmp_path / "imf" / split / c
@@ -196,7 +199,6 @@ def test_image_folder_data_faults_are_bad_input_and_leave_nothing(fault, message
 @pytest.mark.slow
 def test_the_experiments_analysis_reads_the_data_as_the_run_did(tmp_path, monkeypatch):
     """A run trained with --data-dir (and no $DEEPPLAIN_DATA) is analysed on that data, not on the defaults."""
-    from deepplain import experiments
     data = tmp_path / "data"
     shutil.copytree(Path(os.environ["DEEPPLAIN_DATA"]) / "usps", data / "usps")
     monkeypatch.setenv("DEEPPLAIN_DATA", str(tmp_path / "nowhere"))
@@ -211,9 +213,7 @@ def test_the_experiments_analysis_reads_the_data_as_the_run_did(tmp_path, monkey
 
 def test_run_checkpoint_relocates_a_moved_folders_record(tmp_path):
     """Lightning's ModelCheckpoint drops the best score when the folder moved; RunCheckpoint keeps it."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from deepplain.checkpoints import RunCheckpoint
     old, new = tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints"
     state = {"dirpath": str(old), "monitor": "val/acc", "best_model_score": torch.tensor(0.9),
              "best_model_path": str(old / "best-epoch001.ckpt"), "kth_best_model_path": str(old / "best-epoch001.ckpt"),

@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import fit, read_events
 from deepplain.callbacks import (
     ActivationSaturationMonitor,
     ConditionNumberProbe,
@@ -24,13 +25,13 @@ from deepplain.callbacks.probe_batch import untrained_norms_use_batch_stats
 from deepplain.callbacks.records import SINGULAR_LOG10_KAPPA, DepthTimeRecord, DiagnosticsTable, FindingsLog
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
+from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
 
 from deepplain.cli import CurrentStderrHandler, main
 from deepplain.report import trainability_findings
 from deepplain.runtime import RunProgressBar
 from tests.foreign import ForeignMLP, loaders
-from tests.test_callbacks import fit, read_events
 
 
 def table_rows(folder):
@@ -114,7 +115,6 @@ def test_summary_and_terminal_say_how_the_run_ended(deep_run):
     assert "tensorboard --logdir " + str(run) in printed and f"run folder: {run}" in printed
     assert "test" in printed and f"{summary['test_acc']:.2%}" in printed
     assert "hparam/test_acc" in acc.Tags()["scalars"]  # the HParams dashboard's metric
-    from tensorboard.plugins.hparams import plugin_data_pb2
     start = plugin_data_pb2.HParamsPluginData.FromString(
         acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
     assert {"model", "depth", "width", "dataset", "lr", "seed"} <= set(start.hparams)

@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError
 from ..layers import check_choice, conv3x3, flat_features, fold_batchnorm, init_weights
-from ..registry import register
+from ..registry import DepthRule, define_family, register
 
-PAPER = "Zagoruyko & Komodakis, DiracNets: Training Very Deep Neural Networks without Skip-Connections"
+define_family("dirac", "Dirac-parameterised plain convs, W = diag(a) I + diag(b) W_norm; folds to plain",
+              "Zagoruyko & Komodakis, DiracNets: Training Very Deep Neural Networks without Skip-Connections",
+              module="deepplain.family_modules:DiracNetModule")
+CIFAR_DEPTHS = DepthRule(6, 4, examples="10, 16, 22, 28, 34, ...")
+IMAGENET_STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # ResNet-18/34's blocks per stage
 DIRAC_LAYOUTS = ("cifar", "imagenet")
 
 
@@ -102,9 +105,6 @@ class DiracNet(nn.Module):
     def forward(self, x):
         return self.head(self.features(self.stem(x)))
 
-    def dirac_layers(self):
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, _DiracMixin)]
-
     @torch.no_grad()
     def fold(self) -> nn.Sequential:
         """A plain Conv2d/Linear + ReLU chain equal to this network in eval mode."""
@@ -150,34 +150,25 @@ def dirac_cnn(input_shape, num_classes, stem: nn.Sequential, stem_channels: int,
     return init_weights(model, init)
 
 
-@register("dirac", "conv", summary="Dirac-parameterised plain convs, W = diag(a) I + diag(b) W_norm; folds to plain",
-          paper=PAPER)
+@register("dirac", "conv", default_depth=28, depth=CIFAR_DEPTHS,
+          depth_by_option={("layout", "imagenet"): (DepthRule(fixed=tuple(IMAGENET_STAGES)),)})
 def dirac_conv(depth, *, input_shape, num_classes, width=1, layout="cifar", init="he-normal"):
     check_choice("dirac conv layout", layout, DIRAC_LAYOUTS)
     if layout == "imagenet":
-        stages = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-        if depth not in stages:
-            raise ConfigError(f"dirac imagenet depth must be 18 or 34, got {depth}")
         stem = nn.Sequential(nn.Conv2d(input_shape[0], 64 * width, 7, 2, 3, bias=False), nn.BatchNorm2d(64 * width),
                              nn.MaxPool2d(3, 2, 1))
         return dirac_cnn(input_shape, num_classes, stem, 64 * width, [w * width for w in (64, 128, 256, 512)],
-                         [2 * s for s in stages[depth]], init)
-    if depth < 10 or (depth - 4) % 6:
-        raise ConfigError(f"dirac conv depth must be 6n+4 (10, 16, 22, 28, 34, ...), got {depth}")
-    n = (depth - 4) // 6
+                         [2 * s for s in IMAGENET_STAGES[depth]], init)
+    n = CIFAR_DEPTHS.blocks(depth)
     stem = nn.Sequential(conv3x3(input_shape[0], 16))
     return dirac_cnn(input_shape, num_classes, stem, 16, [16 * width, 32 * width, 64 * width], [2 * n] * 3, init)
 
 
-@register("dirac", "mlp")
+@register("dirac", "mlp", default_depth=10)
 def dirac_mlp(depth, *, input_shape, num_classes, width=50, init="he-normal"):
     stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_features(input_shape), width))
     blocks = [DiracBlock(DiracLinear(width, width), width) for _ in range(depth)]
     model = DiracNet(stem, blocks, _head(width, num_classes, spatial=False))
     return init_weights(model, init)
-
-
-def count_dirac_scales(model: nn.Module) -> int:
-    return sum(m.a.numel() + m.b.numel() for m in model.modules() if isinstance(m, _DiracMixin))
 
 

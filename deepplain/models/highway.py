@@ -13,9 +13,10 @@ import torch
 from torch import nn
 
 from ..layers import flat_features, init_weights, make_norm
-from ..registry import register
+from ..registry import define_family, register
 
-PAPER = "Srivastava et al., Training Very Deep Networks"
+define_family("highway", "gated skip connections: y = H*T + x*(1-T)", "Srivastava et al., Training Very Deep Networks",
+              module="deepplain.family_modules:HighwayModule")
 
 
 class HighwayLayer(nn.Module):
@@ -34,9 +35,11 @@ class HighwayLayer(nn.Module):
         return self.transform(x) * t + x * (1 - t)
 
 
+@register("highway", "mlp", default_depth=10)
 class HighwayMLP(nn.Module):
     def __init__(self, depth, input_shape, num_classes, width=50, norm="bn", gate_bias=-2.0, init="he-normal"):
         super().__init__()
+        gate_bias = float(gate_bias)
         self.stem = nn.Sequential(OrderedDict(flatten=nn.Flatten(),
                                               linear=nn.Linear(flat_features(input_shape), width, bias=norm == "none"),
                                               norm=make_norm(norm, width, 1), act=nn.ReLU()))
@@ -49,7 +52,3 @@ class HighwayMLP(nn.Module):
     def forward(self, x):
         return self.classifier(self.blocks(self.stem(x)))
 
-
-@register("highway", "mlp", summary="gated skip connections: y = H*T + x*(1-T)", paper=PAPER)
-def highway_mlp(depth, *, input_shape, num_classes, width=50, norm="bn", gate_bias=-2.0, init="he-normal"):
-    return HighwayMLP(depth, input_shape, num_classes, width, norm, float(gate_bias), init)

@@ -17,9 +17,12 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..layers import check_choice, flat_features, init_weights, make_activation, make_norm
-from ..registry import register
+from ..registry import DepthRule, define_family, register
 
-PAPER = "Oyedotun et al., Revisiting the Training of Very Deep Neural Networks without Skip Connections"
+define_family("plain", "no skip connections: Linear -> [BN] -> activation, repeated",
+              "Oyedotun et al., Revisiting the Training of Very Deep Neural Networks without Skip Connections",
+              module="deepplain.family_modules:PlainNetModule")
+VGG_DEPTHS = DepthRule(3, 2, examples="5, 8, 11, 14, ..., 56, ...")
 
 # Table A1 of Oyedotun et al. as (out_channels, kernel) per conv, "M2"/"M3" for max-pools.
 # The printed table skips Conv_49; we use 96 filters of 3x3 there: it continues the last group's
@@ -50,6 +53,7 @@ def conv_layer(in_channels: int, out_channels: int, kernel: int, norm: str, acti
     ))
 
 
+@register("plain", "mlp", default_depth=10)
 class PlainMLP(nn.Module):
     def __init__(self, depth: int, input_shape, num_classes: int, width: int = 300, activation: str = "relu",
                  negative_slope: float = 0.3, norm: str = "bn", init: str = "he-uniform"):
@@ -92,9 +96,7 @@ class PlainConvNet(nn.Module):
 
 
 def vgg_spec(depth: int, width: int) -> list:
-    if depth < 5 or (depth - 2) % 3:
-        raise ConfigError(f"plain conv depth must be 3n+2 (5, 8, 11, 14, ..., 56, ...), got {depth}")
-    n = (depth - 2) // 3
+    n = VGG_DEPTHS.blocks(depth)
     spec = [(16 * width, 3)]
     for group, channels in enumerate((16 * width, 32 * width, 64 * width)):
         if group:
@@ -103,19 +105,12 @@ def vgg_spec(depth: int, width: int) -> list:
     return spec
 
 
-@register("plain", "mlp", summary="no skip connections: Linear -> [BN] -> activation, repeated", paper=PAPER)
-def plain_mlp(depth, *, input_shape, num_classes, width=300, activation="relu", negative_slope=0.3, norm="bn",
-              init="he-uniform"):
-    return PlainMLP(depth, input_shape, num_classes, width, activation, negative_slope, norm, init)
-
-
-@register("plain", "conv")
+@register("plain", "conv", default_depth=20, depth=VGG_DEPTHS,
+          depth_by_option={("layout", "oyedotun-50"): (DepthRule(fixed=(50,)),)})
 def plain_conv(depth, *, input_shape, num_classes, width=1, activation="relu", negative_slope=0.3, norm="bn",
                init="he-uniform", layout="vgg"):
     check_choice("plain conv layout", layout, CONV_LAYOUTS)
     if layout == "oyedotun-50":
-        if depth != 50:
-            raise ConfigError(f"plain conv layout oyedotun-50 has depth 50, got {depth}")
         if width != 1:
             raise ConfigError(f"plain conv layout oyedotun-50 has fixed widths (width 1), got {width}")
         spec = OYEDOTUN_50

@@ -24,7 +24,8 @@ class SkipGate(nn.Module):
 
     This is the VAN interface every callback relies on: a module with a parameter named
     ``alpha`` (initialised to 0, kept in [0, 1]) and a buffer named ``lagrange_lambda`` (the
-    Lagrange multipliers, initialised to -1, saved in checkpoints). ``iter_skip_gates`` finds them.
+    Lagrange multipliers, initialised to -1, saved in checkpoints); ``deepplain.callbacks.probing.skip_gates``
+    finds them.
     """
 
     def __init__(self, units: int, lambda_init: float = -1.0):
@@ -38,14 +39,6 @@ class SkipGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"units={self.alpha.numel()}"
-
-
-def iter_skip_gates(module: nn.Module):
-    """Yield ``(name, gate)`` for every VAN skip gate: a module with ``alpha`` and ``lagrange_lambda``."""
-    for name, sub in module.named_modules():
-        if isinstance(getattr(sub, "alpha", None), nn.Parameter) and isinstance(
-                getattr(sub, "lagrange_lambda", None), torch.Tensor):
-            yield name, sub
 
 
 class ResidualBlock(nn.Module):
@@ -142,13 +135,3 @@ def residual_cnn(input_shape, num_classes: int, group_widths, blocks_per_group: 
     head = nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(channels), act=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
                                      flatten=nn.Flatten(), linear=nn.Linear(channels, num_classes)))
     return ResidualNet(stem, blocks, head, init)
-
-
-def blocks_for_depth(family: str, depth: int, per_block: int, extra: int = 2, groups: int = 3,
-                     examples: str = "") -> int:
-    """Blocks per group for ``depth = groups * per_block * n + extra``, or a ConfigError naming valid depths."""
-    step = groups * per_block
-    if depth < step + extra or (depth - extra) % step:
-        valid = ", ".join(str(step * n + extra) for n in range(1, 5))
-        raise ConfigError(f"{family} depth must be {step}n+{extra} ({valid}, ...{examples}), got {depth}")
-    return (depth - extra) // step

@@ -10,36 +10,43 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..layers import check_choice
-from ..registry import register
-from .residual import blocks_for_depth, residual_cnn, residual_mlp
+from ..registry import DepthRule, define_family, register
+from .residual import residual_cnn, residual_mlp
 
-PAPER = "He et al., Identity Mappings in Deep Residual Networks"
+define_family("resnet", "pre-activation ResNet baseline (identity skip connections)",
+              "He et al., Identity Mappings in Deep Residual Networks", module="deepplain.family_modules:ResNetModule")
 BLOCKS = ("basic", "bottleneck")
 BOTTLENECK_FROM = 164  # He et al. use bottleneck blocks from ResNet-164 on
+# 3 groups of n blocks of 2 (basic) or 3 (bottleneck) layers, plus the stem and the classifier
+BASIC_DEPTHS = DepthRule(6, 2, examples="8, 14, 20, ..., 56, 110", label="with basic blocks")
+BOTTLENECK_DEPTHS = DepthRule(9, 2, examples="11, 20, 29, ..., 164, 1001", label="with bottleneck blocks")
 
 
 def block_for_depth(depth: int) -> str:
     """The block He et al. would use at ``depth`` (see the module docstring)."""
-    basic, bottleneck = depth >= 8 and (depth - 2) % 6 == 0, depth >= 11 and (depth - 2) % 9 == 0
+    basic, bottleneck = BASIC_DEPTHS.allows(depth), BOTTLENECK_DEPTHS.allows(depth)
     if basic and bottleneck:
         return "bottleneck" if depth >= BOTTLENECK_FROM else "basic"
     if basic or bottleneck:
         return "basic" if basic else "bottleneck"
-    raise ConfigError(f"resnet conv depth must be 6n+2 with basic blocks (8, 14, 20, ..., 56, 110) or 9n+2 with "
-                      f"bottleneck blocks (11, 20, 29, ..., 164, 1001), got {depth}")
+    raise ConfigError(f"resnet conv depth must be {BASIC_DEPTHS.describe()} or {BOTTLENECK_DEPTHS.describe()}, "
+                      f"got {depth}")
 
 
-@register("resnet", "mlp", summary="pre-activation ResNet baseline (identity skip connections)", paper=PAPER)
+def _block_by_depth(depth: int, options: dict) -> dict:
+    return options if options.get("block") is not None else {**options, "block": block_for_depth(depth)}
+
+
+@register("resnet", "mlp", default_depth=10)
 def resnet_mlp(depth, *, input_shape, num_classes, width=50, init="he-normal"):
     return residual_mlp(depth, input_shape, num_classes, width, gated=False, init=init)
 
 
-@register("resnet", "conv")
+@register("resnet", "conv", default_depth=56, depth=(BASIC_DEPTHS, BOTTLENECK_DEPTHS),
+          depth_by_option={("block", "basic"): (BASIC_DEPTHS,), ("block", "bottleneck"): (BOTTLENECK_DEPTHS,)},
+          pick_options=_block_by_depth)
 def resnet_conv(depth, *, input_shape, num_classes, width=1, block=None, init="he-normal"):
     block = block_for_depth(depth) if block is None else check_choice("resnet block", block, BLOCKS)
-    if block == "basic":
-        n = blocks_for_depth("resnet conv (basic blocks)", depth, per_block=2, examples="; e.g. 56, 110")
-    else:
-        n = blocks_for_depth("resnet conv (bottleneck blocks)", depth, per_block=3, examples="; e.g. 164")
+    n = (BASIC_DEPTHS if block == "basic" else BOTTLENECK_DEPTHS).blocks(depth)
     return residual_cnn(input_shape, num_classes, [16 * width, 32 * width, 64 * width], n,
                         bottleneck=block == "bottleneck", gated=False, init=init)
