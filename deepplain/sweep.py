@@ -12,7 +12,9 @@ failed is trained again; a run folder that holds another configuration stops the
 anything trains, with one line saying which. The grid's own flags (``--model``, ``--depth``,
 ``--seed``, ``--dataset``, ``--epochs``) and the run's place (``--logdir``, ``--name``,
 ``--resume``, ``--config``) cannot be given after ``--`` or in a variant. ``--parallel N`` runs N
-at a time; ``--gpus 0,1`` gives each concurrent run its own GPU. At the end ``<out>/results.csv``
+at a time, each with its share of the CPU cores (``OMP_NUM_THREADS``; ``--threads-per-run`` or an
+``OMP_NUM_THREADS`` already set decides instead); ``--gpus 0,1`` gives each concurrent run its own
+GPU. At the end ``<out>/results.csv``
 holds every run's summary and the flags that produced it; rows that an earlier sweep with another
 grid wrote into the same folder are kept, so a grid can be extended into one CSV. One sweep at a
 time writes into a folder (a lock that a crashed sweep cannot leave stuck). Ctrl-C or SIGTERM is
@@ -45,6 +47,7 @@ from .status import FINISHED, RESUMABLE, RunStatus, RunSummary
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
 CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
 NOT_STARTED = "not started (the sweep was stopped)"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read at start-up
 # What the grid sets for each run, and where the run lives: never given after -- or in a variant.
 GRID_FLAGS = ("--model", "--depth", "--seed", "--dataset", "--epochs", "--logdir", "--name", "--resume", "--config",
               "--print-config")
@@ -202,8 +205,29 @@ class Children:
             self.running.discard(proc)
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_per_run(parallel: int, requested: int | None = None, environ=os.environ) -> tuple[int | None, str]:
+    """The threads each of ``parallel`` concurrent runs may use (None: leave torch's default), and a line
+    saying so. Torch gives every process all cores: two runs on two cores then each run two threads, and
+    their matrix kernels (the condition probe's spectra most of all) slow down many times over."""
+    if requested is not None:
+        return requested, f"each run uses {requested} CPU thread(s) (--threads-per-run)"
+    if environ.get("OMP_NUM_THREADS"):
+        return None, f"each run uses OMP_NUM_THREADS={environ['OMP_NUM_THREADS']} CPU thread(s) (set outside the sweep)"
+    if parallel <= 1:
+        return None, ""  # one run at a time: all cores, torch's default
+    cores = cpu_cores()
+    share = max(1, cores // parallel)
+    return share, (f"each run uses {share} of the {cores} CPU cores (--parallel {parallel}; --threads-per-run N "
+                   "to choose)")
+
+
 def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, python: str,
-            children: Children | None = None) -> dict:
+            children: Children | None = None, threads: int | None = None) -> dict:
     root = out / "runs" / run.run_id
     summary = latest_summary(root)
     if summary and summary.get("status") in FINISHED:
@@ -222,6 +246,8 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     env.pop("DEEPPLAIN_RUN_DIR", None)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None:
+        env.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
     with open(root / "train.log", "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
@@ -259,8 +285,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,
-             python: str = sys.executable, echo=print, children: Children | None = None) -> list[dict]:
-    """Run (or skip) every run, ``parallel`` at a time; write and return ``<out>/results.csv`` rows.
+             python: str = sys.executable, echo=print, children: Children | None = None,
+             threads: int | None = None) -> list[dict]:
+    """Run (or skip) every run, ``parallel`` at a time, each with ``threads`` CPU threads (default its
+    share of the cores, :func:`threads_per_run`); write and return ``<out>/results.csv`` rows.
 
     Everything that can be wrong is found first (the folder, an earlier CSV, runs with other
     settings); then the folder is locked for the sweep's whole length."""
@@ -270,10 +298,13 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
         csv_path.with_suffix(".csv.tmp").unlink(missing_ok=True)  # what a killed write left
         earlier = read_csv(csv_path) if csv_path.is_file() else []
         check_identities(runs, out, dataset, epochs)
-        return _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, children, earlier)
+        threads, note = threads_per_run(parallel, threads)
+        if note:
+            echo(note)
+        return _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, children, earlier, threads)
 
 
-def _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, children, earlier) -> list[dict]:
+def _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, children, earlier, threads) -> list[dict]:
     gpus = list(gpus or [])
     free = list(gpus)
     lock = threading.Lock()
@@ -288,7 +319,7 @@ def _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, childr
             with lock:
                 gpu = free.pop(0)
         try:
-            r = run_one(run, out, dataset, epochs, gpu, python, children)
+            r = run_one(run, out, dataset, epochs, gpu, python, children, threads)
         finally:
             if gpu is not None:
                 with lock:
@@ -326,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_csv_list(int), default=[0])
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--variant", action="append", default=[], help="NAME=FLAGS, repeatable (e.g. bn='--norm bn')")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the CPU cores")
+    p.add_argument("--threads-per-run", type=int, default=None, metavar="N",
+                   help="CPU threads of each run (default: the cores / --parallel when --parallel > 1, unless "
+                        "OMP_NUM_THREADS is set)")
     p.add_argument("--gpus", type=_csv_list(str), default=None, help="one GPU per concurrent run, e.g. 0,1,2,3")
     return p
 
@@ -346,13 +380,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(own)
     children = Children()
     try:
-        if args.epochs < 1 or any(d < 1 for d in args.depths) or args.parallel < 1:
-            raise ConfigError("--epochs, --depths and --parallel must be positive")
+        if args.epochs < 1 or any(d < 1 for d in args.depths) or args.parallel < 1 or (
+                args.threads_per_run is not None and args.threads_per_run < 1):
+            raise ConfigError("--epochs, --depths, --parallel and --threads-per-run must be positive")
         variants = [parse_variant(v) for v in args.variant]
         runs = grid(args.models, args.depths, args.seeds, variants, flags)
         with forwarded_signals(children):
             rows = run_grid(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus,
-                            children=children)
+                            children=children, threads=args.threads_per_run)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,11 +2,13 @@
 import csv
 import json
 import math
+import sys
 
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from deepplain import curves, experiments, plots
+from deepplain import sweep as sweeps
 from deepplain.cli import main
 from deepplain.errors import ConfigError
 from deepplain.sweep import CSV_FIELDS, Run, grid, parse_variant, read_csv
@@ -195,3 +197,40 @@ def test_analyse_and_diagnostic_figures_on_a_tiny_run(tmp_path):
     paths = experiments.diagnostic_figures(results, tmp_path / "fig", layers=(2, 3))
     assert {p.name for p in paths} == {"mean_abs_activation.png", "max_abs_activation.png", "weight_condition_inf.png",
                                        "share_above_0.05.png", "responses_layer2.png", "responses_layer3.png"}
+
+
+def test_parallel_runs_share_the_cores(monkeypatch):
+    monkeypatch.setattr(sweeps, "cpu_cores", lambda: 4)
+    assert sweeps.threads_per_run(2, environ={}) == (2, "each run uses 2 of the 4 CPU cores (--parallel 2; "
+                                                       "--threads-per-run N to choose)")
+    assert sweeps.threads_per_run(3, environ={})[0] == 1 and sweeps.threads_per_run(8, environ={})[0] == 1
+    assert sweeps.threads_per_run(1, environ={}) == (None, "")  # alone: torch's default, every core
+    assert sweeps.threads_per_run(2, requested=3, environ={})[0] == 3
+    assert sweeps.threads_per_run(2, environ={"OMP_NUM_THREADS": "1"})[0] is None  # the user's own setting stays
+
+
+FAKE_TRAINING = """import json, os, sys
+from pathlib import Path
+args = sys.argv[3:]
+run = Path(args[args.index("--logdir") + 1]) / args[args.index("--name") + 1] / "version_0"
+run.mkdir(parents=True)
+threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+(run / "summary.json").write_text(json.dumps({"status": "completed", "threads": threads}))
+"""
+
+
+def test_each_run_of_a_parallel_sweep_gets_its_thread_share(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_python.py"
+    fake.write_text(FAKE_TRAINING)
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} {fake} \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(sweeps, "cpu_cores", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    said = []
+    runs = grid(["plain"], [1, 2], [0], [], [])
+    sweeps.run_grid(runs, tmp_path / "out", "usps", 1, parallel=2, python=str(python), echo=said.append)
+    assert said[0] == "each run uses 1 of the 2 CPU cores (--parallel 2; --threads-per-run N to choose)"
+    for run in runs:
+        summary = json.loads(next((tmp_path / "out" / "runs" / run.run_id).glob("*/summary.json")).read_text())
+        assert summary["threads"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

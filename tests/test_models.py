@@ -6,6 +6,7 @@ from torch import nn
 
 import deepplain
 from deepplain import ConfigError, build_model, count_parameters
+from deepplain.layers import BatchNorm1d, BatchNorm2d
 from deepplain.models import DiracConv2d, DiracLinear
 from deepplain.models.resnet import block_for_depth
 from deepplain.optim import parameter_groups
@@ -279,3 +280,38 @@ def test_weight_decay_skips_biases_norms_and_method_scales():
             assert sum(n.endswith("alpha") for n in skipped) == 4
         if name == "dirac":
             assert any(n.endswith(".a") for n in skipped) and any(n.endswith(".b") for n in skipped)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_keeps_the_variance_training_normalises_with(momentum):
+    """deepplain's BN stores the biased batch variance (what training divides by), not PyTorch's unbiased one."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 4) * 3 + 1
+    ours, theirs = BatchNorm1d(4, momentum=momentum), nn.BatchNorm1d(4, momentum=momentum)
+    ours(x), theirs(x)
+    step = momentum if momentum is not None else 1.0
+    assert torch.allclose(ours.running_var, (1 - step) + step * x.var(0, unbiased=False))
+    assert torch.allclose(theirs.running_var, (1 - step) + step * x.var(0, unbiased=True))  # the difference
+    assert torch.allclose(ours.running_mean, theirs.running_mean)
+    images = torch.randn(4, 3, 5, 5)
+    conv = BatchNorm2d(3, momentum=None)
+    conv(images)
+    assert torch.allclose(conv.running_var, images.var((0, 2, 3), unbiased=False), atol=1e-6)
+
+
+def test_eval_mode_reproduces_training_mode_on_the_statistics_it_saw():
+    """After one batch seen with a cumulative average, eval mode gives training mode's outputs on it; with
+    PyTorch's unbiased running variance a 30-layer MLP at batch 32 does not."""
+    def gap(norm_class):
+        torch.manual_seed(0)
+        model = build_model("plain", 30, arch="mlp", input_shape=(1, 4, 4), num_classes=5, width=16)
+        for name, m in list(model.named_modules()):
+            if isinstance(m, nn.BatchNorm1d):
+                parent = model.get_submodule(name.rsplit(".", 1)[0])
+                setattr(parent, name.rsplit(".", 1)[1], norm_class(m.num_features, momentum=None))
+        x = torch.randn(32, 1, 4, 4)
+        with torch.no_grad():
+            trained = model.train()(x)
+            return float((model.eval()(x) - trained).abs().max() / trained.abs().max())
+    ours, pytorch = gap(BatchNorm1d), gap(nn.BatchNorm1d)
+    assert ours < 1e-4 and pytorch > 100 * ours

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import check_choice, conv3x3, flat_features, fold_batchnorm, init_weights
+from ..layers import BatchNorm1d, BatchNorm2d, check_choice, conv3x3, flat_features, fold_batchnorm, init_weights
 from ..registry import DepthRule, define_family, register
 
 define_family("dirac", "Dirac-parameterised plain convs, W = diag(a) I + diag(b) W_norm; folds to plain",
@@ -78,7 +78,7 @@ class DiracBlock(nn.Module):
         super().__init__()
         self.act = nn.ReLU()
         self.dirac = layer
-        self.norm = nn.BatchNorm2d(num_features) if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d(num_features)
+        self.norm = BatchNorm2d(num_features) if isinstance(layer, nn.Conv2d) else BatchNorm1d(num_features)
 
     def forward(self, x):
         return self.norm(self.dirac(self.act(x)))
@@ -155,7 +155,7 @@ def dirac_cnn(input_shape, num_classes, stem: nn.Sequential, stem_channels: int,
 def dirac_conv(depth, *, input_shape, num_classes, width=1, layout="cifar", init="he-normal"):
     check_choice("dirac conv layout", layout, DIRAC_LAYOUTS)
     if layout == "imagenet":
-        stem = nn.Sequential(nn.Conv2d(input_shape[0], 64 * width, 7, 2, 3, bias=False), nn.BatchNorm2d(64 * width),
+        stem = nn.Sequential(nn.Conv2d(input_shape[0], 64 * width, 7, 2, 3, bias=False), BatchNorm2d(64 * width),
                              nn.MaxPool2d(3, 2, 1))
         return dirac_cnn(input_shape, num_classes, stem, 64 * width, [w * width for w in (64, 128, 256, 512)],
                          [2 * s for s in IMAGENET_STAGES[depth]], init)

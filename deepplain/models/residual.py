@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import conv3x3, flat_features, init_weights
+from ..layers import BatchNorm1d, BatchNorm2d, conv3x3, flat_features, init_weights
 
 
 class SkipGate(nn.Module):
@@ -58,21 +58,21 @@ class ResidualBlock(nn.Module):
 
 
 def preact_mlp_residual(width: int) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(norm=nn.BatchNorm1d(width), act=nn.ReLU(), linear=nn.Linear(width, width)))
+    return nn.Sequential(OrderedDict(norm=BatchNorm1d(width), act=nn.ReLU(), linear=nn.Linear(width, width)))
 
 
 def preact_basic_residual(in_channels: int, channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
-        norm1=nn.BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=conv3x3(in_channels, channels, stride),
-        norm2=nn.BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels),
+        norm1=BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=conv3x3(in_channels, channels, stride),
+        norm2=BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels),
     ))
 
 
 def preact_bottleneck_residual(in_channels: int, channels: int, stride: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(
-        norm1=nn.BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=nn.Conv2d(in_channels, channels, 1, bias=False),
-        norm2=nn.BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels, stride),
-        norm3=nn.BatchNorm2d(channels), act3=nn.ReLU(), conv3=nn.Conv2d(channels, 4 * channels, 1, bias=False),
+        norm1=BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=nn.Conv2d(in_channels, channels, 1, bias=False),
+        norm2=BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels, stride),
+        norm3=BatchNorm2d(channels), act3=nn.ReLU(), conv3=nn.Conv2d(channels, 4 * channels, 1, bias=False),
     ))
 
 
@@ -113,7 +113,7 @@ class ResidualNet(nn.Module):
 def residual_mlp(depth: int, input_shape, num_classes: int, width: int, gated: bool, init: str) -> ResidualNet:
     stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_features(input_shape), width))
     blocks = [ResidualBlock(preact_mlp_residual(width), None, width, gated) for _ in range(depth)]
-    head = nn.Sequential(OrderedDict(norm=nn.BatchNorm1d(width), act=nn.ReLU(), linear=nn.Linear(width, num_classes)))
+    head = nn.Sequential(OrderedDict(norm=BatchNorm1d(width), act=nn.ReLU(), linear=nn.Linear(width, num_classes)))
     return ResidualNet(stem, blocks, head, init)
 
 
@@ -132,6 +132,6 @@ def residual_cnn(input_shape, num_classes: int, group_widths, blocks_per_group: 
                 shortcut = nn.Conv2d(channels, out_channels, 1, stride=stride, bias=False)
             blocks.append(ResidualBlock(make(channels, width, stride), shortcut, out_channels, gated))
             channels = out_channels
-    head = nn.Sequential(OrderedDict(norm=nn.BatchNorm2d(channels), act=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+    head = nn.Sequential(OrderedDict(norm=BatchNorm2d(channels), act=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
                                      flatten=nn.Flatten(), linear=nn.Linear(channels, num_classes)))
     return ResidualNet(stem, blocks, head, init)
