@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
@@ -40,14 +41,18 @@ class _BatchVarianceNorm:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats and self.running_var is not None):
             return super().forward(x)
-        before = self.running_var.clone()
-        out = super().forward(x)
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        step = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        # batch_norm updates copies (autograd keeps them for the backward pass, so they must not change
+        # afterwards); the module's own buffers are then set in place (DDP broadcasts those very tensors),
+        # with the unbiased variance's n/(n-1) taken out: (1 - step) old + step * biased batch variance.
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, step, self.eps)
         n = x.numel() // x.shape[1]
-        if n > 1:
-            with torch.no_grad():  # the update was (1 - step) before + step unbiased; take out the n/(n-1)
-                step = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                # a new tensor, not an in-place change: autograd saved the old one for the backward pass
-                self.running_var = self.running_var - (self.running_var - (1 - step) * before) / n
+        with torch.no_grad():
+            self.running_mean.copy_(mean)
+            self.running_var.copy_(var - (var - (1 - step) * self.running_var) / n if n > 1 else var)
         return out
 
 

@@ -288,7 +288,9 @@ def test_batch_norm_keeps_the_variance_training_normalises_with(momentum):
     torch.manual_seed(0)
     x = torch.randn(8, 4) * 3 + 1
     ours, theirs = BatchNorm1d(4, momentum=momentum), nn.BatchNorm1d(4, momentum=momentum)
-    ours(x), theirs(x)
+    buffer = ours.running_var
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)  # training mode normalises as PyTorch's does
+    assert ours.running_var is buffer  # updated in place: DDP broadcasts the module's own buffers
     step = momentum if momentum is not None else 1.0
     assert torch.allclose(ours.running_var, (1 - step) + step * x.var(0, unbiased=False))
     assert torch.allclose(theirs.running_var, (1 - step) + step * x.var(0, unbiased=True))  # the difference
