@@ -75,6 +75,11 @@ def make_strategy(config: RunConfig, strategy_class: str):
     return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=config.dist_timeout))
 
 
+def checkpoint_dir(run_dir) -> Path:
+    """Where a run folder keeps its checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
 @dataclass
 class Run:
     """What one training run is made of, once built."""
@@ -90,7 +95,7 @@ class Run:
 
     @property
     def checkpoints(self) -> Path:
-        return Path(self.config.run_dir) / "checkpoints"
+        return checkpoint_dir(self.config.run_dir)
 
 
 def run(plan: Plan) -> RunSummary:
@@ -121,12 +126,12 @@ def build(plan: Plan) -> Run:
         run_dir, created = run_dir_for(config.logdir, config.default_name)
     config = config.replace(run_dir=str(run_dir))
     if created or config.resume:
-        remove_stale_temporaries(run_dir / "checkpoints")  # what a save killed half-way left behind
+        remove_stale_temporaries(checkpoint_dir(run_dir))  # what a save killed half-way left behind
     if created and not config.resume:
         atomic_write_json(run_dir / "config.json", config.to_dict())
     logger = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name,
                                default_hp_metric=False)
-    stats, stop = RunStats(), StopSignals(run_dir / "checkpoints" / "last.ckpt")
+    stats, stop = RunStats(), StopSignals(checkpoint_dir(run_dir) / "last.ckpt")
     diagnostics = make_diagnostics(config)
     trainer = make_trainer(config, plan.strategy_class, logger, stats, stop, diagnostics, datamodule)
     if trainer.is_global_zero and datamodule.validation_source == ValidationSource.TEST:
@@ -136,7 +141,7 @@ def build(plan: Plan) -> Run:
 
 def make_trainer(config: RunConfig, strategy_class: str, logger, stats: RunStats, stop: StopSignals,
                  diagnostics: list, datamodule) -> L.Trainer:
-    ckpt_dir = Path(config.run_dir) / "checkpoints"
+    ckpt_dir = checkpoint_dir(config.run_dir)
     # Two checkpointers: save_last alone would only refresh last.ckpt when val/acc improves.
     callbacks = [RunCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                monitor="val/acc", mode="max", save_top_k=1),
