@@ -3,6 +3,9 @@
     python -m deepplain.experiments diagnostics --dataset usps --epochs 30 --out results/usps-diag
     python -m deepplain.experiments ablation    --dataset usps --epochs 30 --out results/usps-ablation \\
         --lrs 1e-3,1e-2,1e-1
+    python -m deepplain.experiments ablation    --dataset usps --epochs 300 --out results/usps-table2-300 \\
+        --lr-per-row bn_lrelu=0.01,bn=0.001,bn_maxnorm=0.001,lrelu=0.001,maxnorm=0.001,lrelu_maxnorm=0.001,\\
+bn_lrelu_maxnorm=0.01
 
 Every run starts from the ``oyedotun-mlp-100`` preset (100 hidden layers of 300 units, He-uniform
 init, SGD with momentum 0.9, weight decay 1e-4, batch 128, lr 0.01 divided by 10 at 50% and 75% of
@@ -10,7 +13,9 @@ the epochs); only the components under study change, and ``--epochs`` is the bud
 trains 300). Without ``--lrs`` each configuration trains once on the whole training split and its
 test error is reported, as in the paper. With ``--lrs`` it trains once per learning rate on 90% of
 the training split; the rate with the best accuracy on the held-out 10% is chosen, and both that
-choice and every rate are tabulated.
+choice and every rate are tabulated. With ``--lr-per-row`` each configuration trains once, on the whole
+training split, at the rate given for it (say, the one a shorter ``--lrs`` grid chose), in the order
+given.
 
 ``diagnostics`` trains the three 100-layer variants (naive: no BN, ReLU; BN: BN + ReLU; proposed:
 BN + LeakyReLU 0.3 + max-norm 3) and draws, from the diagnostics' own functions on the whole
@@ -89,9 +94,14 @@ def lr_tag(lr: float) -> str:
 
 
 def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: int, extra: list[str],
-                   lrs: list[float] | None = None, parallel: int = 1) -> list[dict]:
-    """Train every variant (at every learning rate of ``lrs``); returns the sweep's rows."""
-    grid = [(name, flags, lr) for name, flags in variants.items() for lr in (lrs or [None])]
+                   lrs: list[float] | None = None, parallel: int = 1,
+                   lr_per_row: dict[str, float] | None = None) -> list[dict]:
+    """Train every variant: at every learning rate of ``lrs`` (on the held-out split), or once each at its
+    rate in ``lr_per_row`` (in that order, on the whole training split); returns the sweep's rows."""
+    if lr_per_row:
+        grid = [(name, variants[name], lr) for name, lr in lr_per_row.items()]
+    else:
+        grid = [(name, flags, lr) for name, flags in variants.items() for lr in (lrs or [None])]
     runs = [Run("plain", depth, 0, name if lr is None else f"{name}-{lr_tag(lr)}",
                 [*recipe_flags(lr, held_out=bool(lrs)), *flags, *extra]) for name, flags, lr in grid]
     rows = run_grid(runs, out, dataset, epochs, parallel)
@@ -195,7 +205,8 @@ def diagnostic_figures(results: dict[str, dict], out: Path, layers=(50, 99)) -> 
 
 def run_diagnostics(args, extra) -> int:
     out = Path(args.out)
-    rows = train_variants(VARIANTS, out, args.dataset, args.depth, args.epochs, extra, args.lrs, args.parallel)
+    rows = train_variants(VARIANTS, out, args.dataset, args.depth, args.epochs, extra, args.lrs, args.parallel,
+                          args.lr_per_row)
     chosen = best_per_configuration(rows)
     results = {}
     for variant in VARIANTS:
@@ -245,10 +256,14 @@ def grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def experiment_variants(experiment: str) -> dict[str, list[str]]:
+    """The configurations an experiment compares: name (as run folders and --lr-per-row spell it) -> flags."""
+    return VARIANTS if experiment == "diagnostics" else {slug(name): flags for name, (flags, _) in ABLATION.items()}
+
+
 def run_ablation(args, extra) -> int:
-    variants = {slug(name): flags for name, (flags, _) in ABLATION.items()}
-    rows = train_variants(variants, Path(args.out), args.dataset, args.depth, args.epochs, extra, args.lrs,
-                          args.parallel)
+    rows = train_variants(experiment_variants("ablation"), Path(args.out), args.dataset, args.depth, args.epochs,
+                          extra, args.lrs, args.parallel, args.lr_per_row)
     text = ablation_table(rows)
     if args.lrs:
         text += "\n\nEvery learning rate (errors on the training split, the held-out 10% and the test set):\n\n"
@@ -268,6 +283,20 @@ def _lrs(text: str) -> list[float]:
     return values
 
 
+def _lr_per_row(text: str) -> dict[str, float]:
+    rates = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = None
+        if not name.strip() or rate is None or not 0 < rate < 10 or name.strip() in rates:
+            raise argparse.ArgumentTypeError(f"expected ROW=LR pairs, each row once, rates in (0, 10); got {item!r}")
+        rates[name.strip()] = rate
+    return rates
+
+
 def main(argv=None) -> int:
     resolve_data_env()
     p = OneLineParser(prog="python -m deepplain.experiments", description=__doc__.split("\n\n")[0],
@@ -278,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=PRESETS[RECIPE_PRESET]["depth"])
     p.add_argument("--epochs", type=int, required=True, help="the budget (the paper: 300)")
     p.add_argument("--lrs", type=_lrs, default=None, help="learning-rate grid, chosen per row on a held-out 10%%")
+    p.add_argument("--lr-per-row", type=_lr_per_row, default=None, metavar="ROW=LR,...",
+                   help="one learning rate per configuration, on the whole training split (every row named, "
+                        "run in this order)")
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", type=int, default=1)
     own, extra = split_at_double_dash(argv)
@@ -297,16 +329,26 @@ def check_experiment(args, extra: list[str]) -> None:
     if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
         raise ConfigError("--epochs, --depth and --parallel must be positive")
     check_flags(extra, "after --")
+    variants = experiment_variants(args.experiment)
+    if args.lr_per_row:
+        if args.lrs:
+            raise ConfigError("--lrs and --lr-per-row both set the learning rates; give one")
+        named = set(args.lr_per_row)
+        if named != set(variants):
+            wrong = sorted(named - set(variants))
+            raise ConfigError(f"--lr-per-row must give a rate for every {args.experiment} configuration: "
+                              + (f"unknown {', '.join(wrong)}; " if wrong else "")
+                              + f"missing {', '.join(sorted(set(variants) - named)) or 'none'} "
+                              f"(the configurations: {', '.join(variants)})")
     compared = {"--norm", "--activation", "--negative-slope", "--max-norm", "--val-split"}
-    if args.lrs:
+    if args.lrs or args.lr_per_row:
         compared.add("--lr")  # the grid sets it; without --lrs a common --lr is the user's choice for every variant
     varied = sorted({f.split("=", 1)[0] for f in extra} & compared)
     if varied:
         raise ConfigError(f"{', '.join(varied)} after -- would change what the experiment compares; its variants "
                           "set them")
-    variants = VARIANTS if args.experiment == "diagnostics" else {slug(n): f for n, (f, _) in ABLATION.items()}
     for name, flags in variants.items():
-        lr = args.lrs[0] if args.lrs else None
+        lr = args.lrs[0] if args.lrs else (args.lr_per_row or {}).get(name)
         merge(parse_args(["--model", "plain", "--depth", str(args.depth), "--dataset", args.dataset, "--epochs",
                           str(args.epochs), *recipe_flags(lr, held_out=bool(args.lrs)), *flags, *extra]))
     output_dir(args.out)  # last: bad flags leave nothing behind

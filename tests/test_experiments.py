@@ -168,6 +168,39 @@ def test_experiments_use_the_preset_recipe():
     assert held["--lr"] == "0.1" and held["--val-split"] == "0.1"
 
 
+def test_one_learning_rate_per_row_trains_each_row_once_in_the_order_given(tmp_path, monkeypatch):
+    planned = []
+    monkeypatch.setattr(experiments, "run_grid", lambda runs, *a, **k: planned.extend(runs) or
+                        [{"run_id": r.run_id, "status": "completed"} for r in runs])
+    rates = "bn_lrelu=0.01,bn=0.001,bn_maxnorm=0.001,lrelu=0.001,maxnorm=0.001,lrelu_maxnorm=0.001,bn_lrelu_maxnorm=0.1"
+    experiments.main(["ablation", "--epochs", "3", "--out", str(tmp_path / "t2"), "--lr-per-row", rates])
+    assert [r.run_id for r in planned] == [f"plain-d100-s0-{pair.replace('=', '-lr')}" for pair in rates.split(",")]
+    for run, pair in zip(planned, rates.split(",")):
+        flags = dict(zip(run.flags[::2], run.flags[1::2]))
+        assert flags["--lr"] == pair.split("=")[1] and flags["--val-split"] == "0"  # the whole training split
+    assert dict(zip(planned[0].flags[::2], planned[0].flags[1::2]))["--activation"] == "lrelu"
+    assert "| BN + LReLU + max-norm | 0.1 |" in (tmp_path / "t2" / "ablation.md").read_text()
+
+
+@pytest.mark.parametrize("rates, says", [
+    ("bn=0.01", "must give a rate for every ablation configuration: missing bn_lrelu"),
+    ("naive=0.01,bn=0.01,proposed=0.1,extra=0.1", "unknown extra; missing none"),
+])
+def test_a_rate_per_row_must_name_every_row(tmp_path, capsys, rates, says):
+    experiment = "ablation" if rates.startswith("bn=") else "diagnostics"
+    assert experiments.main([experiment, "--epochs", "3", "--out", str(tmp_path / "x"), "--lr-per-row", rates]) == 2
+    assert says in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_rate_per_row_and_a_grid_exclude_each_other(tmp_path, capsys):
+    assert experiments.main(["diagnostics", "--epochs", "3", "--out", str(tmp_path / "x"), "--lrs", "0.1",
+                             "--lr-per-row", "naive=0.01,bn=0.01,proposed=0.1"]) == 2
+    assert "--lrs and --lr-per-row both set the learning rates" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        experiments.main(["diagnostics", "--epochs", "3", "--out", str(tmp_path / "x"), "--lr-per-row", "bn=x"])
+    assert "expected ROW=LR pairs" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_diagnostics_with_a_grid_end_to_end(tmp_path):
     assert experiments.main(["diagnostics", "--depth", "4", "--epochs", "1", "--lrs", "0.01,0.1", "--out",
