@@ -22,7 +22,9 @@ BN + LeakyReLU 0.3 + max-norm 3) and draws, from the diagnostics' own functions 
 training split in eval mode: mean and max |activation| per layer (Fig. 2-4), the infinity-norm
 condition number of each layer's weight (Fig. 5), the share of activations above 0.05 (Fig. A1)
 and the units' responses at the middle and last hidden layers (Fig. 6-8). ``ablation`` trains the
-seven component combinations of Table II and writes its markdown table beside the paper's.
+seven component combinations of Table II and writes its markdown table beside the paper's: per row the
+running train error of the last epoch, the error on the whole training split in eval mode (from the
+final checkpoint), the final test error and the best epoch's (on the held-out split with ``--lrs``).
 Both reuse the sweep runner (finished runs are skipped) and pass extra train.py flags after ``--``.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_la
 from .callbacks.saturation import activation_stats, combine
 from .cli import parse_args
 from .config import merge
+from .curves import read_curves
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
 from .family_modules import module_class
@@ -107,7 +110,7 @@ def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: 
     rows = run_grid(runs, out, dataset, epochs, parallel)
     by_id = {r["run_id"]: r for r in rows}
     for run, (name, _, lr) in zip(runs, grid):
-        by_id[run.run_id].update(configuration=name, lr=lr)
+        by_id[run.run_id].update(configuration=name, lr=lr, held_out=bool(lrs))
     return rows
 
 
@@ -123,11 +126,36 @@ def best_per_configuration(rows: list[dict]) -> dict[str, dict]:
     return {name: row for name, (_, row) in best.items()}
 
 
-def _errors(r: dict) -> list[str]:
+def _errors(r: dict, keys=("train_acc", "val_acc", "test_acc")) -> list[str]:
     if r.get("status") != RunStatus.COMPLETED:  # a diverged run's last epoch metrics are not its result
-        return [r.get("status") or "missing"] * 3
-    return [f"{100 * (1 - float(r[k])):.2f}%" if r.get(k) not in (None, "") else "-"
-            for k in ("train_acc", "val_acc", "test_acc")]
+        return [r.get("status") or "missing"] * len(keys)
+    return [f"{100 * (1 - float(r[k])):.2f}%" if r.get(k) not in (None, "") else "-" for k in keys]
+
+
+@torch.no_grad()
+def eval_mode_train_accuracy(checkpoint: Path, max_samples: int = 100_000) -> float:
+    """Accuracy on the run's whole training split in eval mode (running BN statistics), from its checkpoint:
+    the paper's "training error", which the running accuracy logged during the last epoch only approximates."""
+    config = from_dict(json.loads((checkpoint.parent.parent / "config.json").read_text()))
+    module = module_class(config.model).load_from_checkpoint(checkpoint, map_location="cpu")
+    dm = make_datamodule(config, data_dir=config.data_root or config.data_dir)
+    dm.setup()
+    x, y = dm.probe_batch(max_samples, split="train")
+    with eval_mode(module):
+        predicted = torch.cat([module(chunk).argmax(1) for chunk in x.split(1024)])
+    return (predicted == y).float().mean().item()
+
+
+def after_training(r: dict) -> dict:
+    """A finished row's eval-mode train accuracy and its best epoch on the validation split (the test split
+    when the run held nothing out), read from the run's checkpoint and event files."""
+    if r.get("status") != RunStatus.COMPLETED or not r.get("run_dir"):
+        return {}
+    run_dir = Path(r["run_dir"])
+    eval_error = read_curves(run_dir)["eval_error"]
+    best_epoch, best_error = min(eval_error, key=lambda point: point[1])
+    return {"train_acc_eval": eval_mode_train_accuracy(run_dir / "checkpoints" / "last.ckpt"),
+            "best_val_acc": 1.0 - best_error, "best_epoch": int(best_epoch)}
 
 
 # -- diagnostics --------------------------------------------------------------------------------------
@@ -233,14 +261,20 @@ def ablation_table(rows: list[dict]) -> str:
     """Table II: ours (at the chosen learning rate, when there is a grid) beside the paper's."""
     chosen = best_per_configuration(rows)
     grid = any(r.get("lr") is not None for r in rows)
-    head = "| model component |" + (" lr |" if grid else "") + (" train error (ours) | test error (ours) | "
+    held_out = any(r.get("lr") is not None and r.get("held_out") for r in rows)
+    best = "best held-out error (epoch)" if held_out else "best test error (epoch)"
+    head = "| model component |" + (" lr |" if grid else "") + (" train error (ours) | train error, eval mode | "
+                                                                f"test error (ours) | {best} | "
                                                                 "train error (paper) | test error (paper) |")
-    lines = [head, "|---|" + ("---|" if grid else "") + "---|---|---|---|"]
+    lines = [head, "|---|" + ("---|" if grid else "") + "---|" * 6]
     for name, (_, (paper_train, paper_test)) in ABLATION.items():
         r = chosen.get(slug(name), {})
-        train, _, test = _errors(r)
+        train, train_eval, test, best = _errors(r, ("train_acc", "train_acc_eval", "test_acc", "best_val_acc"))
+        if r.get("best_epoch") is not None:
+            best += f" ({r['best_epoch']})"
         lr = f" {r['lr']:g} |" if grid and r.get("lr") is not None else (" - |" if grid else "")
-        lines.append(f"| {name} |{lr} {train} | {test} | {paper_train:.2f}% | {paper_test:.2f}% |")
+        lines.append(f"| {name} |{lr} {train} | {train_eval} | {test} | {best} | {paper_train:.2f}% | "
+                     f"{paper_test:.2f}% |")
     return "\n".join(lines)
 
 
@@ -264,6 +298,8 @@ def experiment_variants(experiment: str) -> dict[str, list[str]]:
 def run_ablation(args, extra) -> int:
     rows = train_variants(experiment_variants("ablation"), Path(args.out), args.dataset, args.depth, args.epochs,
                           extra, args.lrs, args.parallel, args.lr_per_row)
+    for r in best_per_configuration(rows).values():  # the same row objects: the table reads what this adds
+        r.update(after_training(r))
     text = ablation_table(rows)
     if args.lrs:
         text += "\n\nEvery learning rate (errors on the training split, the held-out 10% and the test set):\n\n"

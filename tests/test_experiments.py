@@ -5,6 +5,8 @@ import math
 import sys
 
 import pytest
+import torch
+from deepplain.datamodules import get_datamodule
 from torch.utils.tensorboard import SummaryWriter
 
 from deepplain import curves, experiments, plots
@@ -130,17 +132,21 @@ def test_plots_write_figures(tmp_path):
     assert plots.main(["--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
 
 
-def row(name, lr, status="completed", train=None, val=None, test=None):
+def row(name, lr, status="completed", train=None, val=None, test=None, **after):
     return {"configuration": experiments.slug(name), "lr": lr, "status": status, "train_acc": train,
-            "val_acc": val, "test_acc": test, "run_dir": ""}
+            "val_acc": val, "test_acc": test, "run_dir": "", "held_out": lr is not None, **after}
 
 
 def test_ablation_table_lists_paper_rows():
-    rows = [row("BN + LReLU + max-norm", None, train="0.99", test="0.95"), row("LReLU", None, "diverged", "0.2")]
+    rows = [row("BN + LReLU + max-norm", None, train="0.99", test="0.95", train_acc_eval=0.999, best_val_acc=0.96,
+                best_epoch=177), row("LReLU", None, "diverged", "0.2"), row("BN", None, train="0.5", test="0.4")]
     table = experiments.ablation_table(rows)
-    assert "| LReLU | diverged | diverged | 92.37% | 92.03% |" in table
-    assert "| BN + LReLU + max-norm | 1.00% | 5.00% | 0.11% | 5.48% |" in table
-    assert "| BN | missing | missing | 84.56% | 83.21% |" in table
+    assert "| model component | train error (ours) | train error, eval mode | test error (ours) | best test error " \
+           "(epoch) | train error (paper) | test error (paper) |" in table
+    assert "| LReLU | diverged | diverged | diverged | diverged | 92.37% | 92.03% |" in table
+    assert "| BN + LReLU + max-norm | 1.00% | 0.10% | 5.00% | 4.00% (177) | 0.11% | 5.48% |" in table
+    assert "| BN | 50.00% | - | 60.00% | - | 84.56% | 83.21% |" in table  # finished, not measured after training
+    assert "| BN + max-norm | missing | missing | missing | missing | 82.90% | 81.86% |" in table
     assert len(experiments.ABLATION) == 7
 
 
@@ -151,7 +157,8 @@ def test_learning_rate_grid_picks_the_best_held_out_accuracy():
     chosen = experiments.best_per_configuration(rows)
     assert chosen["bn"]["lr"] == 0.01  # a diverged run is never chosen over a finished one
     table = experiments.ablation_table(rows)
-    assert "| BN | 0.01 | 10.00% | 22.00% | 84.56% | 83.21% |" in table
+    assert "| BN | 0.01 | 10.00% | - | 22.00% | - | 84.56% | 83.21% |" in table
+    assert "best held-out error (epoch)" in table
     grid = experiments.grid_table(rows)
     assert "| BN | 50.00% / 50.00% / 51.00% | 10.00% / 20.00% / 22.00% | diverged / diverged / diverged |" in grid
 
@@ -199,6 +206,33 @@ def test_a_rate_per_row_and_a_grid_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit):
         experiments.main(["diagnostics", "--epochs", "3", "--out", str(tmp_path / "x"), "--lr-per-row", "bn=x"])
     assert "expected ROW=LR pairs" in capsys.readouterr().err
+
+
+def test_after_training_measures_the_train_split_in_eval_mode_and_the_best_epoch(tmp_path):
+    assert main(["--model", "plain", "--depth", "3", "--width", "16", "--dataset", "usps", "--epochs", "3",
+                 "--limit-train-batches", "4", "--val-split", "0", "--diagnostics", "none", "--logdir",
+                 str(tmp_path), "--name", "r", "--no-progress"]) == 0
+    run_dir = next((tmp_path / "r").glob("version_*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    measured = experiments.after_training({"status": "completed", "run_dir": str(run_dir)})
+    errors = curves.read_curves(run_dir)["eval_error"]
+    assert measured["best_epoch"] == min(errors, key=lambda p: p[1])[0] and len(errors) == 3
+    assert measured["best_val_acc"] == pytest.approx(max(1 - e for _, e in errors))
+    assert 1 - errors[-1][1] == pytest.approx(summary["test_acc"], abs=1e-6)  # the test split was the eval split
+    # independently: the checkpoint in eval mode on every training image, batch by batch
+    module = experiments.module_class("plain").load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    module.eval()
+    dm = get_datamodule("usps", data_dir=summary["data_root"], val_split=0.0, batch_size=500)
+    dm.setup()
+    with torch.no_grad():
+        hits = sum((module(x).argmax(1) == y).sum().item() for x, y in dm.test_dataloader())
+    assert hits / 2007 == pytest.approx(summary["test_acc"], abs=1e-6)  # the same reading of the data as the run's
+    x, y = dm.probe_batch(10_000, split="train")
+    assert len(y) == 7291
+    with torch.no_grad():
+        hits = sum((module(xb).argmax(1) == yb).sum().item() for xb, yb in zip(x.split(500), y.split(500)))
+    assert measured["train_acc_eval"] == pytest.approx(hits / 7291, abs=1e-6)
+    assert experiments.after_training({"status": "diverged", "run_dir": str(run_dir)}) == {}
 
 
 @pytest.mark.slow
