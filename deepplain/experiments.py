@@ -53,7 +53,7 @@ from .plan import make_datamodule
 from .presets import PRESETS
 from .schema import from_dict
 from .status import FINISHED, RunStatus
-from .sweep import Run, check_flags, run_grid, split_at_double_dash
+from .sweep import Run, check_flags, collect, run_grid, split_at_double_dash
 
 RECIPE_PRESET = "oyedotun-mlp-100"
 COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
@@ -98,7 +98,7 @@ def lr_tag(lr: float) -> str:
 
 def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: int, extra: list[str],
                    lrs: list[float] | None = None, parallel: int = 1,
-                   lr_per_row: dict[str, float] | None = None) -> list[dict]:
+                   lr_per_row: dict[str, float] | None = None, train: bool = True) -> list[dict]:
     """Train every variant: at every learning rate of ``lrs`` (on the held-out split), or once each at its
     rate in ``lr_per_row`` (in that order, on the whole training split); returns the sweep's rows."""
     if lr_per_row:
@@ -107,7 +107,7 @@ def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: 
         grid = [(name, flags, lr) for name, flags in variants.items() for lr in (lrs or [None])]
     runs = [Run("plain", depth, 0, name if lr is None else f"{name}-{lr_tag(lr)}",
                 [*recipe_flags(lr, held_out=bool(lrs)), *flags, *extra]) for name, flags, lr in grid]
-    rows = run_grid(runs, out, dataset, epochs, parallel)
+    rows = run_grid(runs, out, dataset, epochs, parallel) if train else collect(runs, out, dataset)
     by_id = {r["run_id"]: r for r in rows}
     for run, (name, _, lr) in zip(runs, grid):
         by_id[run.run_id].update(configuration=name, lr=lr, held_out=bool(lrs))
@@ -128,7 +128,8 @@ def best_per_configuration(rows: list[dict]) -> dict[str, dict]:
 
 def _errors(r: dict, keys=("train_acc", "val_acc", "test_acc")) -> list[str]:
     if r.get("status") != RunStatus.COMPLETED:  # a diverged run's last epoch metrics are not its result
-        return [r.get("status") or "missing"] * len(keys)
+        done = f" after {r['epochs_done']} epochs" if r.get("epochs_done") not in (None, "") else ""
+        return [f"{r.get('status') or 'missing'}{done}"] * len(keys)
     return [f"{100 * (1 - float(r[k])):.2f}%" if r.get(k) not in (None, "") else "-" for k in keys]
 
 
@@ -297,7 +298,7 @@ def experiment_variants(experiment: str) -> dict[str, list[str]]:
 
 def run_ablation(args, extra) -> int:
     rows = train_variants(experiment_variants("ablation"), Path(args.out), args.dataset, args.depth, args.epochs,
-                          extra, args.lrs, args.parallel, args.lr_per_row)
+                          extra, args.lrs, args.parallel, args.lr_per_row, train=not args.table_only)
     for r in best_per_configuration(rows).values():  # the same row objects: the table reads what this adds
         r.update(after_training(r))
     text = ablation_table(rows)
@@ -347,6 +348,8 @@ def main(argv=None) -> int:
                    help="one learning rate per configuration, on the whole training split (every row named, "
                         "run in this order)")
     p.add_argument("--out", required=True)
+    p.add_argument("--table-only", action="store_true",
+                   help="ablation: write the table from the runs already in --out (finished or not), training nothing")
     p.add_argument("--parallel", type=int, default=1)
     own, extra = split_at_double_dash(argv)
     args = p.parse_args(own)
@@ -364,6 +367,8 @@ def check_experiment(args, extra: list[str]) -> None:
     checks them (without reading data)."""
     if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
         raise ConfigError("--epochs, --depth and --parallel must be positive")
+    if args.table_only and args.experiment != "ablation":
+        raise ConfigError("--table-only tabulates the ablation; the diagnostics need every variant finished")
     check_flags(extra, "after --")
     variants = experiment_variants(args.experiment)
     if args.lr_per_row:

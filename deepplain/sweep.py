@@ -46,7 +46,7 @@ from .status import FINISHED, RESUMABLE, RunStatus, RunSummary
 
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
 CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
-NOT_STARTED = "not started (the sweep was stopped)"
+NOT_STARTED = "not started"  # no summary yet: never started, or training now
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read at start-up
 # What the grid sets for each run, and where the run lives: never given after -- or in a variant.
 GRID_FLAGS = ("--model", "--depth", "--seed", "--dataset", "--epochs", "--logdir", "--name", "--resume", "--config",
@@ -282,6 +282,12 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def read_csv(path: Path) -> list[dict]:
     return read_results_csv(path)
+
+
+def collect(runs: list[Run], out: Path, dataset: str) -> list[dict]:
+    """The rows of ``runs`` as their folders in ``out`` stand now, training nothing (a long sweep's results so
+    far, readable while it runs)."""
+    return [row(run, dataset, latest_summary(out / "runs" / run.run_id) or {"status": NOT_STARTED}) for run in runs]
 
 
 def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,

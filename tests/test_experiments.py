@@ -189,6 +189,21 @@ def test_one_learning_rate_per_row_trains_each_row_once_in_the_order_given(tmp_p
     assert "| BN + LReLU + max-norm | 0.1 |" in (tmp_path / "t2" / "ablation.md").read_text()
 
 
+def test_the_table_so_far_trains_nothing(tmp_path, capsys):
+    rates = "bn_lrelu=0.01,bn=0.001,bn_maxnorm=0.001,lrelu=0.001,maxnorm=0.001,lrelu_maxnorm=0.001,bn_lrelu_maxnorm=0.1"
+    stopped = tmp_path / "t2" / "runs" / "plain-d100-s0-lrelu-lr0.001" / "version_0"
+    stopped.mkdir(parents=True)
+    (stopped / "summary.json").write_text(json.dumps({"status": "preempted", "epochs_done": 130}))
+    assert experiments.main(["ablation", "--epochs", "300", "--out", str(tmp_path / "t2"), "--lr-per-row", rates,
+                             "--table-only"]) == 1  # not every row finished
+    table = (tmp_path / "t2" / "ablation.md").read_text()
+    assert "| LReLU | 0.001 | preempted after 130 epochs | preempted after 130 epochs |" in table
+    assert "| BN | 0.001 | not started | not started |" in table
+    assert sorted(p.name for p in (tmp_path / "t2" / "runs").iterdir()) == ["plain-d100-s0-lrelu-lr0.001"]
+    assert experiments.main(["diagnostics", "--epochs", "3", "--out", str(tmp_path / "d"), "--table-only"]) == 2
+    assert "--table-only tabulates the ablation" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("rates, says", [
     ("bn=0.01", "must give a rate for every ablation configuration: missing bn_lrelu"),
     ("naive=0.01,bn=0.01,proposed=0.1,extra=0.1", "unknown extra; missing none"),
