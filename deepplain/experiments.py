@@ -53,7 +53,7 @@ from .plan import make_datamodule
 from .presets import PRESETS
 from .schema import from_dict
 from .status import FINISHED, RunStatus
-from .sweep import Run, check_flags, collect, run_grid, split_at_double_dash
+from .sweep import Run, Stopped, check_flags, collect, run_grid_stoppable, split_at_double_dash
 
 RECIPE_PRESET = "oyedotun-mlp-100"
 COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
@@ -107,7 +107,7 @@ def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: 
         grid = [(name, flags, lr) for name, flags in variants.items() for lr in (lrs or [None])]
     runs = [Run("plain", depth, 0, name if lr is None else f"{name}-{lr_tag(lr)}",
                 [*recipe_flags(lr, held_out=bool(lrs)), *flags, *extra]) for name, flags, lr in grid]
-    rows = run_grid(runs, out, dataset, epochs, parallel) if train else collect(runs, out, dataset)
+    rows = run_grid_stoppable(runs, out, dataset, epochs, parallel) if train else collect(runs, out, dataset)
     by_id = {r["run_id"]: r for r in rows}
     for run, (name, _, lr) in zip(runs, grid):
         by_id[run.run_id].update(configuration=name, lr=lr, held_out=bool(lrs))
@@ -358,7 +358,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
+    try:
+        return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
+    except Stopped as stop:  # Ctrl-C / SIGTERM: the trainings saved their step; the same command resumes
+        print(stop, file=sys.stderr)
+        return stop.exit_code
 
 
 def check_experiment(args, extra: list[str]) -> None:

@@ -284,6 +284,28 @@ def read_csv(path: Path) -> list[dict]:
     return read_results_csv(path)
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM reached the sweep; its trainings have saved their step."""
+
+    def __init__(self, signum: int, out: Path):
+        name = "interrupted" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{name}: the running trainings saved their step; results so far: {out / 'results.csv'}; "
+                         "run the same command to resume")
+        self.exit_code = 128 + signum
+
+
+def run_grid_stoppable(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,
+                       threads: int | None = None) -> list[dict]:
+    """:func:`run_grid` for a command line: Ctrl-C or SIGTERM goes once to the running trainings (which save
+    their step) and then raises :class:`Stopped`, instead of killing the sweep and orphaning them."""
+    children = Children()
+    with forwarded_signals(children):
+        rows = run_grid(runs, out, dataset, epochs, parallel, gpus, children=children, threads=threads)
+    if children.stop_signal is not None:
+        raise Stopped(children.stop_signal, out)
+    return rows
+
+
 def collect(runs: list[Run], out: Path, dataset: str) -> list[dict]:
     """The rows of ``runs`` as their folders in ``out`` stand now, training nothing (a long sweep's results so
     far, readable while it runs)."""
@@ -384,24 +406,20 @@ def main(argv=None) -> int:
     resolve_data_env()
     own, flags = split_at_double_dash(argv)
     args = build_parser().parse_args(own)
-    children = Children()
     try:
         if args.epochs < 1 or any(d < 1 for d in args.depths) or args.parallel < 1 or (
                 args.threads_per_run is not None and args.threads_per_run < 1):
             raise ConfigError("--epochs, --depths, --parallel and --threads-per-run must be positive")
         variants = [parse_variant(v) for v in args.variant]
         runs = grid(args.models, args.depths, args.seeds, variants, flags)
-        with forwarded_signals(children):
-            rows = run_grid(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus,
-                            children=children, threads=args.threads_per_run)
+        rows = run_grid_stoppable(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus,
+                                  threads=args.threads_per_run)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if children.stop_signal is not None:
-        name = "interrupted" if children.stop_signal == signal.SIGINT else "preempted"
-        print(f"{name}: the running trainings saved their step; results so far: {Path(args.out) / 'results.csv'}; "
-              "run the same command to resume", file=sys.stderr)
-        return 128 + children.stop_signal
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     failed = [r for r in rows if r["status"] not in FINISHED]
     print(f"{len(rows)} runs, {len(failed)} not completed; results: {Path(args.out) / 'results.csv'}")
     return 1 if failed else 0

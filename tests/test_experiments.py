@@ -177,7 +177,7 @@ def test_experiments_use_the_preset_recipe():
 
 def test_one_learning_rate_per_row_trains_each_row_once_in_the_order_given(tmp_path, monkeypatch):
     planned = []
-    monkeypatch.setattr(experiments, "run_grid", lambda runs, *a, **k: planned.extend(runs) or
+    monkeypatch.setattr(experiments, "run_grid_stoppable", lambda runs, *a, **k: planned.extend(runs) or
                         [{"run_id": r.run_id, "status": "completed"} for r in runs])
     rates = "bn_lrelu=0.01,bn=0.001,bn_maxnorm=0.001,lrelu=0.001,maxnorm=0.001,lrelu_maxnorm=0.001,bn_lrelu_maxnorm=0.1"
     experiments.main(["ablation", "--epochs", "3", "--out", str(tmp_path / "t2"), "--lr-per-row", rates])

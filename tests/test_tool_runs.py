@@ -58,6 +58,28 @@ def test_a_sweep_row_is_what_was_measured(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_sigterm_to_an_experiment_stops_its_trainings_and_leaves_none_running(tmp_path):
+    out = tmp_path / "t2"
+    argv = [sys.executable, "-m", "deepplain.experiments", "ablation", "--depth", "2", "--epochs", "4", "--out",
+            str(out), "--", "--limit-train-batches", "40", "--width", "16"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    ckpt = out / "runs" / "plain-d2-s0-bn" / "version_0" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "preempted: the running trainings saved their step" in err
+    summary = json.loads((out / "runs" / "plain-d2-s0-bn" / "version_0" / "summary.json").read_text())
+    assert summary["status"] == "preempted"
+    leftover = subprocess.run(["pgrep", "-f", str(out / "runs")], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""  # no training left running as an orphan
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_sweep_stops_its_training_which_the_next_sweep_resumes(tmp_path):
     out = tmp_path / "s"
     argv = [sys.executable, "-m", "deepplain.sweep", "--out", str(out), "--dataset", "usps", "--models", "plain",
