@@ -262,7 +262,7 @@ def ablation_table(rows: list[dict]) -> str:
     """Table II: ours (at the chosen learning rate, when there is a grid) beside the paper's."""
     chosen = best_per_configuration(rows)
     grid = any(r.get("lr") is not None for r in rows)
-    held_out = any(r.get("lr") is not None and r.get("held_out") for r in rows)
+    held_out = any(r.get("held_out") for r in rows)
     best = "best held-out error (epoch)" if held_out else "best test error (epoch)"
     head = "| model component |" + (" lr |" if grid else "") + (" train error (ours) | train error, eval mode | "
                                                                 f"test error (ours) | {best} | "

@@ -57,14 +57,9 @@ def test_a_sweep_row_is_what_was_measured(tmp_path, capsys):
     assert rows["plain-d1-s0-fast"]["flags"].startswith("--lr 0.5") and rows["plain-d1-s0"] == first
 
 
-@pytest.mark.slow
-def test_sigterm_to_an_experiment_stops_its_trainings_and_leaves_none_running(tmp_path):
-    out = tmp_path / "t2"
-    argv = [sys.executable, "-m", "deepplain.experiments", "ablation", "--depth", "2", "--epochs", "4", "--out",
-            str(out), "--", "--limit-train-batches", "40", "--width", "16"]
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    ckpt = out / "runs" / "plain-d2-s0-bn" / "version_0" / "checkpoints" / "last.ckpt"
+def sigterm_after_first_checkpoint(argv: list[str], cwd, ckpt, env: dict) -> None:
+    """Start a tool, send it SIGTERM once a training has written ``ckpt``; it must exit 143 with one message."""
+    proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -73,6 +68,15 @@ def test_sigterm_to_an_experiment_stops_its_trainings_and_leaves_none_running(tm
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "preempted: the running trainings saved their step" in err
+
+
+@pytest.mark.slow
+def test_sigterm_to_an_experiment_stops_its_trainings_and_leaves_none_running(tmp_path):
+    out = tmp_path / "t2"
+    argv = [sys.executable, "-m", "deepplain.experiments", "ablation", "--depth", "2", "--epochs", "4", "--out",
+            str(out), "--", "--limit-train-batches", "40", "--width", "16"]
+    ckpt = out / "runs" / "plain-d2-s0-bn" / "version_0" / "checkpoints" / "last.ckpt"
+    sigterm_after_first_checkpoint(argv, tmp_path, ckpt, {**os.environ, "PYTHONWARNINGS": "ignore"})
     summary = json.loads((out / "runs" / "plain-d2-s0-bn" / "version_0" / "summary.json").read_text())
     assert summary["status"] == "preempted"
     leftover = subprocess.run(["pgrep", "-f", str(out / "runs")], capture_output=True, text=True)
@@ -86,16 +90,8 @@ def test_sigterm_to_a_sweep_stops_its_training_which_the_next_sweep_resumes(tmp_
             "--depths", "1", "--seeds", "0", "--epochs", "4", "--", "--limit-train-batches", "40", "--diagnostics",
             "none", "--width", "16", "--val-split", "0"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     ckpt = out / "runs" / "plain-d1-s0" / "version_0" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert ckpt.exists(), proc.communicate()[1][-2000:]
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err and "preempted: the running trainings saved their step" in err
+    sigterm_after_first_checkpoint(argv, tmp_path, ckpt, env)
     row, = read_csv(out / "results.csv")
     assert row["status"] == "preempted"
     summary = json.loads((out / "runs" / "plain-d1-s0" / "version_0" / "summary.json").read_text())
