@@ -1,0 +1,79 @@
+"""The README's tables of flags, families, presets and datasets against the code they describe.
+
+The README's flag table is written by hand (grouped, with the why); these tests make a flag, a
+choice, a family, a preset or a dataset that the code gains or loses show up as a failure here
+instead of a README that silently drifts.
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+from datamodules import DATASETS
+from deepplain.cli import build_parser
+from deepplain.presets import PRESETS
+from deepplain.registry import model_names
+
+pytestmark = pytest.mark.fast
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def table_rows(first_cell: str) -> list[str]:
+    """The README's table rows whose first cell starts with ``first_cell`` (a backquoted name)."""
+    return [line for line in README.splitlines() if line.startswith("| `" + first_cell)]
+
+
+def first_cell_names(rows: list[str]) -> set[str]:
+    """Every backquoted name in the rows' first cells (``| `a`, `b` | ...`` gives a and b)."""
+    return {name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1])}
+
+
+def flag_rows() -> str:
+    return "\n".join(table_rows("--"))
+
+
+def test_every_flag_of_train_py_is_in_the_readme_flag_table():
+    rows = flag_rows()
+    assert rows, "the README has no flag table (rows starting with | `--)"
+    parser = build_parser()
+    missing = []
+    for action in parser._actions:
+        long_flags = [s for s in action.option_strings if s.startswith("--") and s != "--help"]
+        # one spelling of each option is enough (--phase-out stands for its alias --phase-out-epochs)
+        if long_flags and not any(re.search(re.escape(f) + r"(?![\w-])", rows) for f in long_flags):
+            missing.append(long_flags[0])
+    assert not missing, f"flags of train.py missing from the README's flag table: {missing}"
+
+
+def test_no_flag_in_the_readme_table_is_unknown_to_train_py():
+    known = {s for a in build_parser()._actions for s in a.option_strings}
+    written = set(re.findall(r"`(--[a-z][\w-]*)", flag_rows()))
+    assert written, "no flags found in the README's flag table"
+    assert not written - known, f"the README's flag table names flags train.py does not have: {written - known}"
+
+
+def test_the_choices_the_readme_lists_are_the_parsers():
+    rows = flag_rows()
+    checked = 0
+    for action in build_parser()._actions:
+        if not action.choices:
+            continue
+        for f in action.option_strings:
+            m = re.search(re.escape(f) + r" \{([^}]*)\}", rows)
+            if m:
+                assert sorted(m.group(1).split(",")) == sorted(action.choices), f
+                checked += 1
+    assert checked >= 5  # model, arch, dataset, ... are written with their choices
+
+
+def test_the_readme_lists_every_model_family_preset_and_dataset():
+    families = first_cell_names([r for r in README.splitlines()
+                                 if re.match(r"\| `(" + "|".join(model_names()) + r")` \|", r)])
+    assert families == set(model_names())
+    presets = first_cell_names([r for r in README.splitlines() if r.startswith("| `") and
+                                any("`" + p + "`" in r.split("|")[1] for p in PRESETS)])
+    assert presets == set(PRESETS), f"preset table: missing {set(PRESETS) - presets}, extra {presets - set(PRESETS)}"
+    datasets = first_cell_names([r for r in README.splitlines() if r.startswith("| `") and
+                                 any("`" + d + "`" in r.split("|")[1] for d in DATASETS)])
+    assert datasets == set(DATASETS), f"dataset table: missing {set(DATASETS) - datasets}"
