@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 import zipfile
 from contextlib import suppress
 from pathlib import Path
@@ -133,6 +134,13 @@ class RunCheckpoint(ModelCheckpoint):
     the current one, so after ``mv runs/a runs/b`` a resumed run would take any worse epoch as its
     best. The run's checkpoints are in the same folder relative to the run, so the saved paths are
     moved with it and everything is restored."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        # A run folder's checkpoints/ holds files only when the run is resumed into it (a new run gets a
+        # new version_N), so Lightning's "exists and is not empty" warning would only ever say that.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
 
     @property
     def state_key(self) -> str:  # the key Lightning's own class writes, so earlier checkpoints still restore

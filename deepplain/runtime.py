@@ -225,7 +225,7 @@ class StopSignals(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, RunStopped) and trainer.state.fn == "fit":
-            trainer.save_checkpoint(self.checkpoint_path)
+            trainer.save_checkpoint(self.checkpoint_path, weights_only=False)  # said, so Lightning need not
             self.saved = self.checkpoint_path
 
     def teardown(self, trainer, pl_module, stage):

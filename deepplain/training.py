@@ -31,17 +31,22 @@ from .registry import get_family
 from .report import print_run_end, print_trainability_report, trainability_findings
 from .rundir import run_dir_for
 from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunProgressBar, RunStats, RunStopped, StopSignals
-from .schema import MODULE, RunConfig, options_for
+from .schema import MODULE, OPTIONS, RunConfig, options_for
 from .status import RunStatus, RunSummary
 
 # The share of training time each diagnostic may spend on samples beyond the ten each run gets anyway
 # (sampling.SamplingSchedule.min_samples): 1% together, most of it where a sample is cheap.
 DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
 HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-# What tells the runs of a sweep apart, in the HParams table's column order (the rest is in config.json).
-HPARAM_KEYS = ("model", "arch", "depth", "width", "dataset", "activation", "norm", "init", "max_norm", "alpha_mode",
-               "optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "epochs", "seed",
-               "precision")
+# What tells the runs of a sweep apart, as TensorBoard's HParams table columns: these first, in this
+# order, then every other option of the schema's groups that define what is trained (a run's label
+# smoothing or gate bias shows there too); the plumbing (paths, workers, progress) is in config.json.
+HPARAM_FIRST = ("model", "arch", "depth", "width", "dataset", "activation", "norm", "init", "max_norm", "alpha_mode",
+                "optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "epochs", "seed",
+                "precision", "val_split")
+HPARAM_GROUPS = ("model", "van", "optimisation")
+HPARAM_KEYS = HPARAM_FIRST + tuple(name for name, o in OPTIONS.items()
+                                   if o.group in HPARAM_GROUPS and name not in HPARAM_FIRST)
 
 
 def make_module(config: RunConfig, input_shape, num_classes: int):

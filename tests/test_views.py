@@ -119,6 +119,9 @@ def test_summary_and_terminal_say_how_the_run_ended(deep_run):
         acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
     assert {"model", "depth", "width", "dataset", "lr", "seed"} <= set(start.hparams)
     assert "alpha_mode" not in start.hparams and start.hparams["depth"].number_value == 100  # a plain run
+    # every option of what is trained is a column (label smoothing too); the plumbing is not
+    assert {"label_smoothing", "val_split", "nesterov"} <= set(start.hparams)
+    assert not {"logdir", "num_workers", "progress", "data_dir"} & set(start.hparams)
 
 
 def test_overview_has_ten_points_in_a_200_step_run_and_alpha_every_percent(runs):
