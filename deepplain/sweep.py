@@ -37,6 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .checkpoints import check_checkpoint, completed_epochs
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
@@ -46,7 +48,8 @@ from .status import FINISHED, RESUMABLE, RunStatus, RunSummary
 
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
 CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
-NOT_STARTED = "not started"  # no summary yet: never started, or training now
+NOT_STARTED = "not started"  # no summary and no checkpoint yet
+UNFINISHED = "unfinished"  # a last.ckpt ahead of any summary: training now, or killed before it wrote one
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read at start-up
 # What the grid sets for each run, and where the run lives: never given after -- or in a variant.
 GRID_FLAGS = ("--model", "--depth", "--seed", "--dataset", "--epochs", "--logdir", "--name", "--resume", "--config",
@@ -309,7 +312,32 @@ def run_grid_stoppable(runs: list[Run], out: Path, dataset: str, epochs: int, pa
 def collect(runs: list[Run], out: Path, dataset: str) -> list[dict]:
     """The rows of ``runs`` as their folders in ``out`` stand now, training nothing (a long sweep's results so
     far, readable while it runs)."""
-    return [row(run, dataset, latest_summary(out / "runs" / run.run_id) or {"status": NOT_STARTED}) for run in runs]
+    return [row(run, dataset, state_now(out / "runs" / run.run_id)) for run in runs]
+
+
+def state_now(run_root: Path) -> dict:
+    """A run's newest summary, unless its newest ``last.ckpt`` has trained further (a run training now, a
+    resumed one, or one killed before it could write a summary): then status ``unfinished`` and the
+    epochs that checkpoint holds."""
+    summary = latest_summary(run_root)
+    if summary and summary.get("status") in FINISHED:
+        return summary
+    saved = saved_epochs(run_root)
+    if saved is None or (summary and int(summary.get("epochs_done") or 0) >= saved):
+        return summary or {"status": NOT_STARTED}
+    return {"status": UNFINISHED, "epochs_done": saved}
+
+
+def saved_epochs(run_root: Path) -> int | None:
+    """The epochs the newest ``last.ckpt`` under ``run_root`` holds (None: none, or unreadable); its
+    tensors are mapped, not read."""
+    found = sorted(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    try:
+        return completed_epochs(torch.load(found[-1], map_location="cpu", weights_only=False, mmap=True))
+    except Exception:  # half-written by a kill, or damaged: nothing to report from it
+        return None
 
 
 def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,

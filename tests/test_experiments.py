@@ -194,12 +194,26 @@ def test_the_table_so_far_trains_nothing(tmp_path, capsys):
     stopped = tmp_path / "t2" / "runs" / "plain-d100-s0-lrelu-lr0.001" / "version_0"
     stopped.mkdir(parents=True)
     (stopped / "summary.json").write_text(json.dumps({"status": "preempted", "epochs_done": 130}))
+    (stopped / "checkpoints").mkdir()
+    torch.save({"epoch": 130}, stopped / "checkpoints" / "last.ckpt")  # the step it was stopped at
+    # a resumed row training now: its last.ckpt is ahead of the summary its stop wrote
+    resumed = tmp_path / "t2" / "runs" / "plain-d100-s0-bn_maxnorm-lr0.001" / "version_0"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "summary.json").write_text(json.dumps({"status": "preempted", "epochs_done": 100}))
+    torch.save({"epoch": 160}, resumed / "checkpoints" / "last.ckpt")
+    # a row training for the first time: a checkpoint, no summary yet
+    first = tmp_path / "t2" / "runs" / "plain-d100-s0-maxnorm-lr0.001" / "version_0"
+    (first / "checkpoints").mkdir(parents=True)
+    torch.save({"epoch": 42}, first / "checkpoints" / "last.ckpt")
     assert experiments.main(["ablation", "--epochs", "300", "--out", str(tmp_path / "t2"), "--lr-per-row", rates,
                              "--table-only"]) == 1  # not every row finished
     table = (tmp_path / "t2" / "ablation.md").read_text()
     assert "| LReLU | 0.001 | preempted after 130 epochs | preempted after 130 epochs |" in table
+    assert "| BN + max-norm | 0.001 | unfinished after 160 epochs |" in table
+    assert "| Max-norm | 0.001 | unfinished after 42 epochs |" in table
     assert "| BN | 0.001 | not started | not started |" in table
-    assert sorted(p.name for p in (tmp_path / "t2" / "runs").iterdir()) == ["plain-d100-s0-lrelu-lr0.001"]
+    assert sorted(p.name for p in (tmp_path / "t2" / "runs").iterdir()) == [
+        "plain-d100-s0-bn_maxnorm-lr0.001", "plain-d100-s0-lrelu-lr0.001", "plain-d100-s0-maxnorm-lr0.001"]
     assert experiments.main(["diagnostics", "--epochs", "3", "--out", str(tmp_path / "d"), "--table-only"]) == 2
     assert "--table-only tabulates the ablation" in capsys.readouterr().err
 
