@@ -237,13 +237,15 @@ def test_a_rate_per_row_and_a_grid_exclude_each_other(tmp_path, capsys):
     assert "expected ROW=LR pairs" in capsys.readouterr().err
 
 
-def test_after_training_measures_the_train_split_in_eval_mode_and_the_best_epoch(tmp_path):
+def test_after_training_measures_the_train_split_in_eval_mode_and_the_best_epoch(tmp_path, capsys):
     assert main(["--model", "plain", "--depth", "3", "--width", "16", "--dataset", "usps", "--epochs", "3",
                  "--limit-train-batches", "4", "--val-split", "0", "--diagnostics", "none", "--logdir",
                  str(tmp_path), "--name", "r", "--no-progress"]) == 0
     run_dir = next((tmp_path / "r").glob("version_*"))
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert "validation metrics are measured on the TEST set" in capsys.readouterr().err  # the run says so
     measured = experiments.after_training({"status": "completed", "run_dir": str(run_dir)})
+    assert "TEST set" not in capsys.readouterr().err  # reading its checkpoint for the table does not, again
     errors = curves.read_curves(run_dir)["eval_error"]
     assert measured["best_epoch"] == min(errors, key=lambda p: p[1])[0] and len(errors) == 3
     assert measured["best_val_acc"] == pytest.approx(max(1 - e for _, e in errors))
