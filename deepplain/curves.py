@@ -52,7 +52,7 @@ def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
 
 
 def plot_curves(runs: dict[str, dict], out: Path, title: str = "") -> Path:
-    fig = Figure(figsize=(7, 4.2), dpi=120)
+    fig = Figure(figsize=(9.5, 4.2), dpi=120)
     ax = fig.add_subplot()
     alpha_ax = None
     for name, curves in runs.items():
@@ -72,7 +72,9 @@ def plot_curves(runs: dict[str, dict], out: Path, title: str = "") -> Path:
         alpha_ax.set_ylim(-0.02, 1.02)
         more = alpha_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
-    ax.legend(handles, labels, fontsize=7, loc="upper right")
+    # beside the axes, not on them: a failing run's curves sit at the top, where a legend inside would be
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02 if alpha_ax is None else 1.12, 1.0),
+              borderaxespad=0.0)
     ax.set_title(title or "training curves")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
