@@ -38,9 +38,9 @@ from .status import RunStatus, RunSummary
 # (sampling.SamplingSchedule.min_samples): 1% together, most of it where a sample is cheap.
 DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
 HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
-# What tells the runs of a sweep apart, as TensorBoard's HParams table columns: these first, in this
-# order, then every other option of the schema's groups that define what is trained (a run's label
-# smoothing or gate bias shows there too); the plumbing (paths, workers, progress) is in config.json.
+# What tells the runs of a sweep apart, as TensorBoard's HParams table columns (it sorts them by name):
+# these, from any group, and every other option of the schema's groups that define what is trained (a
+# run's label smoothing or gate bias shows there too); the plumbing (paths, workers, progress) is in config.json.
 HPARAM_FIRST = ("model", "arch", "depth", "width", "dataset", "activation", "norm", "init", "max_norm", "alpha_mode",
                 "optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "epochs", "seed",
                 "precision", "val_split")
