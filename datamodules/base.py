@@ -154,6 +154,7 @@ class TensorDataModule(L.LightningDataModule):
         self.verify_checksums = verify_checksums  # published checksums, where the dataset has them
         self.input_shape = self.num_classes = self.split_sizes = None
         self.validation_source = None
+        self._said_validation_source = False
         self.root: Optional[Path] = None
         self._splits = None
         self._device_cache = {}
@@ -244,7 +245,6 @@ class TensorDataModule(L.LightningDataModule):
         else:
             train, val = (train_x, train_y), (test_x, test_y)
             self.validation_source = ValidationSource.TEST
-            log.warning("%s: val_split=0, so validation metrics are measured on the TEST set", self.name)
         self._splits = {"train": train, "val": val, "test": (test_x, test_y)}
         self.input_shape = tuple(train_x.shape[1:])
         self.num_classes = self.info().num_classes
@@ -296,7 +296,13 @@ class TensorDataModule(L.LightningDataModule):
         return self._loader("train", True)
 
     def val_dataloader(self):
-        return self._loader("val", False)
+        loader = self._loader("val", False)
+        # Said when a fit asks for validation batches, once, not in setup(): reading the data again for a
+        # table or a probe validates nothing, and would repeat a note that was the run's.
+        if self.validation_source == ValidationSource.TEST and not self._said_validation_source:
+            log.warning("%s: val_split=0, so validation metrics are measured on the TEST set", self.name)
+            self._said_validation_source = True
+        return loader
 
     def test_dataloader(self):
         return self._loader("test", False)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -141,13 +140,6 @@ def eval_mode_train_accuracy(checkpoint: Path, max_samples: int = 100_000) -> fl
     config = from_dict(json.loads((checkpoint.parent.parent / "config.json").read_text()))
     module = module_class(config.model).load_from_checkpoint(checkpoint, map_location="cpu")
     dm = make_datamodule(config, data_dir=config.data_root or config.data_dir)
-    data_log = logging.getLogger("deepplain.data")  # its note on the run's validation split was for the run
-    level = data_log.level
-    data_log.setLevel(logging.ERROR)
-    try:
-        dm.setup()
-    finally:
-        data_log.setLevel(level)
     x, y = dm.probe_batch(max_samples, split="train")
     with eval_mode(module):
         predicted = torch.cat([module(chunk).argmax(1) for chunk in x.split(1024)])

@@ -163,17 +163,22 @@ def latest_summary(run_root: Path) -> dict | None:
         return None
 
 
+def newest_last_checkpoint(run_root: Path) -> Path | None:
+    """The ``last.ckpt`` written most recently under ``run_root`` (one per version folder), if any."""
+    return max(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+
+
 def resumable_checkpoint(root: Path, epochs: int) -> Path | None:
     """The newest ``last.ckpt`` of an interrupted run, if it is sound and has epochs left to train."""
-    found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    newest = newest_last_checkpoint(root)
+    if newest is None:
         return None
     try:
-        if completed_epochs(check_checkpoint(found[-1])) >= epochs:
+        if completed_epochs(check_checkpoint(newest)) >= epochs:
             return None
     except ConfigError:  # damaged: train again from the start
         return None
-    return found[-1]
+    return newest
 
 
 class Children:
@@ -331,11 +336,11 @@ def state_now(run_root: Path) -> dict:
 def saved_epochs(run_root: Path) -> int | None:
     """The epochs the newest ``last.ckpt`` under ``run_root`` holds (None: none, or unreadable); its
     tensors are mapped, not read."""
-    found = sorted(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
+    newest = newest_last_checkpoint(run_root)
+    if newest is None:
         return None
     try:
-        return completed_epochs(torch.load(found[-1], map_location="cpu", weights_only=False, mmap=True))
+        return completed_epochs(torch.load(newest, map_location="cpu", weights_only=False, mmap=True))
     except Exception:  # half-written by a kill, or damaged: nothing to report from it
         return None
 

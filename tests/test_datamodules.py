@@ -79,7 +79,11 @@ def test_val_split_zero_validates_on_test_and_says_so(caplog):
     dm = get_datamodule("usps", val_split=0.0)
     with caplog.at_level("WARNING"):
         dm.setup()
-    assert dm.validation_source == "test set" and "TEST set" in caplog.text
+        dm.probe_batch(8, split="train")
+        assert "TEST set" not in caplog.text  # nothing has validated yet
+        dm.val_dataloader()
+        dm.val_dataloader()
+    assert dm.validation_source == "test set" and caplog.text.count("TEST set") == 1  # said once, by the fit
     assert dm.split_sizes == {"train": 7291, "val": 2007, "test": 2007}
 
 
