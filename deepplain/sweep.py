@@ -5,21 +5,20 @@
 
 Each run is ``python -m deepplain`` (the training CLI) in its own process, logging to
 ``<out>/runs/<run id>/version_N`` and its output to ``<out>/runs/<run id>/train.log``. A run is
-identified by its whole configuration (the train.py flags it runs with, in ``run.json``), not by
-its name: a run whose configuration is the same and whose ``summary.json`` says ``completed`` or
-``diverged`` is skipped; one that was interrupted is resumed from its ``last.ckpt``; one that
-failed is trained again; a run folder that holds another configuration stops the sweep before
-anything trains, with one line saying which. The grid's own flags (``--model``, ``--depth``,
-``--seed``, ``--dataset``, ``--epochs``) and the run's place (``--logdir``, ``--name``,
-``--resume``, ``--config``) cannot be given after ``--`` or in a variant. ``--parallel N`` runs N
-at a time, each with its share of the CPU cores (``OMP_NUM_THREADS``; ``--threads-per-run`` or an
-``OMP_NUM_THREADS`` already set decides instead); ``--gpus 0,1`` gives each concurrent run its own
-GPU. At the end ``<out>/results.csv``
-holds every run's summary and the flags that produced it; rows that an earlier sweep with another
-grid wrote into the same folder are kept, so a grid can be extended into one CSV. One sweep at a
-time writes into a folder (a lock that a crashed sweep cannot leave stuck). Ctrl-C or SIGTERM is
-passed to the running trainings, which save their step; the CSV is written and the sweep exits
-130 or 143; the same command resumes.
+identified by its whole configuration (the train.py flags it runs with, in ``run.json``), not by its
+name: a run whose configuration is the same and whose ``summary.json`` says ``completed`` or
+``diverged`` is skipped; one that was interrupted, preempted or killed (no summary written) is
+resumed from its ``last.ckpt``; one that failed is trained again; a run folder that holds another
+configuration stops the sweep before anything trains, with one line saying which. The grid's own
+flags (``--model``, ``--depth``, ``--seed``, ``--dataset``, ``--epochs``) and the run's place
+(``--logdir``, ``--name``, ``--resume``, ``--config``) cannot be given after ``--`` or in a variant.
+``--parallel N`` runs N at a time, each with its share of the CPU cores (``OMP_NUM_THREADS``;
+``--threads-per-run`` or an ``OMP_NUM_THREADS`` already set decides instead); ``--gpus 0,1`` gives
+each concurrent run its own GPU. At the end ``<out>/results.csv`` holds every run's summary and the
+flags that produced it; rows that an earlier sweep with another grid wrote into the same folder are
+kept, so a grid can be extended into one CSV. One sweep at a time writes into a folder (a lock that
+a crashed sweep cannot leave stuck). Ctrl-C or SIGTERM is passed to the running trainings, which
+save their step; the CSV is written and the sweep exits 130 or 143; the same command resumes.
 """
 from __future__ import annotations
 
@@ -153,19 +152,34 @@ def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> N
                               f"{' '.join(changed)}); use another --out or a --variant name for the new settings")
 
 
+def newest(run_root: Path, pattern: str) -> Path | None:
+    """The file matching ``pattern`` under ``run_root`` written most recently (a run has one per version folder)."""
+    return max(run_root.glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
+
+
 def latest_summary(run_root: Path) -> dict | None:
-    summaries = sorted(run_root.glob("*/summary.json"), key=lambda p: p.stat().st_mtime)
-    if not summaries:
+    summary = newest(run_root, "*/summary.json")
+    if summary is None:
         return None
     try:
-        return json.loads(summaries[-1].read_text())
+        return json.loads(summary.read_text())
     except json.JSONDecodeError:
         return None
 
 
 def newest_last_checkpoint(run_root: Path) -> Path | None:
     """The ``last.ckpt`` written most recently under ``run_root`` (one per version folder), if any."""
-    return max(run_root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, default=None)
+    return newest(run_root, "*/checkpoints/last.ckpt")
+
+
+def stopped_from_outside(run_root: Path, summary: dict | None) -> bool:
+    """The run's last attempt was stopped before it ended: interrupted or preempted (its summary says so),
+    or killed before it could write a summary (SIGKILL, the OOM killer, a reboot): its newest ``last.ckpt``
+    lies in a version folder without ``summary.json``."""
+    if summary and summary.get("status") in RESUMABLE:
+        return True
+    newest_checkpoint = newest_last_checkpoint(run_root)
+    return newest_checkpoint is not None and not (newest_checkpoint.parent.parent / "summary.json").exists()
 
 
 def resumable_checkpoint(root: Path, epochs: int) -> Path | None:
@@ -245,7 +259,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     root.mkdir(parents=True, exist_ok=True)
     flags = run.train_flags(dataset, epochs)
     (root / "run.json").write_text(json.dumps({"flags": flags}))
-    checkpoint = resumable_checkpoint(root, epochs) if summary and summary.get("status") in RESUMABLE else None
+    checkpoint = resumable_checkpoint(root, epochs) if stopped_from_outside(root, summary) else None
     if checkpoint is not None:  # continue the interrupted run where it stopped
         cmd = [python, "-m", "deepplain", "--resume", str(checkpoint), "--no-progress"]
     else:
@@ -268,7 +282,10 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
             children.remove(proc)
     summary = latest_summary(root)
     if summary is None:
-        summary = {"status": f"{RunStatus.FAILED} (exit {code}, see {root / 'train.log'})"}
+        killed = code < 0 and -code in signal.valid_signals()
+        how = f"killed by {signal.Signals(-code).name}" if killed else f"exit {code}"
+        again = "; the same command resumes it" if resumable_checkpoint(root, epochs) is not None else ""
+        summary = {"status": f"{RunStatus.FAILED} ({how}{again}, see {root / 'train.log'})"}
     return row(run, dataset, summary)
 
 

@@ -109,6 +109,42 @@ def test_sigterm_to_a_sweep_stops_its_training_which_the_next_sweep_resumes(tmp_
     assert row["status"] == "completed" and row["global_step"] == "160"
 
 
+@pytest.mark.slow
+def test_a_training_killed_before_its_summary_is_resumed_by_the_next_sweep(tmp_path):
+    """SIGKILL (the OOM killer, a reboot) leaves a last.ckpt and no summary.json: that run resumes, not restarts."""
+    out = tmp_path / "k"
+    argv = [sys.executable, "-m", "deepplain.sweep", "--out", str(out), "--dataset", "usps", "--models", "plain",
+            "--depths", "1", "--seeds", "0", "--epochs", "4", "--", "--limit-train-batches", "40", "--diagnostics",
+            "none", "--width", "16", "--val-split", "0"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run_root = out / "runs" / "plain-d1-s0"
+    ckpt = run_root / "version_0" / "checkpoints" / "last.ckpt"
+    sweep = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and sweep.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), sweep.communicate()[1][-2000:]
+    training = subprocess.run(["pgrep", "-f", str(out / "runs")], capture_output=True, text=True).stdout.split()
+    assert len(training) == 1
+    os.kill(int(training[0]), signal.SIGKILL)
+    sweep.communicate(timeout=240)
+    assert not (run_root / "version_0" / "summary.json").exists()
+    row, = read_csv(out / "results.csv")
+    assert row["status"].startswith("failed (killed by SIGKILL; the same command resumes it")
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+
+    again = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    commands = [line for line in (run_root / "train.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" not in commands[0]
+    assert commands[1].split()[4:6] == ["--resume", str(ckpt)]
+    assert not (run_root / "version_1").exists()
+    summary = json.loads((run_root / "version_0" / "summary.json").read_text())
+    assert summary["status"] == "completed" and 40 <= killed_at < 160
+    row, = read_csv(out / "results.csv")
+    assert row["status"] == "completed" and row["global_step"] == "160"
+
+
 def fake_run(tmp_path, *flags, epochs=2) -> Path:
     assert train_main([*FAKE, "--epochs", str(epochs), "--logdir", str(tmp_path / "runs"), *flags]) == 0
     return next((tmp_path / "runs").glob("*/version_0"))
