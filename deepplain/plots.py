@@ -45,6 +45,8 @@ def _plot_curves(ax, table, transform=lambda x: x):
         means = [transform(by_depth[d][0]) for d in depths]
         stds = [by_depth[d][1] for d in depths]
         line, = ax.plot(depths, means, marker="o", markersize=3, label=lab)
+        if len(depths) == 1:  # a band over one depth has no width: show the spread as an error bar
+            ax.errorbar(depths, means, yerr=stds, color=line.get_color(), capsize=3, linewidth=1)
         ax.fill_between(depths, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
 

@@ -132,6 +132,18 @@ def test_plots_write_figures(tmp_path):
     assert plots.main(["--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
 
 
+def test_a_series_at_one_depth_shows_its_spread_as_an_error_bar():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    plots._plot_curves(ax, {"van": {1: (0.8, 0.02, 2), 2: (0.7, 0.01, 2)}, "van (literal)": {2: (0.6, 0.03, 2)}})
+    bar, = ax.containers  # only the one-depth series: the other has a band
+    (segment,), = [c.get_segments() for c in bar.lines[2]]
+    assert segment.ravel().tolist() == pytest.approx([2, 0.57, 2, 0.63])
+    plt.close(fig)
+
+
 def row(name, lr, status="completed", train=None, val=None, test=None, **after):
     return {"configuration": experiments.slug(name), "lr": lr, "status": status, "train_acc": train,
             "val_acc": val, "test_acc": test, "run_dir": "", "held_out": lr is not None, **after}
