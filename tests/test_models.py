@@ -264,6 +264,23 @@ def test_highway_gate_bias_starts_negative():
         assert torch.allclose(layer.gate.bias, torch.full_like(layer.gate.bias, -3.0))
 
 
+def test_highway_gate_starts_input_independent_and_deep_highway_gradients_do_not_explode():
+    model = build_model("highway", 3, arch="mlp", input_shape=(1, 4, 4))
+    x = torch.randn(7, 50)
+    for layer in model.blocks:  # every gate is sigmoid(b_T), whatever the input
+        assert torch.allclose(torch.sigmoid(layer.gate(x)), torch.full((7, 50), torch.sigmoid(torch.tensor(-2.0))))
+
+    def first_layer_gradient(name, seed):
+        torch.manual_seed(seed)
+        net = build_model(name, 30, arch="mlp", input_shape=(1, 28, 28), width=50)
+        images, labels = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+        nn.functional.cross_entropy(net(images), labels).backward()
+        return next(p for p in net.parameters() if p.dim() == 2).grad.norm().item()
+
+    for seed in range(3):  # with W_T initialised like W_H this was hundreds to thousands of times ResNet's
+        assert first_layer_gradient("highway", seed) < 3 * first_layer_gradient("resnet", seed)
+
+
 def test_weight_decay_skips_biases_norms_and_method_scales():
     for name, arch in [("van", "conv"), ("dirac", "conv"), ("plain", "mlp")]:
         model = build_model(name, 10, arch=arch, input_shape=(3, 32, 32), num_classes=10, **(

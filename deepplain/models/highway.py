@@ -4,6 +4,12 @@ MLP form: a plain Linear -> BN -> ReLU layer, then ``depth`` highway layers
 ``y = H(x) * T(x) + x * (1 - T(x))`` with ``H = ReLU(BN(W_H x))`` and the transform gate
 ``T = sigmoid(W_T x + b_T)``; ``b_T`` starts negative (``gate_bias``, default -2) so each layer
 begins by carrying its input, as the paper recommends for deep highway nets. Width 50 by default.
+
+``W_T`` starts at zero, so at initialisation every gate is the constant ``sigmoid(b_T)`` (it then learns
+from the first step: its gradient ``(H - x) T (1 - T) x`` is not zero). With ``W_T`` initialised like
+``W_H`` the gate's own Jacobian term ``(H - x) T (1 - T) W_T`` is of order one in every layer, so the
+backward pass grows geometrically with depth: on a Fashion-MNIST batch at depth 30 the first layer's
+gradient was 3e2-7e3 (4 seeds) against 0.6 with ``W_T = 0`` and 2.8 for the pre-activation ResNet.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ class HighwayLayer(nn.Module):
         self.gate_bias = gate_bias
 
     def reset_gate(self):
+        nn.init.zeros_(self.gate.weight)  # an input-independent gate at init: see the module docstring
         nn.init.constant_(self.gate.bias, self.gate_bias)
 
     def forward(self, x):
@@ -47,7 +54,7 @@ class HighwayMLP(nn.Module):
         self.classifier = nn.Linear(width, num_classes)
         init_weights(self, init)
         for layer in self.blocks:
-            layer.reset_gate()  # after init_weights, which zeroes biases
+            layer.reset_gate()  # after init_weights, which would give the gate W_H's init
 
     def forward(self, x):
         return self.classifier(self.blocks(self.stem(x)))
