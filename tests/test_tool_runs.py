@@ -57,13 +57,26 @@ def test_a_sweep_row_is_what_was_measured(tmp_path, capsys):
     assert rows["plain-d1-s0-fast"]["flags"].startswith("--lr 0.5") and rows["plain-d1-s0"] == first
 
 
-def sigterm_after_first_checkpoint(argv: list[str], cwd, ckpt, env: dict) -> None:
-    """Start a tool, send it SIGTERM once a training has written ``ckpt``; it must exit 143 with one message."""
+def start_until_checkpoint(argv: list[str], cwd, ckpt, env: dict) -> subprocess.Popen:
+    """Start a tool and return it, still running, once a training has written ``ckpt``."""
     proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert ckpt.exists(), proc.communicate()[1][-2000:]
+    return proc
+
+
+def usps_sweep_argv(out: Path) -> list[str]:
+    """A one-run sweep of 4 epochs x 40 steps: long enough to be stopped inside."""
+    return [sys.executable, "-m", "deepplain.sweep", "--out", str(out), "--dataset", "usps", "--models", "plain",
+            "--depths", "1", "--seeds", "0", "--epochs", "4", "--", "--limit-train-batches", "40", "--diagnostics",
+            "none", "--width", "16", "--val-split", "0"]
+
+
+def sigterm_after_first_checkpoint(argv: list[str], cwd, ckpt, env: dict) -> None:
+    """Start a tool, send it SIGTERM once a training has written ``ckpt``; it must exit 143 with one message."""
+    proc = start_until_checkpoint(argv, cwd, ckpt, env)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-2000:]
@@ -86,9 +99,7 @@ def test_sigterm_to_an_experiment_stops_its_trainings_and_leaves_none_running(tm
 @pytest.mark.slow
 def test_sigterm_to_a_sweep_stops_its_training_which_the_next_sweep_resumes(tmp_path):
     out = tmp_path / "s"
-    argv = [sys.executable, "-m", "deepplain.sweep", "--out", str(out), "--dataset", "usps", "--models", "plain",
-            "--depths", "1", "--seeds", "0", "--epochs", "4", "--", "--limit-train-batches", "40", "--diagnostics",
-            "none", "--width", "16", "--val-split", "0"]
+    argv = usps_sweep_argv(out)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     ckpt = out / "runs" / "plain-d1-s0" / "version_0" / "checkpoints" / "last.ckpt"
     sigterm_after_first_checkpoint(argv, tmp_path, ckpt, env)
@@ -113,17 +124,11 @@ def test_sigterm_to_a_sweep_stops_its_training_which_the_next_sweep_resumes(tmp_
 def test_a_training_killed_before_its_summary_is_resumed_by_the_next_sweep(tmp_path):
     """SIGKILL (the OOM killer, a reboot) leaves a last.ckpt and no summary.json: that run resumes, not restarts."""
     out = tmp_path / "k"
-    argv = [sys.executable, "-m", "deepplain.sweep", "--out", str(out), "--dataset", "usps", "--models", "plain",
-            "--depths", "1", "--seeds", "0", "--epochs", "4", "--", "--limit-train-batches", "40", "--diagnostics",
-            "none", "--width", "16", "--val-split", "0"]
+    argv = usps_sweep_argv(out)
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     run_root = out / "runs" / "plain-d1-s0"
     ckpt = run_root / "version_0" / "checkpoints" / "last.ckpt"
-    sweep = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and sweep.poll() is None:
-        time.sleep(0.05)
-    assert ckpt.exists(), sweep.communicate()[1][-2000:]
+    sweep = start_until_checkpoint(argv, tmp_path, ckpt, env)
     training = subprocess.run(["pgrep", "-f", str(out / "runs")], capture_output=True, text=True).stdout.split()
     assert len(training) == 1
     os.kill(int(training[0]), signal.SIGKILL)
