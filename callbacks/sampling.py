@@ -137,19 +137,20 @@ class OverheadBudget:
     counted in ``spent`` but does not use up the share.
     """
 
-    def __init__(self, fraction: Optional[float]):
+    def __init__(self, fraction: Optional[float], clock: Callable[[], float] = time.perf_counter):
         if fraction is not None and (isinstance(fraction, bool) or not 0 < float(fraction) < 1):
             raise ValueError(f"max_overhead must be in (0, 1) or None, got {fraction!r}")
         self.fraction = None if fraction is None else float(fraction)
+        self.clock = clock  # seconds; a test passes its own
         self.spent, self.spent_optional, self.started = 0.0, 0.0, None
 
     def start(self) -> None:
         if self.started is None:
-            self.started = time.perf_counter()
+            self.started = self.clock()
 
     @property
     def elapsed(self) -> float:
-        return 0.0 if self.started is None else time.perf_counter() - self.started
+        return 0.0 if self.started is None else self.clock() - self.started
 
     def allows(self, expected: float = 0.0) -> bool:
         """Whether optional work expected to take ``expected`` seconds still fits in the share."""
@@ -159,11 +160,11 @@ class OverheadBudget:
 
     @contextlib.contextmanager
     def charge(self, optional: bool = True):
-        start = time.perf_counter()
+        start = self.clock()
         try:
             yield
         finally:
-            seconds = time.perf_counter() - start
+            seconds = self.clock() - start
             self.spent += seconds
             if optional:
                 self.spent_optional += seconds

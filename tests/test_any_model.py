@@ -1,7 +1,7 @@
 """The diagnostics on the models people really have: torchvision builders, torch.nn recurrent and transformer
 layers, Lightning's own demos, modules without forward(), lazy layers with dropout, tuple and dict outputs,
-manual optimization. Each runs in 32-true and bf16-mixed; every callback must log something, and the final
-weights and buffers must equal those of the same seeded run without the callbacks."""
+manual optimization. Each runs in 32-true and bf16-mixed; every callback must log something, and the run must be
+the same seeded run without the callbacks (tests/observation.py: bit for bit where this machine reproduces a run)."""
 import importlib.util
 import math
 import warnings
@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.foreign import ForeignMLP, loaders
+from tests.observation import RunTrace, assert_observed_only, trace_after_fit
 
 STEPS = 3
 
@@ -229,41 +230,42 @@ def diagnostics():
 
 
 def train(name: str, precision: str, callbacks: list):
+    """(module, logged tags, warning messages, trace) of a seeded 3-step fit (see tests/observation.py)."""
     make, kind = MODELS[name]
     torch.manual_seed(0)
     module = make()
     logger = RecordingLogger()
-    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, precision=precision, callbacks=callbacks,
-                        logger=logger, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False, log_every_n_steps=1)
+    trace = RunTrace()
+    loader = data(kind)
+    trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, precision=precision,
+                        callbacks=[trace, *callbacks], logger=logger, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(module, data(kind))
-    return module, logger.tags, [str(w.message) for w in caught]
+        trainer.fit(module, loader)
+    return module, logger.tags, [str(w.message) for w in caught], trace_after_fit(trace, module, [loader.generator])
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_diagnostics_log_on_any_model_and_change_nothing(name, precision):
+    """Every callback logs, and the run is the run without them: bit for bit where this machine reproduces a run,
+    else the data order, random states and hooks exactly and the weights within two reference runs' spread
+    (``tests/observation.py``; torch's bf16 convolutions are not reproducible on every CPU)."""
     try:
-        reference, _, _ = train(name, precision, [])
+        reference = train(name, precision, [])[3]
     except RuntimeError as exc:  # torch's oneDNN LSTM/GRU kernels refuse bf16 autocast on some CPUs
         if precision == "bf16-mixed" and "primitive" in str(exc):
             pytest.skip(f"torch cannot train {name} in {precision} on this CPU, without any callback either: "
                         f"{str(exc).splitlines()[0][:120]}")
         raise
     cbs = diagnostics()
-    watched, tags, messages = train(name, precision, cbs)
+    _, tags, messages, trace = train(name, precision, cbs)
     for prefix in ("saturation/", "condition/", "grad_flow/"):
         assert any(t.startswith(prefix) for t in tags), (prefix, sorted(tags)[:20])
     for cb in cbs:
         assert cb.samples_taken >= 2 and cb.last_stats, type(cb).__name__
-    expected = reference.state_dict()
-    got = watched.state_dict()
-    assert list(got) == list(expected)
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), f"{key} differs with the diagnostics on"
-    assert all(not m._forward_hooks for m in watched.modules())
+    assert_observed_only(reference, trace, rerun=lambda: train(name, precision, [])[3])
     if name == "lightning_demo_transformer":  # forward(inputs, target): the probe falls back, with one warning
         assert sum("the probe batch could not go through the model" in m for m in messages) == 2
         assert cbs[1].probe_mode == "training" and any(t.startswith("condition/train/log10_kappa/") for t in tags)
@@ -287,7 +289,7 @@ def test_watched_layers_of_recurrent_and_attention_models():
 def test_demo_transformer_probed_through_probe_fn():
     cbs = [ConditionNumberProbe(every_n_steps=2, max_overhead=None, probe_size=16, per_layer_scalars=True,
                                 probe_fn=lambda module, x: module(x, x))]
-    _, tags, messages = train("lightning_demo_transformer", "32-true", cbs)
+    _, tags, messages, _ = train("lightning_demo_transformer", "32-true", cbs)
     assert cbs[0].probe_mode == "probe_fn" and not any("could not go through" in m for m in messages)
     assert any(t.startswith("condition/log10_kappa/model.transformer.encoder.layers.0") for t in tags)
 
@@ -304,16 +306,13 @@ def test_a_probe_is_gathered_from_as_many_training_batches_as_the_widest_layer_n
 
     def run(callbacks):
         torch.manual_seed(0)
-        module = ForeignMLP(depth=3, width=200)
-        seen = []
-        module.on_train_batch_start = lambda batch, i: seen.append(batch[1][:4].tolist())
+        module, data, trace = ForeignMLP(depth=3, width=200), loader(), RunTrace()
         L.Trainer(max_steps=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, callbacks=callbacks).fit(module, loader())
-        return module, seen
+                  enable_model_summary=False, callbacks=[trace, *callbacks]).fit(module, data)
+        return module, trace_after_fit(trace, module, [data.generator])
 
     probe = ConditionNumberProbe(every_n_steps=2, max_overhead=None)
-    with_probe, seen = run([probe, ActivationSaturationMonitor(every_n_steps=2, max_overhead=None)])
-    without, seen_without = run([])
+    with_probe, watched = run([probe, ActivationSaturationMonitor(every_n_steps=2, max_overhead=None)])
     assert probe.probe.inputs.shape[0] == 400 and probe.probe.source == "a separate pass over the training data"
     with torch.no_grad():
         hidden, ranks = probe.probe.inputs, {}
@@ -323,9 +322,7 @@ def test_a_probe_is_gathered_from_as_many_training_batches_as_the_widest_layer_n
                 ranks[f"body.{index}"] = int(np.linalg.matrix_rank(hidden.double().numpy()))
     assert {name: int(row["rank"]) for name, row in probe.last_stats.items()} == ranks
     assert min(ranks.values()) > 150 and math.isfinite(probe.last_stats["body.1"]["kappa"])
-    assert seen == seen_without
-    for key, value in without.state_dict().items():
-        assert torch.equal(with_probe.state_dict()[key], value), key
+    assert_observed_only(run([])[1], watched, rerun=lambda: run([])[1])
 
 
 def test_one_probe_batch_is_shared_and_saved_once(tmp_path):

@@ -1,7 +1,6 @@
 """The sampling core: cadence that adapts to the run, a time budget that thins but never hides, and a short
 run that shows its own evolution in TensorBoard."""
 import logging
-import time
 
 import lightning as L
 import pytest
@@ -43,19 +42,32 @@ def test_explicit_and_logging_cadences_include_the_last_step():
     assert unknown.every == SamplingSchedule.FALLBACK_EVERY and unknown.planned_steps() == []
 
 
+class Clock:
+    """A clock the test moves by hand: the budget's arithmetic, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
 def test_overhead_budget_arithmetic():
-    budget = OverheadBudget(0.5)
+    clock = Clock()
+    budget = OverheadBudget(0.5, clock=clock)
     budget.start()
     assert budget.allows()  # nothing spent yet
     with budget.charge():
-        time.sleep(0.05)
-    assert not budget.allows()  # 0.05 s spent of ~0.05 s elapsed
-    time.sleep(0.12)
-    assert budget.allows()  # now under half of the elapsed time
-    assert not budget.allows(expected=1.0)  # but not for work expected to take a second
+        clock.now += 0.05
+    assert budget.spent == budget.spent_optional == pytest.approx(0.05)
+    assert not budget.allows()  # 0.05 s spent of 0.05 s elapsed
+    clock.now += 0.06
+    assert budget.allows()  # 0.05 s of 0.11 s: under half
+    assert not budget.allows(expected=0.01)  # but not for work expected to take 0.01 s more
     with budget.charge(optional=False):  # mandatory work is counted, not held against the share
-        time.sleep(0.05)
-    assert budget.allows() and budget.spent > budget.spent_optional
+        clock.now += 0.05
+    assert budget.spent == pytest.approx(0.10) and budget.spent_optional == pytest.approx(0.05)
+    assert budget.allows() and budget.elapsed == pytest.approx(0.16)
     assert OverheadBudget(None).allows()
     with pytest.raises(ValueError, match="max_overhead must be in"):
         OverheadBudget(1.5)

@@ -9,7 +9,6 @@ import csv
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -138,11 +137,11 @@ def test_a_wrong_input_is_one_line_and_exit_2(name, entry, build, expected, tmp_
     assert not list(tmp_path.rglob("version_*")) and not list(tmp_path.rglob("runs")), "something was trained"
 
 
-def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path, capsys):
+@pytest.mark.timeout(120)  # expanding the 9**9 items would take far longer (and gigabytes): the timeout fails it
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path, capsys):
     (tmp_path / "bomb.yaml").write_text(bomb())
-    start = time.perf_counter()
     assert train_main(["--config", str(tmp_path / "bomb.yaml")]) == 2
-    assert time.perf_counter() - start < 5 and "anchors/aliases" in capsys.readouterr().err
+    assert "anchors/aliases" in capsys.readouterr().err
 
 
 def test_a_sweep_folder_is_written_by_one_sweep_at_a_time(tmp_path, capsys):
