@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from .errors import ConfigError
 from .inputs import OneLineParser, output_file
+from .status import METRIC_TAGS
 
 
 def _event_dir(run_dir: Path) -> Path:
@@ -37,14 +38,15 @@ def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
     acc = EventAccumulator(str(_event_dir(Path(run_dir))), size_guidance={"scalars": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    missing = {"train/acc", "val/acc"} - tags
+    train_acc, val_acc = METRIC_TAGS["train_acc"], METRIC_TAGS["val_acc"]
+    missing = {train_acc, val_acc} - tags
     if missing:
         raise ValueError(f"{run_dir}: the events have no {', '.join(sorted(missing))} (was validation disabled?)")
     per_epoch = {name: [e.value for e in acc.Scalars(tag)] for name, tag in
-                 (("train_error", "train/acc"), ("eval_error", "val/acc"))}
+                 (("train_error", train_acc), ("eval_error", val_acc))}
     curves = {name: [(i + 1.0, 1.0 - v) for i, v in enumerate(values)] for name, values in per_epoch.items()}
     # Validation runs at the last step of each epoch, so its steps give the epoch length.
-    val_steps = [e.step for e in acc.Scalars("val/acc")]
+    val_steps = [e.step for e in acc.Scalars(val_acc)]
     steps_per_epoch = (val_steps[-1] + 1) / len(val_steps)
     curves["alpha_residual"] = ([(e.step / steps_per_epoch, e.value) for e in acc.Scalars("alpha/residual")]
                                 if "alpha/residual" in tags else [])

@@ -64,6 +64,7 @@ class DiracNetModule(ImageClassifier):
     family = "dirac"
 
     def on_train_epoch_end(self):
+        super().on_train_epoch_end()
         for name, layer in self.model.named_modules():
             if isinstance(layer, _DiracMixin):
                 with torch.no_grad():

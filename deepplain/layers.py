@@ -42,17 +42,16 @@ class _BatchVarianceNorm:
         if not (self.training and self.track_running_stats and self.running_var is not None):
             return super().forward(x)
         self._check_input_dim(x)
+        F._verify_batch_size(x.size())  # one value per channel: as nn.BatchNorm refuses it
         self.num_batches_tracked.add_(1)
         step = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        # batch_norm updates copies (autograd keeps them for the backward pass, so they must not change
-        # afterwards); the module's own buffers are then set in place (DDP broadcasts those very tensors),
-        # with the unbiased variance's n/(n-1) taken out: (1 - step) old + step * biased batch variance.
-        mean, var = self.running_mean.clone(), self.running_var.clone()
-        out = F.batch_norm(x, mean, var, self.weight, self.bias, True, step, self.eps)
-        n = x.numel() // x.shape[1]
-        with torch.no_grad():
-            self.running_mean.copy_(mean)
-            self.running_var.copy_(var - (var - (1 - step) * self.running_var) / n if n > 1 else var)
+        # The op normalises with the batch's statistics and updates no running buffer (none is passed), so
+        # autograd keeps no reference to them and they can be updated in place afterwards (DDP broadcasts
+        # these very tensors) without a copy: (1 - step) old + step * the biased batch variance, which the
+        # op returns as 1 / invstd^2 - eps.
+        out, mean, invstd = torch.native_batch_norm(x, self.weight, self.bias, None, None, True, step, self.eps)
+        # mean and invstd carry no gradient: no no_grad() needed for three small ops (benchmarks/batchnorm_cost.py)
+        torch._foreach_lerp_((self.running_mean, self.running_var), (mean, invstd.pow(-2).sub_(self.eps)), step)
         return out
 
 

@@ -33,6 +33,11 @@ class RunStatus(str, Enum):
         return self in (RunStatus.INTERRUPTED, RunStatus.PREEMPTED)
 
 
+# The metrics a run logs (TensorBoard tags, trainer.callback_metrics keys), by the RunSummary field they fill.
+METRIC_TAGS = {"train_loss": "train/loss_epoch", "train_acc": "train/acc", "val_loss": "val/loss", "val_acc": "val/acc",
+               "test_loss": "test/loss", "test_acc": "test/acc"}
+STEP_LOSS_TAG = "train/loss_step"  # the training loss of each step (the progress bar's)
+
 FINISHED = frozenset(s for s in RunStatus if s.finished)
 RESUMABLE = frozenset(s for s in RunStatus if s.resumable)
 

@@ -32,12 +32,12 @@ from .report import print_run_end, print_trainability_report, trainability_findi
 from .rundir import run_dir_for
 from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunProgressBar, RunStats, RunStopped, StopSignals
 from .schema import MODULE, OPTIONS, RunConfig, options_for
-from .status import RunStatus, RunSummary
+from .status import METRIC_TAGS, RunStatus, RunSummary
 
 # The share of training time each diagnostic may spend on samples beyond the ten each run gets anyway
 # (sampling.SamplingSchedule.min_samples): 1% together, most of it where a sample is cheap.
 DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
-HPARAM_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc")
+HPARAM_METRICS = tuple(METRIC_TAGS)
 # What tells the runs of a sweep apart, as TensorBoard's HParams table columns (it sorts them by name):
 # these, from any group, and every other option of the schema's groups that define what is trained (a
 # run's label smoothing or gate bias shows there too); the plumbing (paths, workers, progress) is in config.json.
@@ -149,7 +149,7 @@ def make_trainer(config: RunConfig, strategy_class: str, logger, stats: RunStats
     ckpt_dir = checkpoint_dir(config.run_dir)
     # Two checkpointers: save_last alone would only refresh last.ckpt when val/acc improves.
     callbacks = [RunCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-                               monitor="val/acc", mode="max", save_top_k=1),
+                               monitor=METRIC_TAGS["val_acc"], mode="max", save_top_k=1),
                  RunCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False),
                  LearningRateMonitor(logging_interval="epoch"), RichModelSummary(max_depth=2), stats, stop,
                  RNGState(), DivergenceGuard(), RunFolderSync(Path(config.run_dir), [stop]), *diagnostics]
@@ -210,9 +210,8 @@ def summarise(run: Run, status: RunStatus, error, metrics: dict) -> RunSummary:
     return RunSummary(
         status=status, error=error, model=config.model, arch=config.arch, depth=config.depth, seed=config.seed,
         dataset=config.dataset, parameters=count_parameters(run.module.model), epochs_done=trainer.current_epoch,
-        global_step=trainer.global_step, train_loss=metrics.get("train/loss_epoch"), train_acc=metrics.get("train/acc"),
-        val_loss=metrics.get("val/loss"), val_acc=metrics.get("val/acc"), test_loss=metrics.get("test/loss"),
-        test_acc=metrics.get("test/acc"), wall_seconds=run.stats.wall_seconds,
+        global_step=trainer.global_step, **{name: metrics.get(tag) for name, tag in METRIC_TAGS.items()},
+        wall_seconds=run.stats.wall_seconds,
         samples_per_second=run.stats.samples_per_second,
         validation_source=getattr(datamodule, "validation_source", None),
         split_sizes=getattr(datamodule, "split_sizes", None), data_root=config.data_root,

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -14,7 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from deepplain.cli import build_parser, main
 from deepplain.config import merge
 from deepplain.errors import ConfigError
-from deepplain.family_modules import VANModule
+from deepplain.datamodules import get_datamodule
+from deepplain.family_modules import PlainNetModule, VANModule
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_FIELDS = {"model", "depth", "dataset", "parameters", "epochs_done", "train_loss", "train_acc", "val_loss",
@@ -49,6 +51,31 @@ def test_usps_plain_run_writes_events_checkpoints_and_summary(runs):
                  "--name", "plain-mlp-10-usps", "--no-progress", "--diagnostics", "none"]) == 0
     assert (runs / "plain-mlp-10-usps" / "version_1" / "summary.json").is_file()
     assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_logged_metrics_equal_the_model_on_its_data(runs):
+    """The epoch metrics are computed once per epoch from the metric states: the final val/test loss and accuracy
+    equal the saved model's on those splits; the logger gets the step loss at its logging steps (no progress bar
+    here: the module logs it only then) and every epoch's train/val values once."""
+    assert main(["--model", "plain", "--depth", "2", "--width", "16", "--dataset", "usps", "--epochs", "2",
+                 "--batch-size", "256", "--logdir", str(runs), "--no-progress", "--diagnostics", "none"]) == 0
+    run = only_run(runs)
+    summary = json.loads((run / "summary.json").read_text())
+    module = PlainNetModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
+    dm = get_datamodule("usps", batch_size=256, val_split=0.1, seed=0)
+    dm.setup()
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        logits, labels = zip(*((module(x), y) for x, y in loader))
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        with torch.no_grad():
+            assert summary[f"{split}_loss"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
+        assert summary[f"{split}_acc"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()), abs=1e-6)
+    acc = EventAccumulator(str(run)).Reload()
+    steps_per_epoch = 26  # 6,562 training images / 256
+    every = 26  # log_every_n_steps: min(50, batches per epoch)
+    assert [e.step for e in acc.Scalars("train/loss_step")] == [every - 1, 2 * every - 1]
+    for tag in ("train/loss_epoch", "train/acc", "val/loss", "val/acc"):
+        assert [e.step for e in acc.Scalars(tag)] == [steps_per_epoch - 1, 2 * steps_per_epoch - 1], tag
 
 
 def test_checkpoint_rebuilds_model_without_arguments(runs):
