@@ -112,17 +112,30 @@ def calibrated_step_sizes(target_steps: int, lambda_lr_ratio: float) -> tuple[fl
 
 
 @torch.no_grad()
+def lagrangian_steps(gates, grads, eta_alpha: float, eta_lambda: float, constrained: bool) -> torch.Tensor:
+    """Eq. 7-8 on every gate at once, in place: their values are concatenated, so a step is a dozen tensor
+    operations whatever the number of gates. A step in which any gradient is not finite (one the loss scaler
+    skips) changes nothing. Returns the gates' new alphas, concatenated."""
+    alphas = [gate.alpha for gate in gates]
+    lams = [gate.lagrange_lambda for gate in gates]
+    sizes = [a.numel() for a in alphas]
+    alpha = torch.cat([a.detach().reshape(-1) for a in alphas])
+    grad = torch.cat([g.reshape(-1) for g in grads]).to(alpha.dtype)
+    finite = torch.isfinite(grad).all()
+    lam = torch.cat([v.reshape(-1) for v in lams]) if constrained or eta_lambda else None
+    push = grad + lam.to(alpha.dtype) if constrained else grad
+    alpha = torch.where(finite, (alpha - eta_alpha * push).clamp(0.0, 1.0), alpha)
+    torch._foreach_copy_([a.view(-1) for a in alphas], list(alpha.split(sizes)))
+    if eta_lambda:
+        lam = lam + torch.where(finite, eta_lambda * (alpha.to(lam.dtype) - 1.0), torch.zeros_like(lam))
+        torch._foreach_copy_([v.view(-1) for v in lams], list(lam.split(sizes)))
+    return alpha
+
+
 def lagrangian_step(gate: nn.Module, grad: torch.Tensor, eta_alpha: float, eta_lambda: float,
                     constrained: bool) -> None:
-    """Eq. 7-8 on one gate, in place; a step whose gradient is not finite (one the loss scaler skips)
-    changes nothing."""
-    alpha, lam = gate.alpha, gate.lagrange_lambda
-    grad = grad.to(alpha.dtype)
-    finite = torch.isfinite(grad).all()
-    push = grad + lam.to(alpha.dtype) if constrained else grad
-    alpha.copy_(torch.where(finite, (alpha - eta_alpha * push).clamp(0.0, 1.0), alpha))
-    if eta_lambda:
-        lam.add_(torch.where(finite, eta_lambda * (alpha.to(lam.dtype) - 1.0), torch.zeros_like(lam)))
+    """:func:`lagrangian_steps` on one gate."""
+    lagrangian_steps([gate], [grad], eta_alpha, eta_lambda, constrained)
 
 
 class AlphaScheduler(Callback):
@@ -310,12 +323,15 @@ class AlphaScheduler(Callback):
             eta_alpha, eta_lambda = self.alpha_lr, self.lambda_lr
         else:
             eta_alpha, eta_lambda = self.rule.step_sizes(self._optimizer_lr(optimizer), self.lambda_lr_ratio)
+        stepped, grads = [], []
         for _, gate in self._gates:
             if gate.alpha.grad is not None:
-                grad = gate.alpha.grad * self._unscale(trainer, optimizer, gate)
-                lagrangian_step(gate, grad, eta_alpha, eta_lambda, self.rule.constrained)
+                unscale = self._unscale(trainer, optimizer, gate)
+                stepped.append(gate)
+                grads.append(gate.alpha.grad if unscale == 1.0 else gate.alpha.grad * unscale)
             gate.alpha.grad = None  # the optimizer must not move alpha (no momentum, no weight decay)
-        self._note_removal(step + 1)
+        alphas = lagrangian_steps(stepped, grads, eta_alpha, eta_lambda, self.rule.constrained) if stepped else None
+        self._note_removal(step + 1, alphas if len(stepped) == len(self._gates) else None)
 
     def _enforce_constraint(self, step: int) -> None:
         with torch.no_grad():
@@ -351,9 +367,12 @@ class AlphaScheduler(Callback):
     def teardown(self, trainer, pl_module, stage):
         DiagnosticsTable.close_for(trainer)
 
-    def _note_removal(self, step: int) -> None:
-        """Record, on the device and without a host sync, the first step after which every alpha is 1."""
-        closed = torch.cat([gate.alpha.detach().flatten() for _, gate in self._gates]).min() >= 1
+    def _note_removal(self, step: int, alphas: Optional[torch.Tensor] = None) -> None:
+        """Record, on the device and without a host sync, the first step after which every alpha is 1
+        (``alphas``: every gate's alpha concatenated, when at hand)."""
+        if alphas is None:
+            alphas = torch.cat([gate.alpha.detach().flatten() for _, gate in self._gates])
+        closed = alphas.min() >= 1
         self._removed_at = torch.where(closed & (self._removed_at < 0), torch.full_like(self._removed_at, step),
                                        self._removed_at)
 
@@ -370,11 +389,15 @@ class AlphaScheduler(Callback):
         """``residual`` (mean over gates of mean (1 - alpha)^2), ``share_removed`` (units with
         alpha = 1), ``lambda`` (mean), ``removed_step`` (first step with every alpha = 1, or None),
         and per gate ``mean/<gate>`` and ``lambda/<gate>``."""
-        with torch.no_grad():
-            rows = torch.stack([torch.stack([g.alpha.float().mean(), g.lagrange_lambda.float().mean(),
-                                             (1 - g.alpha.float()).pow(2).mean(), (g.alpha == 1).float().sum(),
-                                             torch.tensor(float(g.alpha.numel()), device=g.alpha.device)])
-                                for _, g in self._gates]).cpu()
+        with torch.no_grad():  # every gate at once: per-unit columns summed per gate by one index_add
+            alpha = torch.cat([g.alpha.detach().reshape(-1) for _, g in self._gates]).float()
+            lam = torch.cat([g.lagrange_lambda.reshape(-1) for _, g in self._gates]).float()
+            sizes = torch.tensor([g.alpha.numel() for _, g in self._gates], device=alpha.device)
+            owner = torch.repeat_interleave(torch.arange(len(sizes), device=alpha.device), sizes)
+            columns = torch.stack([alpha, lam, (1 - alpha).pow(2), (alpha == 1).float()], dim=1)
+            sums = torch.zeros(len(sizes), 4, device=alpha.device).index_add_(0, owner, columns)
+            count = sizes.float()[:, None]
+            rows = torch.cat([sums[:, :3] / count, sums[:, 3:], count], dim=1).cpu()
         out = {"residual": float(rows[:, 2].mean()), "share_removed": float(rows[:, 3].sum() / rows[:, 4].sum()),
                "lambda": float((rows[:, 1] * rows[:, 4]).sum() / rows[:, 4].sum()), "removed_step": self.removed_step}
         for (name, _), (alpha, lam, *_rest) in zip(self._gates, rows.tolist()):

@@ -13,6 +13,7 @@ from deepplain.callbacks.alpha import (
     UPDATE_RULES,
     AlphaScheduler,
     lagrangian_step,
+    lagrangian_steps,
 )
 from deepplain.datamodules import DATASETS, get_dataset
 from torch import nn
@@ -216,6 +217,22 @@ def test_lagrangian_step_against_hand_computation():
     before = gate.alpha.detach().clone()
     lagrangian_step(gate, torch.tensor([float("nan"), 0.0, 0.0]), 0.1, 0.05, True)  # a skipped step
     assert torch.equal(gate.alpha.detach(), before)
+    # every gate at once (different sizes): each as on its own; a non-finite gradient anywhere skips the step
+    gates = [Gate(), Gate()]
+    gates[1].alpha = nn.Parameter(torch.tensor([0.2, 0.4]))
+    gates[1].lagrange_lambda = torch.tensor([-1.0, -3.0])
+    alone = [Gate(), Gate()]
+    alone[1].alpha, alone[1].lagrange_lambda = nn.Parameter(torch.tensor([0.2, 0.4])), torch.tensor([-1.0, -3.0])
+    grads = [torch.tensor([0.1, -0.2, 0.0]), torch.tensor([0.3, 0.05])]
+    closed = lagrangian_steps(gates, grads, 0.1, 0.05, True)
+    for gate, g in zip(alone, grads):
+        lagrangian_step(gate, g, 0.1, 0.05, True)
+    for a, b in zip(gates, alone):
+        assert torch.equal(a.alpha, b.alpha) and torch.equal(a.lagrange_lambda, b.lagrange_lambda)
+    assert torch.equal(closed, torch.cat([gates[0].alpha, gates[1].alpha]))
+    before = [g.alpha.detach().clone() for g in gates]
+    lagrangian_steps(gates, [torch.zeros(3), torch.tensor([1.0, float("inf")])], 0.1, 0.05, True)
+    assert all(torch.equal(g.alpha.detach(), b) for g, b in zip(gates, before))
     assert UPDATE_RULES["literal"].step_sizes(0.1, 0.5) == (0.1, 0.05)
     assert UPDATE_RULES["unconstrained"].step_sizes(0.1, 0.5) == (0.1, 0.0)
 

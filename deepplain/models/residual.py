@@ -33,12 +33,16 @@ class SkipGate(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(units))
         self.register_buffer("lagrange_lambda", torch.full((units,), float(lambda_init)))
 
-    def forward(self, skip: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (skip.dim() - 2)
-        return (1 - self.alpha).to(skip.dtype).view(shape) * skip
+    def factor(self, like: torch.Tensor) -> torch.Tensor:
+        """``1 - alpha``, shaped to scale ``like`` (units on dimension 1)."""
+        return (1 - self.alpha).to(like.dtype).view((1, -1) + (1,) * (like.dim() - 2))
 
-    def extra_repr(self) -> str:
-        return f"units={self.alpha.numel()}"
+    def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        return self.factor(skip) * skip
+
+    def add_to(self, out: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """``out + (1 - alpha) * skip`` (a block's output) in one multiply-add."""
+        return torch.addcmul(out, skip, self.factor(skip))
 
 
 class ResidualBlock(nn.Module):
@@ -52,9 +56,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         skip = self.shortcut(x)
-        if self.gate is not None:
-            skip = self.gate(skip)
-        return self.residual(x) + skip
+        out = self.residual(x)
+        return out + skip if self.gate is None else self.gate.add_to(out, skip)
 
 
 def preact_mlp_residual(width: int) -> nn.Sequential:
