@@ -7,9 +7,20 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from . import figures
+from . import costs, figures
+from .costs import (
+    FORWARD_BACKWARD,
+    MIN_ALLOWANCE,
+    MIN_PROBE,
+    LayerShape,
+    Plan,
+    WeightShape,
+    everything,
+    plan_full_samples,
+    probe_size_for,
+)
 from .linalg import (
     condition_number,
     infinity_norm_condition,
@@ -21,10 +32,8 @@ from .probe_batch import ProbeBatch
 from .probing import LayerCapture, batch_inputs, layer_weight, weight_layers
 from .publish import DepthTimeSpec, Publisher
 from .records import ILL_CONDITIONED, SINGULAR_LOG10_KAPPA, log10_kappa
-from .sampling import SamplingCallback, _positive_int
+from .sampling import SamplingCallback, _positive_int, planned_steps
 from .tensorboard import add_image
-
-MIN_PROBE, MAX_PROBE = 256, 4096
 
 __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition", "weight_conditions",
            "representation_matrix", "weight_matrix", "probe_size_for"]
@@ -83,17 +92,6 @@ def _norm_name(norm) -> str:
     return str(norm).lower()
 
 
-def probe_size_for(layer_shapes: Sequence[tuple[int, int]]) -> int:
-    """Probe samples so that every representation matrix has at least twice as many rows as units.
-
-    ``layer_shapes``: (units, positions per sample) of each hidden layer; an MLP layer of 300 units
-    needs 600 samples, a conv layer of 640 channels on 8 x 8 positions needs 20. The result is
-    at least 256 and at most 4096 samples.
-    """
-    need = max((math.ceil(2 * units / max(1, positions)) for units, positions in layer_shapes), default=0)
-    return int(min(MAX_PROBE, max(MIN_PROBE, need)))
-
-
 class ConditionNumberProbe(SamplingCallback):
     """Singularity diagnostics on a fixed probe batch (the PlainNet paper, Sec. II-B and Fig. 5-8).
 
@@ -126,7 +124,15 @@ class ConditionNumberProbe(SamplingCallback):
     because on a CPU-only machine the worker's LAPACK threads compete with training's: on 2 cores
     the 4-epoch USPS run of the 100-layer MLP was three times slower with it.
 
-    **Which layers a sample covers.** The first and the last samples measure every layer. With more
+    **What the run can afford** (``deepplain.callbacks.costs``). Before its first sample the probe estimates
+    the run's length and gives its first and last samples ``full_sample_share`` (5%) of it, at least half a
+    second: layers are measured cheapest first, exactly while that fits, else with the Cholesky estimate of
+    kappa (``linalg.estimate_gram_kappa``, within 1e-4 of the exact value; rank and near-zero share NaN),
+    else not at all, and weights exactly or not at all; it says once what it measures and leaves out.
+    ``max_overhead=None`` or ``every_n_steps`` measure every layer exactly. Intermediate samples come from
+    the ``max_overhead`` budget alone (``min_samples`` 2: the first and the last).
+
+    **Which layers a sample covers.** The first and the last samples measure every layer planned. With more
     than ``layers_per_sample`` (default 8) layers, an intermediate sample measures a rotating
     subset: a block of 8 consecutive layers, in the order the forward meets them, and the probe
     forward stops after the block's last layer (the blocks come spread over the depth: 0, 6, 3, 9,
@@ -168,7 +174,8 @@ class ConditionNumberProbe(SamplingCallback):
                  figure_every_n_samples: Optional[int] = None,
                  use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01, background: bool = False,
                  layer_types: Optional[Sequence[type]] = None, probe_fn: Optional[Callable[[Any, Any], Any]] = None,
-                 per_layer_scalars: bool = False, layers_per_sample: Optional[int] = 8, min_samples: int = 10):
+                 per_layer_scalars: bool = False, layers_per_sample: Optional[int] = 8, min_samples: int = 2,
+                 full_sample_share: Optional[float] = 0.05):
         if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
                                        or probe_size < 2):
             raise ValueError(f"probe_size must be an integer >= 2 or None (automatic), got {probe_size!r}")
@@ -179,6 +186,11 @@ class ConditionNumberProbe(SamplingCallback):
                          wants_probe=True, layer_types=layer_types, per_layer_scalars=per_layer_scalars,
                          min_samples=min_samples)
         self.layers_per_sample = _positive_int("layers_per_sample", layers_per_sample)
+        if full_sample_share is not None and (isinstance(full_sample_share, bool)
+                                              or not isinstance(full_sample_share, (int, float))
+                                              or not 0 < full_sample_share <= 1):
+            raise ValueError(f"full_sample_share must be a number in (0, 1] or None, got {full_sample_share!r}")
+        self.full_sample_share = None if full_sample_share is None else float(full_sample_share)
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
             raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
         if isinstance(near_zero_rtol, bool) or not isinstance(near_zero_rtol, (int, float)) \
@@ -194,7 +206,10 @@ class ConditionNumberProbe(SamplingCallback):
         self.weight_norms = tuple(weight_norms)
         self.background = bool(background)
         self.last_weight_stats: dict[str, dict[str, float]] = {}
-        self._layers, self._weights = [], []
+        self._layers, self._weights = [], []  # what the samples measure (the plan's share of the watched ones)
+        self._watched, self._watched_weights = [], []
+        self.plan: Optional[Plan] = None  # what the full samples measure (see deepplain.callbacks.costs)
+        self._estimated: set[str] = set()  # the layers whose kappa is estimated, not computed from the spectrum
         self._capture = None  # (LayerCapture, step, weights) of a training-batch sample in progress
         self._executor: Optional[ThreadPoolExecutor] = None
         self._futures: list[Future] = []
@@ -232,7 +247,7 @@ class ConditionNumberProbe(SamplingCallback):
 
     def is_full(self, step: int) -> bool:
         """The first and last samples, and the first after a resume (which starts with no latest values)."""
-        return super().is_full(step) or not self._latest
+        return super().is_full(step) or not (self._latest or self._latest_weights)
 
     def _probe_subset(self, full: bool) -> tuple[list, Optional[list[str]]]:
         """The hidden layers a probe sample captures, and the names after which its forward may stop.
@@ -259,23 +274,87 @@ class ConditionNumberProbe(SamplingCallback):
         return [item for i, item in enumerate(layers) if i % k == self._rotation % k]
 
     def setup(self, trainer, pl_module, stage):
-        self._layers = self.watched_layers(pl_module, "hidden layers")
-        self._weights = weight_layers(pl_module, self.include, self.exclude) if self.weights else []
+        self._watched = self._layers = self.watched_layers(pl_module, "hidden layers")
+        self._watched_weights = self._weights = weight_layers(pl_module, self.include, self.exclude) \
+            if self.weights else []
+        if self.plan is not None:  # restored from a checkpoint: the same layers as before the resume
+            self._apply(self.plan)
         self.setup_probe(trainer, pl_module, self._rows_needed)
 
     def _rows_needed(self, trainer, pl_module, batch) -> int:
-        """The probe size: the one given, or from the layers' widths (a 2-sample probe forward)."""
-        if not self.auto_probe_size:
-            return self.probe_size
+        """The probe size, asked when the shared probe is drawn: the layers' widths come from a 2-sample probe
+        forward, and with a budget the full samples' plan decides which layers are measured at all
+        (:mod:`deepplain.callbacks.costs`); said once."""
+        fixed = None if self.auto_probe_size else self.probe_size
         if batch is None:
-            return MIN_PROBE
-        tiny = ProbeBatch(2, batch_inputs(batch)[:2])
-        shapes = tiny.run(trainer, pl_module, LayerCapture(
-            self._layers, lambda name, out: (int(out.shape[1]) if out.dim() > 1 else 1, int(out[0, 0].numel())
-                                             if out.dim() > 2 else 1), self.unit_dims), self.probe_fn)
-        widest = max((units for units, _ in shapes.values()), default=0)
-        self.max_rows = max(self.max_rows, 2 * widest)
-        return probe_size_for(list(shapes.values()))
+            return fixed or MIN_PROBE
+        if fixed and not self._budgeted(trainer):  # every layer, on the probe the user sized: nothing to plan
+            self.plan = everything([LayerShape(n, 0) for n, _ in self._watched],
+                                   [WeightShape(n, 0, 0) for n, _ in self._watched_weights], fixed)
+            return fixed
+        inputs = batch_inputs(batch)
+        shapes = ProbeBatch(2, inputs[:2]).run(trainer, pl_module, LayerCapture(
+            self._watched, lambda name, out: (int(out.shape[1]) if out.dim() > 1 else 1, int(out[0, 0].numel())
+                                              if out.dim() > 2 else 1), self.unit_dims), self.probe_fn)
+        layers = [LayerShape(name.split("#")[0], units, positions) for name, (units, positions) in shapes.items()
+                  if "#" not in name]
+        weights = [WeightShape(name, *weight_matrix(module).shape) for name, module in self._watched_weights]
+        self.plan = self._plan(trainer, pl_module, inputs, layers, weights, fixed)
+        self._apply(self.plan)
+        self._say_plan(layers)
+        return self.plan.probe_size
+
+    def _budgeted(self, trainer) -> bool:
+        """Whether the full samples are planned within ``full_sample_share`` of the run: not when the user asked
+        for every layer (``max_overhead=None``, ``every_n_steps``) or the run's length is unknown."""
+        return (self.full_sample_share is not None and self.budget.fraction is not None
+                and self.schedule.every_n_steps is None and not self.schedule.use_log_every_n_steps
+                and planned_steps(trainer) is not None)
+
+    def _plan(self, trainer, pl_module, inputs, layers, weights, fixed) -> Plan:
+        if not self._budgeted(trainer):
+            return everything(layers, weights, fixed)
+        timing = ProbeBatch(inputs.shape[0], inputs)
+        start = time.perf_counter()
+        timing.run(trainer, pl_module, LayerCapture([], lambda name, out: None), self.probe_fn)
+        forward = (time.perf_counter() - start) / max(1, inputs.shape[0])
+        run_seconds = planned_steps(trainer) * FORWARD_BACKWARD * forward * inputs.shape[0]
+        allowance = max(self.full_sample_share * run_seconds, MIN_ALLOWANCE)
+        device = next((t.device.type for t in pl_module.parameters()), "cpu")
+        plan = plan_full_samples(layers, weights, forward, allowance, costs.measured_rates(device), self.max_rows,
+                                 fixed_probe=fixed)
+        plan.run_seconds = run_seconds
+        return plan
+
+    def _apply(self, plan: Plan) -> None:
+        measured = plan.measured()
+        self._layers = [(n, m) for n, m in self._watched if n in measured]
+        self._weights = [(n, m) for n, m in self._watched_weights if n in set(plan.weights)]
+        self._estimated = set(plan.estimated)
+        if self.auto_probe_size:
+            self.max_rows = max(self.max_rows, 2 * max((w for w in plan.widths.values()), default=0))
+
+    def _say_plan(self, layers: list) -> None:
+        """One line at setup: what the full samples measure, what they leave out and how to get it."""
+        plan = self.plan
+        if not (plan.estimated or plan.left_out or plan.left_out_weights):
+            return
+        units = {layer.name: layer.units for layer in layers}
+
+        def named(names, what=""):
+            shown = ", ".join(f"{n} ({units[n]:,} units)" if n in units else n for n in names[:6])
+            return what + shown + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        measured = [f"{len(plan.exact)} of {len(layers)} layers exactly"]
+        if plan.estimated:
+            measured.append(f"{named(plan.estimated)} by the Cholesky estimate of kappa (within 1e-4 of the exact "
+                            "value where measured; rank and near-zero share not measured)")
+        left = [named(plan.left_out, "the representations of ")] if plan.left_out else []
+        left += [named(plan.left_out_weights, "the weights of ")] if plan.left_out_weights else []
+        rank_zero_info(f"ConditionNumberProbe: this run is about {plan.run_seconds:.0f} s (estimated); its first and "
+                       f"last samples may take {100 * self.full_sample_share:g}% of it or {MIN_ALLOWANCE:g} s "
+                       f"({plan.allowance:.2f} s): they measure {' and '.join(measured)}, and leave out "
+                       f"{' and '.join(left) or 'nothing'}. To measure every layer: full_sample_share=0.2 or more, "
+                       "max_overhead=None, or every_n_steps=N")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # Sampled before the step, so global step 0 shows the network as initialised; the last
@@ -288,6 +367,8 @@ class ConditionNumberProbe(SamplingCallback):
             if self.ensure_probe(trainer, pl_module, batch) is not None and not drawn:
                 self._check_probe_rows()
         if self.schedule.is_last(trainer.global_step) and self.samples_taken and self.probe_mode != "training":
+            return
+        if not (self._layers or self._weights):  # the plan measures nothing in this run (said at setup)
             return
         if self.probe_mode == "training":
             if self._capture is None and self.decide(trainer):
@@ -316,7 +397,8 @@ class ConditionNumberProbe(SamplingCallback):
 
     def on_train_end(self, trainer, pl_module):
         if trainer.global_rank == 0 and self.probe_mode != "training" and self.probe is not None \
-                and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step:
+                and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step \
+                and (self._layers or self._weights):
             self.sample(trainer, pl_module, final=True)
         self.wait()
         super().on_train_end(trainer, pl_module)
@@ -371,7 +453,9 @@ class ConditionNumberProbe(SamplingCallback):
         start = time.perf_counter()
         with self.budget.charge(optional=not mandatory):
             names = list(matrices)
-            stats = dict(zip(names, representation_stats_many([matrices[n] for n in names], self.near_zero_rtol)))
+            estimated = [n.split("#")[0] in self._estimated for n in names]
+            stats = dict(zip(names, representation_stats_many([matrices[n] for n in names], self.near_zero_rtol,
+                                                              estimated)))
             rows = weight_condition_stats([w for _, w in weights], self.weight_norms) if weights else []
             weight_stats = {name: row for (name, _), row in zip(weights, rows)}
             for row in stats.values():
@@ -479,9 +563,15 @@ class ConditionNumberProbe(SamplingCallback):
                 chosen.append(item)
         return chosen
 
+    def probe_rows(self) -> Optional[int]:
+        return self.plan.probe_size if self.plan is not None else None
+
     def state_dict(self):
-        return {**super().state_dict(), "max_rows": self.max_rows}
+        return {**super().state_dict(), "max_rows": self.max_rows,
+                "plan": self.plan.state_dict() if self.plan is not None else None}
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         self.max_rows = state_dict.get("max_rows", self.max_rows)
+        if state_dict.get("plan") is not None:
+            self.plan = Plan.from_state(state_dict["plan"])

@@ -146,18 +146,83 @@ def singular_values(matrices: Sequence[torch.Tensor], grams: dict | None = None)
     return out
 
 
-def representation_stats_many(matrices: Sequence[torch.Tensor], near_zero_rtol: float = 1e-3) -> list[dict]:
+def representation_stats_many(matrices: Sequence[torch.Tensor], near_zero_rtol: float = 1e-3,
+                              estimated: Sequence[bool] | None = None) -> list[dict]:
     """:func:`representation_stats` of each matrix; on a CPU the float64 Gram matrix that gives the
-    spectrum gives the collinearity too (one product per layer instead of two)."""
+    spectrum gives the collinearity too (one product per layer instead of two). ``estimated[i]``: the i-th
+    matrix's kappa is estimated (:func:`estimated_representation_stats`), not computed from its spectrum."""
+    estimated = list(estimated) if estimated is not None else [False] * len(matrices)
+    exact = [i for i, e in enumerate(estimated) if not e]
     grams: dict = {}
-    spectra = singular_values(matrices, grams)
+    spectra = dict(zip(exact, singular_values([matrices[i] for i in exact], grams)))
+    grams = {exact[k]: g for k, g in grams.items()}
     out = []
-    for i, (m, s) in enumerate(zip(matrices, spectra)):
+    for i, m in enumerate(matrices):
+        if estimated[i]:
+            out.append(estimated_representation_stats(m))
+            continue
         g = grams.get(i)
         tall = g is not None and m.shape[0] >= m.shape[1]
-        out.append(representation_stats(m, s, near_zero_rtol,
+        out.append(representation_stats(m, spectra[i], near_zero_rtol,
                                         collinearity_of=(lambda g=g, m=m: gram_collinearity(g, m)) if tall else None))
     return out
+
+
+ESTIMATE_BLOCK, ESTIMATE_STEPS = 8, 12  # block Krylov: 96 vectors for each end of the spectrum
+
+
+def _krylov_basis(apply, n: int, steps: int, generator, like: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the block Krylov space [X, A X, A^2 X, ...] (X random, ``ESTIMATE_BLOCK`` columns),
+    each block orthogonalised twice against the ones before."""
+    block = torch.linalg.qr(torch.randn(n, ESTIMATE_BLOCK, generator=generator, dtype=like.dtype,
+                                        device=like.device)).Q
+    basis = [block]
+    for _ in range(steps - 1):
+        w = apply(basis[-1])
+        previous = torch.cat(basis, dim=1)
+        for _ in range(2):
+            w = w - previous @ (previous.mT @ w)
+        basis.append(torch.linalg.qr(w).Q)
+    return torch.cat(basis, dim=1)
+
+
+def estimate_gram_kappa(g: torch.Tensor) -> float:
+    """kappa(H) = sqrt(lambda_max / lambda_min) of a float64 Gram matrix ``g = H^T H`` without its spectrum:
+    ``inf`` when its Cholesky factorisation fails (numerically singular at the Gram's precision: kappa(H) above
+    about 1e7); else the Rayleigh-Ritz values of ``g`` on two block Krylov spaces, of ``g`` (lambda_max) and of
+    ``g^-1`` through the Cholesky factor (lambda_min). A seeded generator of its own: the run's random state is
+    untouched. Measured against numpy's exact kappa on 123 real layers (ResNet-18, a 3 x 2,048 MLP at
+    initialisation and trained, the 100-layer PlainNet MLP) and on spectra spread evenly from 1 to 1/kappa
+    (kappa 3 to 1e6): at most 1e-4 relative error, the same layers singular (tests/test_costs.py); 0.17 s against
+    0.33 s (eigenvalues) to 1.8 s (with the float64 SVD an ill-conditioned layer needs) for 2,048 units, after the
+    Gram."""
+    n = g.shape[-1]
+    factor, info = torch.linalg.cholesky_ex(g)
+    if int(info) != 0 or n == 0:
+        return math.inf
+    if n <= ESTIMATE_BLOCK * ESTIMATE_STEPS:  # as cheap to compute exactly
+        eigenvalues = torch.linalg.eigvalsh(g)
+        largest, smallest = float(eigenvalues[-1]), float(eigenvalues[0])
+    else:
+        generator = torch.Generator(device=g.device).manual_seed(0)
+        top = _krylov_basis(lambda x: g @ x, n, ESTIMATE_STEPS, generator, g)
+        bottom = _krylov_basis(lambda x: torch.cholesky_solve(x, factor), n, ESTIMATE_STEPS, generator, g)
+        largest = float(torch.linalg.eigvalsh(top.mT @ g @ top).max())
+        smallest = float(torch.linalg.eigvalsh(bottom.mT @ g @ bottom).min())
+    return math.sqrt(largest / smallest) if smallest > 0 and math.isfinite(largest) else math.inf
+
+
+def estimated_representation_stats(matrix: torch.Tensor) -> dict[str, float]:
+    """:func:`representation_stats` with kappa estimated from the float64 Gram matrix
+    (:func:`estimate_gram_kappa`) and the collinearity from the same Gram; the numerical rank and the share of
+    near-zero singular values need the spectrum and are NaN. All NaN for non-finite entries."""
+    m = matrix.detach()
+    if not bool(torch.isfinite(m).all()):
+        return dict.fromkeys(REPR_STATS, math.nan)
+    g = gram(m)
+    tall = m.shape[0] >= m.shape[1]
+    return {"kappa": estimate_gram_kappa(g) if tall else math.inf, "rank": math.nan, "near_zero": math.nan,
+            "collinearity": gram_collinearity(g, m) if tall else collinearity(m)}
 
 
 def gram_collinearity(g: torch.Tensor, m: torch.Tensor) -> float:
@@ -197,7 +262,9 @@ def representation_stats(matrix: torch.Tensor, s: torch.Tensor | None = None,
     tol = numerical_tolerance(smax, x.shape)
     rank = int((s > tol).sum()) if smax > 0 else 0
     near_zero = float((s <= near_zero_rtol * smax).double().mean()) if smax > 0 else 1.0
-    return {"kappa": kappa_from_singular_values(s, x.shape), "rank": float(rank), "near_zero": near_zero,
+    # fewer rows than units: the units cannot be linearly independent, whatever the rows' own spectrum says
+    kappa = math.inf if x.shape[0] < x.shape[1] else kappa_from_singular_values(s, x.shape)
+    return {"kappa": kappa, "rank": float(rank), "near_zero": near_zero,
             "collinearity": collinearity_of() if collinearity_of is not None else collinearity(x)}
 
 

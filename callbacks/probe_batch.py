@@ -187,11 +187,13 @@ class ProbeBatch:
                        f"used by {users}")
         return self.inputs
 
-    def run(self, trainer, pl_module, capture: LayerCapture, probe_fn: Optional[ProbeFn] = None) -> dict:
-        """Forward the inputs through ``pl_module`` (or ``probe_fn(pl_module, inputs)``) under ``capture``:
-        eval mode, no gradients, the run's precision, a forked random state, and torch's fused
-        transformer fast path off (it would skip the attention modules' hooks)."""
-        x = self.inputs.to(pl_module.device)
+    def run(self, trainer, pl_module, capture: LayerCapture, probe_fn: Optional[ProbeFn] = None,
+            rows: Optional[int] = None) -> dict:
+        """Forward the inputs (the first ``rows`` of them, if given) through ``pl_module`` (or
+        ``probe_fn(pl_module, inputs)``) under ``capture``: eval mode, no gradients, the run's precision, a
+        forked random state, and torch's fused transformer fast path off (it would skip the attention
+        modules' hooks)."""
+        x = (self.inputs if rows is None else self.inputs[:rows]).to(pl_module.device)
         dtype = next((p.dtype for p in pl_module.parameters() if p.is_floating_point()), None)
         if dtype is not None and x.is_floating_point() and dtype == torch.float64:
             x = x.to(dtype)  # a 64-bit run; autocast handles the mixed-precision ones

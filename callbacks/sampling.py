@@ -467,11 +467,16 @@ class SamplingCallback(Callback):
             self.probe_failed(exc)
             return None
 
+    def probe_rows(self) -> Optional[int]:
+        """How many of the shared probe's samples this callback's probe forward takes (the shared batch is as
+        large as its most demanding member needs); None: all."""
+        return self.probe_size
+
     def run_probe(self, trainer, pl_module, capture) -> Optional[dict]:
         """The probe's results under ``capture``, or None (and training-batch statistics from now on)
         when the model cannot take the probe batch."""
         try:
-            return self.probe.run(trainer, pl_module, capture, self.probe_fn)
+            return self.probe.run(trainer, pl_module, capture, self.probe_fn, rows=self.probe_rows())
         except Exception as exc:
             self.probe_failed(exc)
             return None

@@ -26,6 +26,7 @@ import warnings
 
 import yaml
 
+from .callbacks import DIAGNOSTICS
 from .config import load_resume_config
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError, RunFailure
@@ -129,10 +130,23 @@ class CurrentStderrHandler(logging.StreamHandler):
         pass
 
 
+class OursOnly(logging.Filter):
+    """Lightning's rank-zero INFO lines in a train.py run: the diagnostics' own (the probe batch, what the
+    condition probe measures), not Lightning's hardware and tips chatter; warnings and errors all pass."""
+
+    PREFIXES = ("deepplain", *(cls.__name__ for cls in DIAGNOSTICS.values()))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or str(record.msg).startswith(self.PREFIXES)
+
+
 def _setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.setLevel(logging.INFO)
+    if not any(isinstance(f, OursOnly) for f in rank_zero.filters):
+        rank_zero.addFilter(OursOnly())
     ours = logging.getLogger("deepplain")
     if not any(isinstance(h, CurrentStderrHandler) for h in ours.handlers):
         handler = CurrentStderrHandler()

@@ -34,8 +34,8 @@ from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunProgressBar, R
 from .schema import MODULE, OPTIONS, RunConfig, options_for
 from .status import METRIC_TAGS, RunStatus, RunSummary
 
-# The share of training time each diagnostic may spend on samples beyond the ten each run gets anyway
-# (sampling.SamplingSchedule.min_samples): 1% together, most of it where a sample is cheap.
+# The share of training time each diagnostic may spend on optional samples (beyond the ten saturation and
+# gradient flow take anyway, and the condition probe's first and last): 1% together, most where a sample is cheap.
 DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
 HPARAM_METRICS = tuple(METRIC_TAGS)
 # What tells the runs of a sweep apart, as TensorBoard's HParams table columns (it sorts them by name):

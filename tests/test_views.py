@@ -124,9 +124,13 @@ def test_summary_and_terminal_say_how_the_run_ended(deep_run):
     assert not {"logdir", "num_workers", "progress", "data_dir"} & set(start.hparams)
 
 
+CONDITION_OVERVIEW = ("overview/layers_singular", "overview/worst_log10_kappa")
+
+
 def test_overview_has_ten_points_in_a_200_step_run_and_alpha_every_percent(runs):
-    """228 steps of a fast VAN: the ten samples each diagnostic takes whatever its budget give every overview
-    scalar at least ten points; alpha's residual is logged at least every 1% of the run."""
+    """228 steps of a fast VAN: the ten samples saturation takes whatever its budget give its overview scalars at
+    least ten points, the condition probe's the first and last; alpha's residual is logged at least every 1% of
+    the run."""
     assert main(["--model", "van", "--arch", "mlp", "--depth", "10", "--width", "16", "--dataset", "usps",
                  "--epochs", "4", "--max-norm", "3", "--logdir", str(runs), "--no-progress"]) == 0
     run = next(runs.glob("*/version_0"))
@@ -135,12 +139,12 @@ def test_overview_has_ten_points_in_a_200_step_run_and_alpha_every_percent(runs)
     overview = [t for t in acc.Tags()["scalars"] if t.startswith("overview/")]
     assert {"overview/alpha_residual", "overview/alpha_share_removed", "overview/layers_singular"} <= set(overview)
     for tag in overview:
-        assert len(acc.Scalars(tag)) >= 10, (tag, len(acc.Scalars(tag)))
+        assert len(acc.Scalars(tag)) >= (2 if tag in CONDITION_OVERVIEW else 10), (tag, len(acc.Scalars(tag)))
     steps = [e.step for e in acc.Scalars("alpha/residual")]
     assert max(b - a for a, b in zip(steps, steps[1:])) <= max(1, total // 100)
     rows = table_rows(run)
     condition_steps = sorted({int(r["step"]) for r in rows if r["callback"] == "condition"})
-    assert condition_steps[0] == 0 and condition_steps[-1] == total and len(condition_steps) >= 10
+    assert condition_steps[0] == 0 and condition_steps[-1] == total
     saturation_steps = {int(r["step"]) for r in rows if r["statistic"] == "train/max_abs"}
     assert len(saturation_steps) >= 10
 
