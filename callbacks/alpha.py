@@ -364,6 +364,10 @@ class AlphaScheduler(Callback):
         if report:
             rank_zero_info(report)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self.publisher.draw(trainer, trainer.global_step)  # a run that diverged or was stopped gets its pictures
+        write_overview(trainer, self)
+
     def teardown(self, trainer, pl_module, stage):
         DiagnosticsTable.close_for(trainer)
 

@@ -196,22 +196,32 @@ class ConditionNumberProbe(SamplingCallback):
         if isinstance(near_zero_rtol, bool) or not isinstance(near_zero_rtol, (int, float)) \
                 or not 0 < near_zero_rtol < 1:
             raise ValueError(f"near_zero_rtol must be a number in (0, 1), got {near_zero_rtol!r}")
+        if isinstance(weight_norms, (str, int, float)):  # one norm given alone: "inf", not ["i", "n", "f"]
+            weight_norms = [weight_norms]
         weight_norms = [_norm_name(n) for n in weight_norms]
         unknown = sorted(set(weight_norms) - {"inf", "2"})
         if unknown or not weight_norms:
             raise ValueError(f"weight_norms must be a non-empty subset of ['inf', '2'], got {list(weight_norms)}")
         self.auto_probe_size = probe_size is None and probe_batch is None
         self.max_rows, self.near_zero_rtol = int(max_rows), float(near_zero_rtol)
+        self._max_rows_given = self.max_rows  # an automatic probe grows max_rows for the fit
         self.heatmap_layers, self.weights = heatmap_layers, bool(weights)
         self.weight_norms = tuple(weight_norms)
         self.background = bool(background)
-        self.last_weight_stats: dict[str, dict[str, float]] = {}
         self._layers, self._weights = [], []  # what the samples measure (the plan's share of the watched ones)
         self._watched, self._watched_weights = [], []
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self.reset_for_fit()
+
+    def reset_for_fit(self) -> None:
+        super().reset_for_fit()
+        if hasattr(self, "_max_rows_given"):  # (the base class's __init__ calls this before ours has run)
+            self.max_rows = self._max_rows_given
+        self.last_weight_stats: dict[str, dict[str, float]] = {}
         self.plan: Optional[Plan] = None  # what the full samples measure (see deepplain.callbacks.costs)
         self._estimated: set[str] = set()  # the layers whose kappa is estimated, not computed from the spectrum
+        self._said: set[str] = set()  # the one-off warnings already given
         self._capture = None  # (LayerCapture, step, weights) of a training-batch sample in progress
-        self._executor: Optional[ThreadPoolExecutor] = None
         self._futures: list[Future] = []
         self._latest: dict[str, dict[str, float]] = {}  # each layer's latest measurement (rotating samples)
         self._latest_weights: dict[str, dict[str, float]] = {}
@@ -274,7 +284,9 @@ class ConditionNumberProbe(SamplingCallback):
         return [item for i, item in enumerate(layers) if i % k == self._rotation % k]
 
     def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
         self._watched = self._layers = self.watched_layers(pl_module, "hidden layers")
+        self._check_heatmap_layers()
         self._watched_weights = self._weights = weight_layers(pl_module, self.include, self.exclude) \
             if self.weights else []
         if self.plan is not None:  # restored from a checkpoint: the same layers as before the resume
@@ -296,6 +308,7 @@ class ConditionNumberProbe(SamplingCallback):
         shapes = ProbeBatch(2, inputs[:2]).run(trainer, pl_module, LayerCapture(
             self._watched, lambda name, out: (int(out.shape[1]) if out.dim() > 1 else 1, int(out[0, 0].numel())
                                               if out.dim() > 2 else 1), self.unit_dims), self.probe_fn)
+        self._check_probe_reach(shapes, self._watched)
         layers = [LayerShape(name.split("#")[0], units, positions) for name, (units, positions) in shapes.items()
                   if "#" not in name]
         weights = [WeightShape(name, *weight_matrix(module).shape) for name, module in self._watched_weights]
@@ -408,11 +421,29 @@ class ConditionNumberProbe(SamplingCallback):
             self._capture[0].__exit__(None, None, None)
             self._capture = None
         self._stop_worker()
+        super().on_exception(trainer, pl_module, exception)
 
     def teardown(self, trainer, pl_module, stage):
         self.wait()
         self._stop_worker()
         super().teardown(trainer, pl_module, stage)
+
+    def _check_probe_reach(self, matrices: dict, layers: list) -> None:
+        """Said once each: a probe that reached none of the layers it should have (a ``probe_fn`` that does not
+        call the model), and layers with fewer rows than units (singular by construction)."""
+        if layers and not matrices and "reach" not in self._said:
+            self._said.add("reach")
+            rank_zero_warn(f"ConditionNumberProbe: the probe ran ({self.probe_mode}) but none of the "
+                           f"{len(layers)} watched layers produced an output; only weights are measured. Check "
+                           "that probe_fn(pl_module, inputs) calls the model")
+        short = [f"{n} ({m.shape[0]} rows, {m.shape[1]} units)" for n, m in matrices.items()
+                 if isinstance(m, torch.Tensor) and m.shape[0] < m.shape[1]]
+        if short and "short" not in self._said:
+            self._said.add("short")
+            rank_zero_warn(f"ConditionNumberProbe: {len(short)} layer(s) have fewer probe rows than units, so their "
+                           f"units cannot be independent and kappa is inf by construction: "
+                           f"{', '.join(short[:4])}{' ...' if len(short) > 4 else ''}; give probe_size (or max_rows) "
+                           "of at least the units, or leave probe_size=None to size it from the widest layer")
 
     def _check_probe_rows(self):
         if self.probe.inputs is not None and self.auto_probe_size and self.probe.inputs.shape[0] < self.probe.size:
@@ -436,6 +467,7 @@ class ConditionNumberProbe(SamplingCallback):
             weights = [(n, weight_matrix(m).clone()) for n, m in self._subset(self._weights, full)]
         if matrices is None:
             return  # the model cannot take the probe: training-batch samples from the next step on
+        self._check_probe_reach(matrices, layers)
         captured = time.perf_counter() - start
         self.record(step)
         if self.background:
@@ -552,6 +584,17 @@ class ConditionNumberProbe(SamplingCallback):
             image = figures.unit_heatmap(matrix.numpy(), f"units' responses at {name} (step {last_step})")
             add_image(trainer, f"condition/{where}heatmap/{name}", image, last_step)
 
+    def _check_heatmap_layers(self) -> None:
+        """``heatmap_layers`` must name watched layers (an index into them, or a name): said at setup."""
+        names = [n for n, _ in self._watched]
+        wrong = [item for item in self.heatmap_layers or []
+                 if not ((isinstance(item, int) and not isinstance(item, bool) and -len(names) <= item < len(names))
+                         or item in names)]
+        if wrong:
+            shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+            raise ValueError(f"ConditionNumberProbe: heatmap_layers {wrong} name no watched layer; there are "
+                             f"{len(names)} (indices -{len(names)} to {len(names) - 1}): {shown}")
+
     def _heatmap_names(self, names: list[str]) -> list[str]:
         if self.heatmap_layers is None:
             return sorted({names[len(names) // 2], names[-1]}, key=names.index)
@@ -575,3 +618,5 @@ class ConditionNumberProbe(SamplingCallback):
         self.max_rows = state_dict.get("max_rows", self.max_rows)
         if state_dict.get("plan") is not None:
             self.plan = Plan.from_state(state_dict["plan"])
+            if self._watched:  # Lightning restores callbacks after setup: the resumed run measures what it did
+                self._apply(self.plan)

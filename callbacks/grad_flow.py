@@ -54,6 +54,7 @@ class GradientFlowMonitor(SamplingCallback):
                          per_layer_scalars=self.per_layer_scalars)
 
     def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
         self._layers = self.select_layers(pl_module, gradient_layers(pl_module, self.include, self.exclude),
                                           "Linear, Conv, recurrent, attention or embedding layer")
 

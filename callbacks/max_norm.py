@@ -123,6 +123,10 @@ class MaxNormConstraint(Callback):
         self.publisher.draw(trainer, trainer.global_step)
         write_overview(trainer, self)
 
+    def on_exception(self, trainer, pl_module, exception):
+        self.publisher.draw(trainer, trainer.global_step)  # a run that diverged or was stopped gets its pictures
+        write_overview(trainer, self)
+
     def teardown(self, trainer, pl_module, stage):
         DiagnosticsTable.close_for(trainer)
 

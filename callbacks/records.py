@@ -124,7 +124,8 @@ class DiagnosticsTable:
     :data:`COLUMNS`, appended and flushed as each sample is taken (an interrupted run keeps what
     it measured). Shared by every callback of a trainer, rank zero only; no logger, no table.
 
-    A run that resumes at step s first drops the rows of steps >= s: they are measured again.
+    A run that resumes at step s first drops the rows of steps >= s (they are measured again) and any
+    row a kill cut mid-write.
     """
 
     FILENAME = "diagnostics.csv"
@@ -137,7 +138,8 @@ class DiagnosticsTable:
         kept = []
         if path.is_file():
             with open(path, newline="", encoding="utf-8") as handle:
-                kept = [row for row in csv.DictReader(handle) if _step(row) is not None and _step(row) < start_step]
+                kept = [row for row in csv.DictReader(handle)
+                        if _complete(row) and _step(row) is not None and _step(row) < start_step]
         self._file = open(path, "w", newline="", encoding="utf-8")
         self._writer = csv.writer(self._file)
         self._writer.writerow(self.COLUMNS)
@@ -168,6 +170,17 @@ class DiagnosticsTable:
         table = cls._of_trainer.pop(trainer, None)
         if table is not None:
             table.close()
+
+
+def _complete(row: dict) -> bool:
+    """A whole row: every column there and its value a number (a row cut by a kill mid-write is not)."""
+    if any(row.get(column) in (None, "") for column in DiagnosticsTable.COLUMNS) or None in row:
+        return False
+    try:
+        float(row["value"])
+    except ValueError:
+        return False
+    return True
 
 
 def _step(row: dict) -> Optional[int]:

@@ -110,10 +110,11 @@ class SamplingSchedule:
 
     def behind(self, step: int, taken: int) -> bool:
         """Whether ``taken`` samples by ``step`` fall short of ``min_samples`` spread evenly over the run
-        (one due every ``total / min_samples`` steps): such a sample is taken whatever the budget."""
+        (one due by the end of every ``total / min_samples`` steps, the last by the last step, so that a run
+        of at least ``min_samples`` steps has them all): such a sample is taken whatever the budget."""
         if not self.min_samples or not self.total_steps:
             return False
-        return taken < min(self.min_samples, math.floor(self.min_samples * step / self.total_steps))
+        return taken < min(self.min_samples, math.floor(self.min_samples * (step + 1) / self.total_steps))
 
     def is_last(self, step: int) -> bool:
         return self.total_steps is not None and step == self.total_steps - 1
@@ -197,7 +198,8 @@ class SamplingCallback(Callback):
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable as probe_fn(pl_module, inputs), got {probe_fn!r}")
         self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps, min_samples)
-        self.budget = OverheadBudget(max_overhead)
+        OverheadBudget(max_overhead)  # checked now; each fit gets its own (reset_for_fit)
+        self.max_overhead = max_overhead
         self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.layer_types = tuple(layer_types) if layer_types else None
@@ -205,9 +207,16 @@ class SamplingCallback(Callback):
         self.probe_fn = probe_fn
         self.probe_size = probe_size
         self._own_probe = ProbeBatch(probe_size or 256, probe_batch) if probe_batch is not None else None
+        self.per_layer_scalars = bool(per_layer_scalars)
+        self.unit_dims: dict = {}
+        self.reset_for_fit()
+
+    def reset_for_fit(self) -> None:
+        """Everything one fit measures, fresh: a second ``fit`` with the same callback objects samples and logs
+        as the first did (a resume then restores what it continues from; subclasses add their own)."""
+        self.budget = OverheadBudget(self.max_overhead)
         self.probe: Optional[ProbeBatch] = self._own_probe  # the run's shared probe once set up
         self.probe_mode: Optional[str] = None  # "forward", "probe_fn" or "training" (see setup_probe)
-        self.unit_dims: dict = {}
         self.samples_taken = 0
         self.last_sampled_step = -1
         self.postponed = 0
@@ -216,7 +225,6 @@ class SamplingCallback(Callback):
         self.figure_seconds = 0.0              # drawing the kept figures when training ended
         self.last_stats: dict[str, dict[str, float]] = {}
         self._figure_data: dict[str, dict] = {}  # key -> {"first", "middle", "latest": (step, payload), "extra", "n"}
-        self.per_layer_scalars = bool(per_layer_scalars)
         self._publisher: Optional[Publisher] = None
         self.findings = FindingsLog()
         self._refreshed_at = 0                 # samples taken when the depth x time images were last drawn
@@ -224,6 +232,10 @@ class SamplingCallback(Callback):
         self._pending: Optional[int] = None   # the due step of a postponed sample
         self._mandatory = True                # whether the sample being taken may not be postponed
         self._refused: Optional[int] = None   # the due step whose postponement was counted
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            self.reset_for_fit()
 
     # -- identity and TensorBoard ------------------------------------------------------------------
     def state_key_fields(self) -> dict:
@@ -382,6 +394,12 @@ class SamplingCallback(Callback):
     def draw(self, trainer, key: str, samples: list) -> None:
         """Draw the depth profiles of the kept samples, ``[(step, payload)]`` in step order, as one
         image at the last one's step (subclasses)."""
+
+    def on_exception(self, trainer, pl_module, exception):
+        # a run that diverged or was stopped is the one most in need of its pictures: the figures it kept and
+        # overview.png, as at a normal end (the last callback with a publisher writes the overview)
+        self.draw_figures(trainer)
+        write_overview(trainer, self)
 
     def teardown(self, trainer, pl_module, stage):
         self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept

@@ -113,13 +113,16 @@ class ActivationSaturationMonitor(SamplingCallback):
             raise ValueError(f"histogram_layers must be an integer >= 0, got {histogram_layers!r}")
         self.histogram_layers, self.warn = histogram_layers, bool(warn)
         self._histogram_names: set[str] = set()
+        self._layers = []
+
+    def reset_for_fit(self) -> None:
+        super().reset_for_fit()
         self.probes_taken = 0
         self.probe_seconds: list[float] = []
         self.last_probe_step = -1
         self.last_probe_stats: dict[str, dict[str, float]] = {}
         self._warned: set[str] = set()
         self._capture = None
-        self._layers = []
 
     def state_key_fields(self) -> dict:
         types = [t.__name__ for t in self.layer_types] if self.layer_types else None
@@ -152,6 +155,7 @@ class ActivationSaturationMonitor(SamplingCallback):
                 "dead": [n for n, s in stats.items() if s["frac_dead"] > DEAD_SHARE]}
 
     def setup(self, trainer, pl_module, stage):
+        super().setup(trainer, pl_module, stage)
         self._layers = self.watched_layers(pl_module, "layers to watch")
         self.setup_probe(trainer, pl_module, self.probe_size)
         names = [n for n, _ in self._layers]
@@ -194,6 +198,7 @@ class ActivationSaturationMonitor(SamplingCallback):
         if self._capture is not None:  # never leave hooks behind
             self._capture[0].__exit__(None, None, None)
             self._capture = None
+        super().on_exception(trainer, pl_module, exception)
 
     # -- probe samples ---------------------------------------------------------------------------------
     def on_validation_end(self, trainer, pl_module):

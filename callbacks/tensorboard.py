@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
@@ -87,6 +88,12 @@ def add_image(trainer, tag: str, image: np.ndarray, step: int) -> None:
 
 
 def add_histogram(trainer, tag: str, values, step: int) -> None:
+    """The finite values' histogram (TensorBoard refuses NaN and inf, and an empty histogram stops the fit it
+    is written in); nothing when no value is finite: the table and the images show those."""
+    values = torch.as_tensor(values).detach().flatten()
+    values = values[torch.isfinite(values)]
+    if not values.numel():
+        return
     for writer in tensorboard_writers(trainer):
         writer.add_histogram(tag, values, global_step=step)
 

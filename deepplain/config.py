@@ -77,14 +77,26 @@ def check(values: dict, explicit: dict) -> None:
 
 
 def check_diagnostics(spec) -> list[str]:
-    """The diagnostic callbacks named by ``--diagnostics`` (``all``, ``none`` or a comma list)."""
-    if spec in (None, "none", ""):
+    """The diagnostic callbacks named by ``--diagnostics`` (``all``, ``none`` or a comma list of names)."""
+    valid = f"valid: all, none, or a comma list of {', '.join(DIAGNOSTICS)}"
+    if spec is None or spec == "none":
         return []
-    names = list(DIAGNOSTICS) if spec == "all" else [s.strip() for s in str(spec).split(",") if s.strip()]
+    if not str(spec).strip():
+        raise ConfigError(f"--diagnostics is empty; {valid} (none turns them off)")
+    if spec == "all":
+        return list(DIAGNOSTICS)
+    names = [s.strip() for s in str(spec).split(",")]
+    if "" in names:
+        raise ConfigError(f"--diagnostics {spec!r} has an empty name; {valid}")
+    if {"all", "none"} & set(names):
+        word = "all" if "all" in names else "none"
+        raise ConfigError(f"--diagnostics: {word} stands alone, not in a list (got {spec!r}); {valid}")
     unknown = [n for n in names if n not in DIAGNOSTICS]
-    if unknown or not names:
-        raise ConfigError(f"unknown diagnostics {', '.join(unknown) or repr(spec)}; valid: all, none, "
-                          f"{', '.join(DIAGNOSTICS)} (comma-separated)")
+    if unknown:
+        raise ConfigError(f"unknown diagnostics {', '.join(unknown)}; {valid}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--diagnostics names {', '.join(twice)} twice; each diagnostic runs once")
     return names
 
 
@@ -117,12 +129,18 @@ def load_resume_config(explicit: dict) -> RunConfig:
     The checkpoint itself is checked by ``deepplain.checkpoints.check_checkpoint``.
     """
     ckpt = Path(explicit["resume"])
+    if ckpt.is_dir():
+        inside = next((c for c in (ckpt / "checkpoints" / "last.ckpt", ckpt / "last.ckpt") if c.is_file()), None)
+        raise ConfigError(f"--resume takes a checkpoint file; {ckpt} is a folder"
+                          + (f": pass {inside}" if inside else " with no checkpoints/last.ckpt in it"))
     if not ckpt.is_file():
         raise ConfigError(f"--resume checkpoint {ckpt} does not exist")
     if ckpt.name != "last.ckpt" and not (ckpt.name.startswith("hpc_ckpt_") and ckpt.suffix == ".ckpt"):
-        # Resuming continues the run in its folder; from an older state it would overwrite the newer last.ckpt.
-        raise ConfigError(f"--resume continues a run in place from its checkpoints/last.ckpt; {ckpt.name} is an "
-                          "earlier state of that run (load it with <Module>.load_from_checkpoint to use it elsewhere)")
+        # Resuming continues the run in its folder; from another state it would overwrite the newer last.ckpt.
+        raise ConfigError(f"--resume continues a run in place from the file named last.ckpt in its checkpoints "
+                          f"folder; {ckpt.name} is another file (a best-* checkpoint or a copy): pass the run's "
+                          "checkpoints/last.ckpt, or load this one with <Module>.load_from_checkpoint to use it "
+                          "elsewhere")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     saved = run_dir / "config.json"
     if not saved.is_file():

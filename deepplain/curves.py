@@ -9,6 +9,7 @@ skip gates the mean alpha residual ``mean(1 - alpha)`` (dotted) on the right axi
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,19 @@ def _event_dir(run_dir: Path) -> Path:
     return dirs[-1]
 
 
+def _why_no_epochs(run_dir: Path) -> str:
+    """Why a run has no epoch metrics, from its summary.json when it has one."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    status, epochs = summary.get("status"), summary.get("epochs_done")
+    if status and status != "completed":
+        return (f"the run {status} after {epochs or 0} complete epoch(s) and step {summary.get('global_step')}, "
+                "before a whole epoch was validated; its summary.json and trainability report say why")
+    return "the run was not validated at the end of an epoch (--limit-val-batches 0, or no epoch finished)"
+
+
 def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
     """``{"train_error", "eval_error", "alpha_residual"}`` -> [(epoch, value), ...] from a run's events.
 
@@ -41,16 +55,26 @@ def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
     train_acc, val_acc = METRIC_TAGS["train_acc"], METRIC_TAGS["val_acc"]
     missing = {train_acc, val_acc} - tags
     if missing:
-        raise ValueError(f"{run_dir}: the events have no {', '.join(sorted(missing))} (was validation disabled?)")
-    per_epoch = {name: [e.value for e in acc.Scalars(tag)] for name, tag in
+        raise ValueError(f"{run_dir}: the events have no {', '.join(sorted(missing))}: {_why_no_epochs(Path(run_dir))}")
+    per_epoch = {name: [e.value for e in scalars(acc, tag)] for name, tag in
                  (("train_error", train_acc), ("eval_error", val_acc))}
     curves = {name: [(i + 1.0, 1.0 - v) for i, v in enumerate(values)] for name, values in per_epoch.items()}
     # Validation runs at the last step of each epoch, so its steps give the epoch length.
-    val_steps = [e.step for e in acc.Scalars(val_acc)]
+    val_steps = [e.step for e in scalars(acc, val_acc)]
     steps_per_epoch = (val_steps[-1] + 1) / len(val_steps)
-    curves["alpha_residual"] = ([(e.step / steps_per_epoch, e.value) for e in acc.Scalars("alpha/residual")]
+    curves["alpha_residual"] = ([(e.step / steps_per_epoch, e.value) for e in scalars(acc, "alpha/residual")]
                                 if "alpha/residual" in tags else [])
     return curves
+
+
+def scalars(acc: EventAccumulator, tag: str) -> list:
+    """A tag's events in step order, one per step (the latest written): a resumed run adds an event file, and
+    the accumulator reads files in name order, which is not always the order they were written in (two
+    written in the same second sort by process id and a counter)."""
+    latest = {}
+    for event in sorted(acc.Scalars(tag), key=lambda e: (e.step, e.wall_time)):
+        latest[event.step] = event
+    return list(latest.values())
 
 
 def plot_curves(runs: dict[str, dict], out: Path, title: str = "") -> Path:

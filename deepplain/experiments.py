@@ -316,6 +316,9 @@ def _lrs(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated learning rates, got {text!r}") from None
     if not values or any(not 0 < v < 10 for v in values):
         raise argparse.ArgumentTypeError(f"learning rates must be in (0, 10), got {text!r}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # each rate is one row of the grid: the same rate twice would train it twice
+        raise argparse.ArgumentTypeError(f"{', '.join(f'{v:g}' for v in twice)} given twice in {text!r}")
     return values
 
 
@@ -395,6 +398,9 @@ def check_experiment(args, extra: list[str]) -> None:
         lr = args.lrs[0] if args.lrs else (args.lr_per_row or {}).get(name)
         merge(parse_args(["--model", "plain", "--depth", str(args.depth), "--dataset", args.dataset, "--epochs",
                           str(args.epochs), *recipe_flags(lr, held_out=bool(args.lrs)), *flags, *extra]))
+    if args.table_only and not (Path(args.out) / "runs").is_dir():  # a typo would tabulate an empty folder
+        raise ConfigError(f"--table-only: {args.out} holds no runs of this experiment (no runs/ folder); "
+                          "check --out")
     output_dir(args.out)  # last: bad flags leave nothing behind
 
 

@@ -13,6 +13,7 @@ import fcntl
 import io
 import os
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -83,7 +84,7 @@ def output_file(path, suffix: str, what: str = "--out") -> Path:
 def read_results_csv(path, required=("run_id", "model", "depth", "seed", "status")) -> list[dict]:
     """The rows of a sweep's results.csv, checked: the header has ``required``, every row has as many
     fields as the header, and depth and seed are integers."""
-    text = read_text(path, "results CSV", max_bytes=64 * MAX_TEXT_BYTES)
+    text = read_text(path, "results CSV", max_bytes=64 * MAX_TEXT_BYTES).removeprefix("\ufeff")  # Excel's BOM
     reader = csv.reader(io.StringIO(text, newline=""))  # the csv module, not splitlines, decides where rows end
     header = next(reader, None)
     missing = [c for c in required if c not in (header or [])]
@@ -96,11 +97,23 @@ def read_results_csv(path, required=("run_id", "model", "depth", "seed", "status
         if len(fields) != len(header):
             raise ConfigError(f"results CSV {path}, line {line}: {len(fields)} fields, the header has {len(header)}")
         row = dict(zip(header, fields))
-        for key in ("depth", "seed"):
+        where = f"results CSV {path}, line {line}"
+        for key, low in (("depth", 1), ("seed", 0)):
             try:
-                int(row[key])
+                value = int(row[key])
             except ValueError:
-                raise ConfigError(f"results CSV {path}, line {line}: {key} {row[key]!r} is not an integer") from None
+                raise ConfigError(f"{where}: {key} {row[key]!r} is not an integer") from None
+            if value < low:
+                raise ConfigError(f"{where}: {key} {value} is below {low}")
+        for key in ("train_acc", "val_acc", "test_acc"):  # a share in [0, 1], or empty (not measured)
+            if row.get(key, "") == "":
+                continue
+            try:
+                value = float(row[key])
+            except ValueError:
+                raise ConfigError(f"{where}: {key} {row[key]!r} is not a number") from None
+            if not 0.0 <= value <= 1.0:  # NaN fails this too
+                raise ConfigError(f"{where}: {key} {row[key]} is not an accuracy in [0, 1]")
         rows.append(row)
     return rows
 
@@ -137,6 +150,21 @@ class FolderLock:
             self._fh.close()
             self._fh = None
         return False
+
+    @staticmethod
+    def holder(folder) -> Optional[str]:
+        """The pid of the live process that holds ``folder``'s lock, or None when nobody does (tried, not taken)."""
+        path = Path(folder) / ".lock"
+        if not path.is_file():
+            return None
+        with open(path, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                return fh.read().strip() or "?"
+            fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
 
 
 class OneLineParser(argparse.ArgumentParser):

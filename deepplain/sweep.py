@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import itertools
 import json
 import os
@@ -147,9 +148,25 @@ def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> N
                                   "another --out")
             continue
         if before != now:
-            changed = sorted(set(before) ^ set(now))[:6]
-            raise ConfigError(f"{root} was trained with other settings ({' '.join(before)}; differs in "
-                              f"{' '.join(changed)}); use another --out or a --variant name for the new settings")
+            was, asked = flag_values(before), flag_values(now)
+            changed = [f"{flag} {was.get(flag, '(not given)')} -> {asked.get(flag, '(not given)')}"
+                       for flag in sorted(set(was) | set(asked)) if was.get(flag) != asked.get(flag)]
+            if not changed:  # the same settings in another order: the same run
+                continue
+            raise ConfigError(f"{root} was trained with other settings ({'; '.join(changed[:6])}); use another "
+                              "--out or a --variant name for the new settings")
+
+
+def flag_values(argv: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs of a train.py argument list as a mapping (a flag without a value: ""), so that
+    the same settings in another order compare equal."""
+    out, flag = {}, None
+    for token in argv:
+        if token.startswith("--"):
+            flag, out[token] = token, ""
+        elif flag is not None:
+            out[flag] = f"{out[flag]} {token}".strip()
+    return out
 
 
 def newest(run_root: Path, pattern: str) -> Path | None:
@@ -227,6 +244,21 @@ class Children:
             self.running.discard(proc)
 
 
+def die_with_parent(parent: int):
+    """A ``preexec_fn`` for a training: on Linux it receives SIGTERM when the sweep dies, however the sweep dies
+    (SIGKILL, the OOM killer, a closed terminal), and saves its step like a preempted run: no orphan goes on
+    training a folder that the next sweep would resume. Elsewhere, None (nothing to do)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+    def arm():
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -260,6 +292,11 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     flags = run.train_flags(dataset, epochs)
     (root / "run.json").write_text(json.dumps({"flags": flags}))
     checkpoint = resumable_checkpoint(root, epochs) if stopped_from_outside(root, summary) else None
+    holder = FolderLock.holder(checkpoint.parent.parent) if checkpoint is not None else None
+    if holder is not None:  # an earlier training of it still runs (an orphan of a killed sweep): never resume under it
+        return row(run, dataset, {"status": f"{RunStatus.FAILED} (its run folder {checkpoint.parent.parent} is in "
+                                            f"use by pid {holder}; wait for that process to end, or stop it, then "
+                                            "run the same command)"})
     if checkpoint is not None:  # continue the interrupted run where it stopped
         cmd = [python, "-m", "deepplain", "--resume", str(checkpoint), "--no-progress"]
     else:
@@ -274,7 +311,8 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         # its own session: a Ctrl-C in the terminal reaches the sweep, which passes it on once
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent(os.getpid()))
         if children is not None:
             children.add(proc)
         code = proc.wait()

@@ -10,11 +10,13 @@ import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import Optional
 from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch.distributed as dist
+from torch import nn
 from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
@@ -23,8 +25,9 @@ from .callbacks import DIAGNOSTICS, AlphaScheduler
 from .checkpoints import AtomicCheckpointIO, RunCheckpoint, remove_stale_temporaries
 from .config import check_diagnostics, model_options
 from .datamodules.splits import ValidationSource
-from .errors import DatasetError, DeepplainError, DivergenceError, RunFailure, one_line
+from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError, RunFailure, one_line
 from .files import atomic_write_json
+from .inputs import FolderLock
 from .layers import count_parameters
 from .plan import Plan
 from .registry import get_family
@@ -97,23 +100,37 @@ class Run:
     stats: RunStats
     stop: StopSignals
     diagnostics: list = field(default_factory=list)
+    lock: Optional[FolderLock] = None  # held from the folder's creation to the run's end (this process made it)
+    summary: Optional[RunSummary] = None  # once train() wrote it
 
     @property
     def checkpoints(self) -> Path:
         return checkpoint_dir(self.config.run_dir)
 
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
+            self.lock = None
+
 
 def run(plan: Plan) -> RunSummary:
-    """Train, test and summarise one run; returns the summary written to ``summary.json``."""
+    """Train, test and summarise one run; returns the summary written to ``summary.json``. Every run that
+    trained ends with its report, whatever ended it (completed, diverged, interrupted, preempted, failed):
+    the runs that went wrong are the ones a user most needs explained."""
     built = build(plan)
-    summary = train(built)
-    if built.trainer.is_global_zero:
-        _log_hparams(built.logger, built.config, summary)
-    if built.trainer.is_global_zero and summary.status is RunStatus.COMPLETED:
-        print_trainability_report(built.diagnostics + built.module.method_callbacks())
-        for line in _method_reports(built.module, built.trainer):
-            print(line)
-        print_run_end(summary)
+    try:
+        summary = train(built)
+    finally:
+        try:
+            if built.summary is not None and built.trainer.is_global_zero:
+                _log_hparams(built.logger, built.config, built.summary)
+                if built.summary.status is RunStatus.COMPLETED or built.summary.global_step:
+                    print_trainability_report(built.diagnostics + built.module.method_callbacks())
+                    for line in _method_reports(built.module, built.trainer):
+                        print(line)
+                    print_run_end(built.summary)
+        finally:
+            built.release()
     return summary
 
 
@@ -123,13 +140,31 @@ def build(plan: Plan) -> Run:
     L.seed_everything(config.seed, workers=True, verbose=False)
     datamodule.setup("fit")  # decode once, here: shapes and class counts are needed to build the model
     module = make_module(config, datamodule.input_shape, datamodule.num_classes)
+    if config.batch_size == 1 and any(isinstance(m, nn.BatchNorm1d) for m in module.modules()):
+        raise ConfigError(f"--batch-size 1 cannot train the batch norm of this {config.model} MLP: a batch of one "
+                          "sample has one value per unit and no batch statistics; use --batch-size 2 or more"
+                          + (" or --norm none" if config.applies("norm") else ""))
     root = datamodule.root if plan.dataset.reads_files else None
     config = config.replace(data_root=str(Path(root).resolve()) if root is not None else None)
     if config.run_dir:
         run_dir, created = Path(config.run_dir), False
     else:
         run_dir, created = run_dir_for(config.logdir, config.default_name)
-    config = config.replace(run_dir=str(run_dir))
+    # the process that made the folder holds its lock while it trains: a --resume of it meanwhile (or a
+    # sweep's rerun while an orphan still trains it) is refused, naming this pid (a resume holds the lock
+    # itself, taken by the CLI before this)
+    lock = FolderLock(run_dir, "the run folder").__enter__() if created else None
+    try:
+        return _build_in(plan, config.replace(run_dir=str(run_dir)), datamodule, module, created, lock)
+    except BaseException:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+        raise
+
+
+def _build_in(plan: Plan, config: RunConfig, datamodule, module, created: bool, lock) -> Run:
+    """The rest of :func:`build`, once the run folder is there (and locked, when this process made it)."""
+    run_dir = Path(config.run_dir)
     if created or config.resume:
         remove_stale_temporaries(checkpoint_dir(run_dir))  # what a save killed half-way left behind
     if created and not config.resume:
@@ -141,7 +176,7 @@ def build(plan: Plan) -> Run:
     trainer = make_trainer(config, plan.strategy_class, logger, stats, stop, diagnostics, datamodule)
     if trainer.is_global_zero and datamodule.validation_source == ValidationSource.TEST:
         logger.experiment.add_text("warnings", "val_split=0: validation metrics are measured on the TEST set")
-    return Run(config, created, module, datamodule, trainer, logger, stats, stop, diagnostics)
+    return Run(config, created, module, datamodule, trainer, logger, stats, stop, diagnostics, lock)
 
 
 def make_trainer(config: RunConfig, strategy_class: str, logger, stats: RunStats, stop: StopSignals,
@@ -195,7 +230,7 @@ def train(run: Run) -> RunSummary:
         signal.signal(signal.SIGINT, sigint)
         if not metrics:
             metrics.update(_floats(trainer.callback_metrics))
-        summary = summarise(run, status, error, metrics)
+        summary = run.summary = summarise(run, status, error, metrics)
         if trainer.is_global_zero and data_fault:
             shutil.rmtree(run.config.run_dir, ignore_errors=True)
         elif trainer.is_global_zero:

@@ -75,8 +75,13 @@ BAD = [
     (["--seed", "99999999999"], "--seed must be an integer in [0, 4294967295]"),
     (["--num-workers", "-3"], "--num-workers must be an integer in [0, 256], got -3"),
     (["--diag-every", "0"], "--diag-every must be a positive integer, got 0"),
-    (["--diagnostics", "nosuch"], "unknown diagnostics nosuch; valid: all, none, saturation, condition, grad_flow"),
+    (["--diagnostics", "nosuch"], "unknown diagnostics nosuch; valid: all, none, or a comma list of saturation, "
+                                  "condition, grad_flow"),
     (["--diagnostics", "saturation,nosuch"], "unknown diagnostics nosuch"),
+    (["--diagnostics", "saturation,saturation"], "--diagnostics names saturation twice; each diagnostic runs once"),
+    (["--diagnostics", ""], "--diagnostics is empty; valid: all, none"),
+    (["--diagnostics", ","], "--diagnostics ',' has an empty name"),
+    (["--diagnostics", "none,saturation"], "--diagnostics: none stands alone, not in a list"),
     (["--accumulate-grad-batches", "0"], "--accumulate-grad-batches must be a positive integer, got 0"),
     (["--limit-train-batches", "0"], "--limit-train-batches must be a count >= 1 or a fraction in (0, 1]"),
     (["--limit-train-batches", "1.5"], "--limit-train-batches must be a count >= 1 or a fraction in (0, 1]"),
@@ -136,6 +141,9 @@ BAD = [
     (["--dataset", "imagefolder"], "--dataset imagefolder needs --data-dir"),
     (["--data-dir", "/nonexistent/typo"], "USPS not found: searched /nonexistent/typo (from --data-dir)"),
     (["--resume", "/nonexistent/last.ckpt"], "--resume checkpoint /nonexistent/last.ckpt does not exist"),
+    (["--resume", "/tmp"], "--resume takes a checkpoint file; /tmp is a folder"),
+    (["--batch-size", "1"], "--batch-size 1 cannot train the batch norm of this plain MLP: a batch of one sample has "
+                            "one value per unit and no batch statistics; use --batch-size 2 or more or --norm none"),
 ]
 
 

@@ -103,15 +103,16 @@ class Widening(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit_widening(callbacks, steps=6):
+def fit_widening(callbacks, steps=6, ckpt_path=None) -> L.Trainer:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(2048, 20, generator=g), torch.randint(0, 4, (2048,), generator=g))
     torch.manual_seed(0)
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                  enable_progress_bar=False, enable_model_summary=False,
-                  callbacks=callbacks).fit(Widening(), DataLoader(data, batch_size=32))
+        trainer.fit(Widening(), DataLoader(data, batch_size=32), ckpt_path=ckpt_path)
+    return trainer
 
 
 def test_a_layer_whose_spectrum_does_not_fit_is_left_out_and_said_once(monkeypatch, caplog):
@@ -144,14 +145,18 @@ def test_without_a_budget_every_layer_is_measured_exactly(monkeypatch, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("ConditionNumberProbe: this run")]
 
 
-def test_the_plan_survives_a_checkpoint(monkeypatch, tmp_path):
+def test_a_resumed_run_measures_what_it_measured_before(monkeypatch, tmp_path):
+    """The plan is kept in checkpoints: resumed on a machine (or rates) that would afford everything, the run goes
+    on measuring the layers it measured, so its depth profiles and images stay comparable."""
     monkeypatch.setattr(costs, "measured_rates", lambda device="cpu": Rates(gram=1e-12, eigh=1e-7, estimate=1e-7,
                                                                             inverse=1e-7))
     probe = ConditionNumberProbe()
-    fit_widening([probe])
-    restored = ConditionNumberProbe()
-    restored.load_state_dict(probe.state_dict())
-    assert restored.plan == probe.plan
+    trainer = fit_widening([probe], steps=4)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    monkeypatch.setattr(costs, "measured_rates", lambda device="cpu": pytest.fail("a resume plans nothing again"))
+    resumed = ConditionNumberProbe()
+    fit_widening([resumed], steps=8, ckpt_path=tmp_path / "c.ckpt")
+    assert resumed.plan == probe.plan and set(resumed.last_stats) == {"body.1", "body.3"}
 
 
 def test_a_narrow_foreign_model_is_measured_whole_with_the_defaults():

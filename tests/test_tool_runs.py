@@ -158,10 +158,10 @@ def fake_run(tmp_path, *flags, epochs=2) -> Path:
 def test_resume_takes_only_last_ckpt_and_one_process_at_a_time(tmp_path, capsys):
     run = fake_run(tmp_path, epochs=1)
     best = next((run / "checkpoints").glob("best-*.ckpt"))
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     capsys.readouterr()
     assert train_main(["--resume", str(best), "--epochs", "2"]) == 2
-    assert "continues a run in place from its checkpoints/last.ckpt" in capsys.readouterr().err
+    assert "continues a run in place from the file named last.ckpt in its checkpoints folder" in capsys.readouterr().err
     with FolderLock(run, "--resume: the run folder"):  # another process is resuming this run
         assert train_main(["--resume", str(run / "checkpoints" / "last.ckpt"), "--epochs", "2", "--no-progress"]) == 2
     assert "is in use by another process" in capsys.readouterr().err
