@@ -40,13 +40,26 @@ def data():
     return dm
 
 
-def model():
+def model(torch_batch_norm: bool = False):
+    """The 100-layer MLP; ``torch_batch_norm``: with nn.BatchNorm1d in place of deepplain's (BackPACK, which
+    Cockpit's quantities need, extends modules by their exact class and computes no per-sample gradient for a
+    subclass: the quantities then fail on its parameters)."""
     import torch
+    from torch import nn
 
     from deepplain import build_model
+    from deepplain.layers import BatchNorm1d
     torch.manual_seed(0)
-    return build_model("plain", DEPTH, arch="mlp", input_shape=(1, 16, 16), num_classes=10, width=WIDTH,
-                       activation="lrelu", negative_slope=0.3, norm="bn", init="he-uniform")
+    net = build_model("plain", DEPTH, arch="mlp", input_shape=(1, 16, 16), num_classes=10, width=WIDTH,
+                      activation="lrelu", negative_slope=0.3, norm="bn", init="he-uniform")
+    if torch_batch_norm:
+        for parent in list(net.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, BatchNorm1d):
+                    plain = nn.BatchNorm1d(child.num_features, eps=child.eps, momentum=child.momentum)
+                    plain.load_state_dict(child.state_dict())
+                    setattr(parent, name, plain)
+    return net
 
 
 def batches(dm, steps):
@@ -63,7 +76,7 @@ def tracking_interval(steps: int, samples: int) -> int:
 
 def bare_loop(dm, steps: int, use_cockpit: bool, samples: int = 20) -> float:
     import torch
-    net = model()
+    net = model(torch_batch_norm=use_cockpit)
     loss_fn, per_sample = torch.nn.CrossEntropyLoss(), torch.nn.CrossEntropyLoss(reduction="none")
     cockpit = None
     if use_cockpit:

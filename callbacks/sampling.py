@@ -12,9 +12,10 @@ Lightning hook) and *what* it computes; the base decides *whether* to sample at 
 * **Time budget.** ``max_overhead`` (default 1%) postpones an intermediate sample unless the time
   the callback spent on intermediate samples, plus what the last sample took, stays within that
   share of the wall time since training started; the first and last samples are never postponed
-  and do not count against it, nor do the samples that keep ``min_samples`` (default 10) spread
-  over a run of known length: whatever the budget, a run has at least that many points in time
-  (one due every tenth of the run), so that its evolution and the ``overview/`` charts show. A
+  and do not count against it, nor do the samples that keep ``min_samples`` (default 10; the
+  condition probe's spectra, whose cost it plans itself, 2) spread over a run of known length:
+  whatever the budget, a run has at least that many points in time (one due by the end of every
+  tenth of the run), so that its evolution and the ``overview/`` charts show. A
   postponed sample is taken at the first later step the budget allows (due points that pass
   meanwhile merge into it) and every postponement is logged on the ``deepplain.callbacks`` logger,
   with a summary line at the end of training.
