@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every CPU figure of docs/BENCHMARKS.md, one benchmark after another (never two at once: they share the cores).
-# Each writes its output to OUT/<name>.txt; about 75 minutes on a 2-core CPU.
+# Each writes its output to OUT/<name>.txt; about 80 minutes on a 2-core CPU.
 #
 #     DEEPPLAIN_DATA=../shared/datasets bash benchmarks/cpu_suite.sh results/bench-$(date +%F)
 #
@@ -19,6 +19,7 @@ run framework_quick framework_overhead.py --quick
 run framework_full framework_overhead.py
 run batchnorm batchnorm_cost.py
 run van_resnet van_vs_resnet.py
+run van_conv van_vs_resnet.py --conv
 run dropin dropin_overhead.py
 run usps diagnostics_overhead.py --usps --repeats 5
 run quick20 diagnostics_overhead.py --quick

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -63,8 +64,12 @@ def fit_once(depth: int, width: int, steps: int, with_diagnostics: bool, logdir:
 USPS_RUN = ["--preset", "oyedotun-mlp-100", "--dataset", "usps", "--epochs", "4", "--val-split", "0", "--no-progress"]
 
 
+SPENT = re.compile(r"^(\w+): (\d+) samples at steps .*; ([\d.]+) s spent \(([\d.]+)% of training", re.M)
+
+
 def process_once(with_diagnostics: bool, logdir: str) -> float:
-    """Wall seconds of a whole ``train.py`` process (start-up, data, training, test, report)."""
+    """Wall seconds of a whole ``train.py`` process (start-up, data, training, test, report); with the diagnostics,
+    also prints what each callback's own timer counted (these do not drift with the VM as whole runs do)."""
     argv = [sys.executable, str(REPO / "train.py"), *USPS_RUN, "--diagnostics", "all" if with_diagnostics else "none",
             "--logdir", logdir]
     start = time.perf_counter()
@@ -72,6 +77,12 @@ def process_once(with_diagnostics: bool, logdir: str) -> float:
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"train.py failed: {proc.stderr[-1500:]}")
+    timers = SPENT.findall(proc.stderr + proc.stdout)
+    if with_diagnostics and timers:
+        total = sum(float(spent) for _, _, spent, _ in timers)
+        print("    the callbacks' own timers: " + ", ".join(f"{name} {samples} samples {float(spent):.2f} s"
+                                                        for name, samples, spent, _ in timers)
+              + f"; {total:.2f} s in all, {sum(float(share) for *_, share in timers):.1f}% of training", flush=True)
     return seconds
 
 

@@ -140,7 +140,13 @@ class OursOnly(logging.Filter):
         return record.levelno >= logging.WARNING or str(record.msg).startswith(self.PREFIXES)
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as train.py shows it: what happened, in one line, not the source file and line that raised it."""
+    return f"warning: {message}\n"
+
+
 def _setup_logging() -> None:
+    warnings.formatwarning = one_line_warning
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

@@ -135,16 +135,17 @@ def load_resume_config(explicit: dict) -> RunConfig:
                           + (f": pass {inside}" if inside else " with no checkpoints/last.ckpt in it"))
     if not ckpt.is_file():
         raise ConfigError(f"--resume checkpoint {ckpt} does not exist")
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    saved = run_dir / "config.json"
+    if not saved.is_file():  # checked first: a file outside any run is no run's checkpoint, whatever its name
+        raise ConfigError(f"--resume: {ckpt} is not in a deepplain run folder ({saved} not found); pass a run's "
+                          "checkpoints/last.ckpt")
     if ckpt.name != "last.ckpt" and not (ckpt.name.startswith("hpc_ckpt_") and ckpt.suffix == ".ckpt"):
         # Resuming continues the run in its folder; from another state it would overwrite the newer last.ckpt.
         raise ConfigError(f"--resume continues a run in place from the file named last.ckpt in its checkpoints "
                           f"folder; {ckpt.name} is another file (a best-* checkpoint or a copy): pass the run's "
                           "checkpoints/last.ckpt, or load this one with <Module>.load_from_checkpoint to use it "
                           "elsewhere")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    saved = run_dir / "config.json"
-    if not saved.is_file():
-        raise ConfigError(f"--resume: {saved} not found; pass a checkpoint inside a deepplain run folder")
     try:
         config = json.loads(saved.read_text())
         if not isinstance(config, dict) or "model" not in config or "dataset" not in config:

@@ -164,6 +164,15 @@ def test_missing_dataset_names_paths_in_a_real_process(tmp_path):
     assert "MNIST/raw/train-images-idx3-ubyte.gz" in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_a_warning_reaches_the_user_as_one_clean_line():
+    """train.py's warnings (a diagnostic's finding among them) show the message, not our source file and line."""
+    code = ("import warnings; from deepplain import cli; cli._setup_logging(); "
+            "warnings.warn('ActivationSaturationMonitor: activations exploded in 51 layer(s) at step 57')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "warning: ActivationSaturationMonitor: activations exploded in 51 layer(s) at step 57\n"
+
+
 def test_config_check_rejects_van_flags_elsewhere():
     with pytest.raises(ConfigError, match="--lambda-lr-ratio applies to --model van only"):
         merge({"model": "plain", "dataset": "usps", "lambda_lr_ratio": 0.5})

@@ -215,6 +215,10 @@ def test_resume_messages_name_the_real_problem(tmp_path, capsys):
     copy.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())
     assert train_main(["--resume", str(copy)]) == 2
     assert "copy.ckpt is another file (a best-* checkpoint or a copy)" in capsys.readouterr().err
+    stray = tmp_path / "notes.txt"  # any file outside a run folder is no run's checkpoint, whatever its name
+    stray.write_text("hello")
+    assert train_main(["--resume", str(stray)]) == 2
+    assert f"{stray} is not in a deepplain run folder ({tmp_path / 'config.json'} not found)" in capsys.readouterr().err
 
 
 def test_the_same_callbacks_in_a_second_fit_log_what_they_logged_in_the_first():
