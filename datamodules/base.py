@@ -18,7 +18,7 @@ import torch
 from deepplain.errors import ConfigError, DatasetError
 
 from .augment import random_crop_flip
-from .paths import candidate_roots
+from .paths import candidate_roots, describe_roots
 from .splits import MAX_VAL_SPLIT, ValidationSource, stratified_split
 
 log = logging.getLogger("deepplain.data")
@@ -215,7 +215,7 @@ class TensorDataModule(L.LightningDataModule):
     def _not_found_hint(self, roots, downloaded: bool = False) -> str:
         expected = ", ".join(" or ".join(alts) for alts in self.files)
         searched = ", ".join(str(r) for r in roots)
-        source = "--data-dir" if self.data_dir else "$DEEPPLAIN_DATA, then ./data"
+        source = describe_roots(self.data_dir)
         how = ("check the network connection, or put the files there yourself" if downloaded  # --download was given
                else self.how_to_get or "pass --download to fetch it")
         return f"searched {searched} (from {source}); expected {expected}; {how}"

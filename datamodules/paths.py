@@ -36,6 +36,14 @@ def candidate_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return roots
 
 
+def describe_roots(data_dir: str | os.PathLike | None = None) -> str:
+    """Where :func:`candidate_roots` took its folders from, for messages: ``--data-dir``, or ``$DEEPPLAIN_DATA``
+    and ``./data``, or ``./data`` alone when ``$DEEPPLAIN_DATA`` is not set."""
+    if data_dir is not None and str(data_dir) != "":
+        return "--data-dir"
+    return f"${ENV_VAR}, then ./data" if os.environ.get(ENV_VAR) else f"./data; ${ENV_VAR} is not set"
+
+
 def first_existing(root: Path, alternatives: list[str]) -> Path | None:
     """The first of ``alternatives`` (paths relative to ``root``) that exists under ``root``."""
     for rel in alternatives:

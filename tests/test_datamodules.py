@@ -98,6 +98,16 @@ def test_missing_data_folder_names_paths_and_files(tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+def test_the_message_says_where_the_folders_searched_came_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DEEPPLAIN_DATA", raising=False)
+    with pytest.raises(DatasetError, match=r"searched data \(from ./data; \$DEEPPLAIN_DATA is not set\)"):
+        MNISTDataModule().setup()
+    monkeypatch.setenv("DEEPPLAIN_DATA", str(tmp_path / "empty"))
+    with pytest.raises(DatasetError, match=r"\(from \$DEEPPLAIN_DATA, then ./data\)"):
+        MNISTDataModule().setup()
+
+
 def test_explicit_data_dir_is_the_only_folder_searched(tmp_path, monkeypatch, data_root):
     monkeypatch.setenv("DEEPPLAIN_DATA", str(data_root))  # holds a complete MNIST, which must not be used
     with pytest.raises(DatasetError, match=f"MNIST not found: searched {tmp_path / 'typo'} \\(from --data-dir\\)"):
