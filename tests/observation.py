@@ -14,7 +14,8 @@ so ResNet-18 on 16x16 images gets garbage in ``layer4.0.conv1.weight`` at the ke
 padding; on other CPUs the bf16 kernels reduce in a varying order), the parts no kernel can make irreproducible
 (the data order, the random states, the hooks and autocast state) must still be equal, every tensor the two
 references agree on bit for bit must be equal too, and a tensor they do not agree on must lie within their
-measured spread. A tensor whose two references differ by more than its own magnitude (garbage, not rounding)
+measured spread (measured again with a third reference where one pair understates it: a small tensor's difference
+is a few random draws). A tensor whose references differ by more than its own magnitude (garbage, not rounding)
 cannot be compared on this machine: it is reported, never silently passed, and at most a few may be.
 """
 from __future__ import annotations
@@ -161,18 +162,24 @@ def assert_observed_only(reference: dict, watched: dict, rerun: Callable[[], dic
         for key in keys:
             assert key in unstable[part], (f"{part}: {key} differs with the diagnostics on, and two runs without "
                                            "them agree on it bit for bit on this machine")
-    uncomparable = []
+    uncomparable, third = [], None
     for part, keys in unstable.items():
         for key in keys:
             ref, other, got = reference[part][key], again[part][key], watched[part].get(key)
             spread, scale = _max_abs_difference(ref, other), _reproduced_scale(ref, other)
+            off = _max_abs_difference(ref, got)
+            if off > SPREAD_FACTOR * spread and math.isfinite(spread):
+                # one pair of runs may understate the spread (a small tensor's difference is a few random draws):
+                # beyond it, a third reference, run once for all tensors, measures it again
+                third = third if third is not None else rerun()
+                spread = max(spread, *(_max_abs_difference(run, third[part][key]) for run in (ref, other)))
             if not math.isfinite(spread) or spread > max(scale, 1e-30):  # garbage, not rounding: no spread to use
-                uncomparable.append(f"{key} (two runs without callbacks differ by {spread:.3g}, the tensor's "
+                uncomparable.append(f"{key} (runs without callbacks differ by {spread:.3g}, the tensor's "
                                     f"scale is {scale:.3g})")
                 continue
-            off = _max_abs_difference(ref, got)
             assert off <= SPREAD_FACTOR * spread, (f"{part}: {key} differs from the reference by {off:.3g} with "
-                                                   f"the diagnostics on; two runs without them differ by {spread:.3g}")
+                                                   f"the diagnostics on; runs without them differ by up to "
+                                                   f"{spread:.3g}")
     total = len(reference["weights and buffers after the fit"])
     assert len(uncomparable) <= max(1, UNCOMPARABLE_SHARE * total), \
         f"too much of the run is not reproducible on this machine to compare: {uncomparable}"

@@ -45,6 +45,25 @@ def test_within_the_measured_spread_passes_and_beyond_it_fails():
         assert_observed_only(reference, trace(w=[1.0, 2.0], v=[5.0 + 1e-6]), rerun=lambda: again)
 
 
+def test_a_spread_one_pair_understates_is_measured_again_once():
+    """Two references 1e-6 apart, the watched run 1e-5 off: a third reference, 4e-6 off, shows the spread is larger
+    (passes); a difference beyond every pair's spread still fails; the third run is taken once for all tensors."""
+    reference, again, third = trace(w=[2.0], u=[3.0]), trace(w=[2.0 + 1e-6], u=[3.0 + 1e-6]), \
+        trace(w=[2.0 + 4e-6], u=[3.0 + 4e-6])
+    runs = iter([again, third])
+    calls = []
+
+    def rerun():
+        calls.append(1)
+        return next(runs)
+    assert assert_observed_only(reference, trace(w=[2.0 - 1e-5], u=[3.0 - 1e-5]), rerun=rerun).startswith(
+        "within the spread")
+    assert len(calls) == 2
+    runs = iter([again, third])
+    with pytest.raises(AssertionError, match=r"w differs from the reference by 0.001 .* differ by up to 4"):
+        assert_observed_only(reference, trace(w=[2.001], u=[3.0]), rerun=lambda: next(runs))
+
+
 def test_what_no_kernel_decides_is_exact_even_where_the_weights_are_not():
     reference, again = trace(w=[1.0]), trace(w=[1.0 + 1e-6])
     changed = trace(w=[1.0])
@@ -62,7 +81,7 @@ def test_garbage_in_one_tensor_is_reported_not_compared_and_the_rest_still_count
     that tensor is named in a warning, and every other tensor is still compared bit for bit."""
     weights = {f"t{i}": [float(i)] for i in range(20)}
     reference, again = trace(**weights, g=[0.1, 3e27]), trace(**weights, g=[0.1, -5e30])
-    with pytest.warns(UserWarning, match=r"not compared: g \(two runs without callbacks differ by 5"):
+    with pytest.warns(UserWarning, match=r"not compared: g \(runs without callbacks differ by 5"):
         assert_observed_only(reference, trace(**weights, g=[0.1, 7e12]), rerun=lambda: again)
     with pytest.raises(AssertionError, match="t3 differs with the diagnostics on"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
