@@ -131,7 +131,16 @@ def run(plan: Plan) -> RunSummary:
                     print_run_end(built.summary)
         finally:
             built.release()
+            leave_process_group()
     return summary
+
+
+def leave_process_group() -> None:
+    """Stop the process group (DDP) while the interpreter is fully alive: a process that exits with gloo's worker
+    threads still up can abort in interpreter finalisation, SIGABRT after a finished run ("terminate called
+    without an active exception": seen in this project's DDP test, and described in pytorch/pytorch#179291)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build(plan: Plan) -> Run:

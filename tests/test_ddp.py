@@ -138,3 +138,16 @@ def test_a_rank_that_never_arrives_ends_the_run_with_one_line(tmp_path):
     assert proc.returncode == 4 and len(lines) == 1, proc.stderr[-3000:]
     assert "could not reach each other within --dist-timeout 15 s" in lines[0]
     assert "Traceback" not in proc.stderr and time.time() - start < 200
+
+
+def test_a_run_leaves_its_process_group_before_the_process_exits(tmp_path):
+    """train.py's run ends with the process group destroyed: gloo's threads still up at interpreter teardown can
+    abort a finished run with SIGABRT (seen once in this suite's DDP test)."""
+    import torch.distributed as dist
+
+    from deepplain.training import leave_process_group
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    leave_process_group()
+    assert not dist.is_initialized()
+    leave_process_group()  # nothing to leave: a no-op

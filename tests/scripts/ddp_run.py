@@ -62,3 +62,4 @@ else:
 if trainer.global_rank == 0:
     result["world_size"] = trainer.world_size
     (out / f"{mode}.json").write_text(json.dumps(result))
+torch.distributed.destroy_process_group()  # before exit: gloo's threads alive at interpreter teardown can abort it
