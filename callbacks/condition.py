@@ -92,6 +92,13 @@ def _norm_name(norm) -> str:
     return str(norm).lower()
 
 
+def _heatmap_layer(item, names: list[str]) -> Optional[str]:
+    """The layer a ``heatmap_layers`` item names: an index into ``names`` or a name among them; None if neither."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        return names[item] if -len(names) <= item < len(names) else None
+    return item if item in names else None
+
+
 class ConditionNumberProbe(SamplingCallback):
     """Singularity diagnostics on a fixed probe batch (the PlainNet paper, Sec. II-B and Fig. 5-8).
 
@@ -587,9 +594,7 @@ class ConditionNumberProbe(SamplingCallback):
     def _check_heatmap_layers(self) -> None:
         """``heatmap_layers`` must name watched layers (an index into them, or a name): said at setup."""
         names = [n for n, _ in self._watched]
-        wrong = [item for item in self.heatmap_layers or []
-                 if not ((isinstance(item, int) and not isinstance(item, bool) and -len(names) <= item < len(names))
-                         or item in names)]
+        wrong = [item for item in self.heatmap_layers or [] if _heatmap_layer(item, names) is None]
         if wrong:
             shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
             raise ValueError(f"ConditionNumberProbe: heatmap_layers {wrong} name no watched layer; there are "
@@ -598,13 +603,7 @@ class ConditionNumberProbe(SamplingCallback):
     def _heatmap_names(self, names: list[str]) -> list[str]:
         if self.heatmap_layers is None:
             return sorted({names[len(names) // 2], names[-1]}, key=names.index)
-        chosen = []
-        for item in self.heatmap_layers:
-            if isinstance(item, int) and -len(names) <= item < len(names):
-                chosen.append(names[item])
-            elif item in names:
-                chosen.append(item)
-        return chosen
+        return [name for name in (_heatmap_layer(item, names) for item in self.heatmap_layers) if name is not None]
 
     def probe_rows(self) -> Optional[int]:
         return self.plan.probe_size if self.plan is not None else None

@@ -120,11 +120,14 @@ class MaxNormConstraint(Callback):
         self.publisher.draw(trainer, trainer.global_step)  # the image grows epoch by epoch
 
     def on_train_end(self, trainer, pl_module):
-        self.publisher.draw(trainer, trainer.global_step)
-        write_overview(trainer, self)
+        self.draw_at_end(trainer)
 
     def on_exception(self, trainer, pl_module, exception):
-        self.publisher.draw(trainer, trainer.global_step)  # a run that diverged or was stopped gets its pictures
+        self.draw_at_end(trainer)  # a run that diverged or was stopped gets its pictures too
+
+    def draw_at_end(self, trainer) -> None:
+        """The image at the run's last step and overview.png, however the run ended."""
+        self.publisher.draw(trainer, trainer.global_step)
         write_overview(trainer, self)
 
     def teardown(self, trainer, pl_module, stage):

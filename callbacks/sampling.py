@@ -397,8 +397,12 @@ class SamplingCallback(Callback):
         image at the last one's step (subclasses)."""
 
     def on_exception(self, trainer, pl_module, exception):
-        # a run that diverged or was stopped is the one most in need of its pictures: the figures it kept and
-        # overview.png, as at a normal end (the last callback with a publisher writes the overview)
+        # a run that diverged or was stopped is the one most in need of its pictures
+        self.draw_at_end(trainer)
+
+    def draw_at_end(self, trainer) -> None:
+        """The figures this callback kept and overview.png (the last callback with a publisher writes it),
+        however the run ended."""
         self.draw_figures(trainer)
         write_overview(trainer, self)
 
@@ -425,8 +429,7 @@ class SamplingCallback(Callback):
         cost.append(time.perf_counter() - start)
 
     def on_train_end(self, trainer, pl_module):
-        self.draw_figures(trainer)
-        write_overview(trainer, self)
+        self.draw_at_end(trainer)
         if trainer.global_rank == 0 and self.samples_taken:
             shown = self.sampled_steps if len(self.sampled_steps) <= 12 else (
                 self.sampled_steps[:6] + ["..."] + self.sampled_steps[-5:])

@@ -129,11 +129,8 @@ class FolderLock:
 
     def __enter__(self) -> "FolderLock":
         self._fh = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._fh.seek(0)
-            holder = self._fh.read().strip() or "?"
+        holder = _lock_or_holder(self._fh)
+        if holder is not None:
             self._fh.close()
             self._fh = None
             raise ConfigError(f"{self.what} {self.path.parent} is in use by another process (pid {holder}); wait for "
@@ -158,13 +155,21 @@ class FolderLock:
         if not path.is_file():
             return None
         with open(path, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                return fh.read().strip() or "?"
-            fcntl.flock(fh, fcntl.LOCK_UN)
-        return None
+            holder = _lock_or_holder(fh)
+            if holder is None:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return holder
+
+
+def _lock_or_holder(fh) -> Optional[str]:
+    """Take the exclusive lock on the open lock file ``fh`` without waiting: None when taken, else the pid that the
+    process holding it wrote there ("?" when it wrote none yet)."""
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        return fh.read().strip() or "?"
+    return None
 
 
 class OneLineParser(argparse.ArgumentParser):
