@@ -12,8 +12,11 @@ from .condition import ConditionNumberProbe
 from .grad_flow import GradientFlowMonitor
 from .linalg import condition_number, infinity_norm_condition, weight_conditions
 from .max_norm import MaxNormConstraint, apply_max_norm
+from .messages import DiagnosticWarning, install_format
 from .sampling import SamplingCallback
 from .saturation import ActivationSaturationMonitor
+
+install_format()  # the diagnostics' warnings print as one line, in any project (see messages.py)
 
 DIAGNOSTICS = {
     "saturation": ActivationSaturationMonitor,
@@ -23,4 +26,4 @@ DIAGNOSTICS = {
 
 __all__ = ["ActivationSaturationMonitor", "ConditionNumberProbe", "MaxNormConstraint", "AlphaScheduler",
            "GradientFlowMonitor", "SamplingCallback", "condition_number", "infinity_norm_condition",
-           "weight_conditions", "apply_max_norm", "DIAGNOSTICS"]
+           "weight_conditions", "apply_max_norm", "DiagnosticWarning", "DIAGNOSTICS"]

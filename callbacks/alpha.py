@@ -58,8 +58,9 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from . import outputs
 from .probing import glob_list, skip_gates
-from .publish import DepthTimeSpec, Publisher, write_overview
+from .publish import DepthTimeSpec, Publisher, finish_run_files
 from .records import DiagnosticsTable
 from .sampling import every_percent
 from .tensorboard import write_layout
@@ -261,6 +262,7 @@ class AlphaScheduler(Callback):
 
     def on_train_start(self, trainer, pl_module):
         write_layout(trainer, self)
+        outputs.announce(trainer)  # where the run's files go, said once
         total = float(trainer.estimated_stepping_batches)
         epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
         self.steps_per_epoch = total / epochs if epochs and math.isfinite(total) else None
@@ -367,9 +369,9 @@ class AlphaScheduler(Callback):
         self.draw_at_end(trainer)  # a run that diverged or was stopped gets its pictures too
 
     def draw_at_end(self, trainer) -> None:
-        """The image at the run's last step and overview.png, however the run ended."""
+        """The image at the run's last step, overview.png and the uploads, however the run ended."""
         self.publisher.draw(trainer, trainer.global_step)
-        write_overview(trainer, self)
+        finish_run_files(trainer, self)
 
     def teardown(self, trainer, pl_module, stage):
         DiagnosticsTable.close_for(trainer)

@@ -7,7 +7,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
 from . import costs, figures
 from .costs import (
@@ -28,12 +28,13 @@ from .linalg import (
     weight_condition_stats,
     weight_conditions,
 )
+from .messages import warn
+from .outputs import add_image
 from .probe_batch import ProbeBatch
 from .probing import LayerCapture, batch_inputs, layer_weight, weight_layers
 from .publish import DepthTimeSpec, Publisher
 from .records import ILL_CONDITIONED, SINGULAR_LOG10_KAPPA, log10_kappa
 from .sampling import SamplingCallback, _positive_int, planned_steps
-from .tensorboard import add_image
 
 __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition", "weight_conditions",
            "representation_matrix", "weight_matrix", "probe_size_for"]
@@ -440,21 +441,21 @@ class ConditionNumberProbe(SamplingCallback):
         call the model), and layers with fewer rows than units (singular by construction)."""
         if layers and not matrices and "reach" not in self._said:
             self._said.add("reach")
-            rank_zero_warn(f"ConditionNumberProbe: the probe ran ({self.probe_mode}) but none of the "
+            warn(f"ConditionNumberProbe: the probe ran ({self.probe_mode}) but none of the "
                            f"{len(layers)} watched layers produced an output; only weights are measured. Check "
                            "that probe_fn(pl_module, inputs) calls the model")
         short = [f"{n} ({m.shape[0]} rows, {m.shape[1]} units)" for n, m in matrices.items()
                  if isinstance(m, torch.Tensor) and m.shape[0] < m.shape[1]]
         if short and "short" not in self._said:
             self._said.add("short")
-            rank_zero_warn(f"ConditionNumberProbe: {len(short)} layer(s) have fewer probe rows than units, so their "
+            warn(f"ConditionNumberProbe: {len(short)} layer(s) have fewer probe rows than units, so their "
                            f"units cannot be independent and kappa is inf by construction: "
                            f"{', '.join(short[:4])}{' ...' if len(short) > 4 else ''}; give probe_size (or max_rows) "
                            "of at least the units, or leave probe_size=None to size it from the widest layer")
 
     def _check_probe_rows(self):
         if self.probe.inputs is not None and self.auto_probe_size and self.probe.inputs.shape[0] < self.probe.size:
-            rank_zero_warn(f"ConditionNumberProbe: the probe batch has {self.probe.inputs.shape[0]} samples (all "
+            warn(f"ConditionNumberProbe: the probe batch has {self.probe.inputs.shape[0]} samples (all "
                            f"the training data gave), fewer than the {self.probe.size} the widest layer needs for "
                            "full unit rank; the condition numbers of wider layers are infinite by construction")
 

@@ -9,7 +9,7 @@ from . import figures
 from .probing import gradient_layers, layer_gradient_tensors
 from .publish import DepthTimeSpec, Publisher
 from .sampling import SamplingCallback
-from .tensorboard import add_image
+from .outputs import add_image
 
 
 class GradientFlowMonitor(SamplingCallback):

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 from lightning.pytorch import Callback
 
+from . import outputs
 from .probing import glob_list, weight_layers
-from .publish import DepthTimeSpec, Publisher, write_overview
+from .publish import DepthTimeSpec, Publisher, finish_run_files
 from .records import DiagnosticsTable
 from .sampling import _positive_int, every_percent
 from .tensorboard import write_layout
@@ -97,6 +98,7 @@ class MaxNormConstraint(Callback):
 
     def on_train_start(self, trainer, pl_module):
         write_layout(trainer, self)
+        outputs.announce(trainer)  # where the run's files go, said once
         self._last_step = trainer.global_step
         self._every = self.log_every_n_steps or every_percent(trainer, trainer.log_every_n_steps)
 
@@ -126,9 +128,9 @@ class MaxNormConstraint(Callback):
         self.draw_at_end(trainer)  # a run that diverged or was stopped gets its pictures too
 
     def draw_at_end(self, trainer) -> None:
-        """The image at the run's last step and overview.png, however the run ended."""
+        """The image at the run's last step, overview.png and the uploads, however the run ended."""
         self.publisher.draw(trainer, trainer.global_step)
-        write_overview(trainer, self)
+        finish_run_files(trainer, self)
 
     def teardown(self, trainer, pl_module, stage):
         DiagnosticsTable.close_for(trainer)

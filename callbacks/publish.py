@@ -23,8 +23,8 @@ from typing import Optional
 import numpy as np
 
 from . import figures
-from .records import DepthTimeRecord, DiagnosticsTable, log_folder
-from .tensorboard import add_image, log_scalars, png_bytes
+from .outputs import add_image, log_scalars, png_bytes, run_folder, upload_run_files
+from .records import DepthTimeRecord, DiagnosticsTable
 
 # The depth x time images that go into overview.png, in this order, when the run has them.
 OVERVIEW_IMAGES = ("saturation/depth_time/mean_abs", "saturation/depth_time/max_abs",
@@ -159,13 +159,26 @@ def _by_stat(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_overview(trainer, caller) -> Optional[Path]:
-    """``overview.png`` in the run folder: the key depth x time images of every callback, two per row,
-    for reading a run without TensorBoard. Written by the last callback with a publisher, when it
-    ends training (after the others drew theirs); returns the path."""
+OVERVIEW = "overview.png"
+
+
+def finish_run_files(trainer, caller) -> Optional[Path]:
+    """At the end of training, however it ended: ``overview.png`` in the run folder, then the run's files
+    uploaded to the trackers that keep files (``outputs.upload_run_files``). Done by the last callback with a
+    publisher (after the others drew theirs); returns overview.png's path, if one was written."""
     owners = [cb for cb in trainer.callbacks if isinstance(getattr(cb, "publisher", None), Publisher)]
-    folder = log_folder(trainer)
-    if trainer.global_rank != 0 or not owners or owners[-1] is not caller or folder is None:
+    if trainer.global_rank != 0 or not owners or owners[-1] is not caller:
+        return None
+    path = write_overview(trainer, owners)
+    upload_run_files(trainer, (DiagnosticsTable.FILENAME, OVERVIEW))
+    return path
+
+
+def write_overview(trainer, owners: list) -> Optional[Path]:
+    """``overview.png`` in the run folder: the key depth x time images of every callback in ``owners``, two per
+    row, for reading a run without TensorBoard."""
+    folder = run_folder(trainer)
+    if folder is None:
         return None
     images = {}
     for cb in owners:
@@ -179,7 +192,7 @@ def write_overview(trainer, caller) -> Optional[Path]:
     if len(tiles) % 2:
         tiles.append(np.full_like(tiles[0], 255))
     grid = np.concatenate([np.concatenate(tiles[i:i + 2], axis=1) for i in range(0, len(tiles), 2)], axis=0)
-    path = folder / "overview.png"
+    path = folder / OVERVIEW
     folder.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png_bytes(grid))
     return path

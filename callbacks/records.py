@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from .outputs import run_folder
+
 DEAD_SHARE = 0.5          # a layer is "dead" when more than this share of its units never fire on the batch
 ILL_CONDITIONED = 1e6     # representation kappa above this (and finite) is ill-conditioned
 # A singular representation (kappa = inf) is logged as log10 kappa = 17: above any finite float64
@@ -37,15 +39,6 @@ def log10_kappa(kappa: float) -> float:
     if math.isinf(kappa):
         return SINGULAR_LOG10_KAPPA
     return math.log10(max(kappa, 1.0))
-
-
-def log_folder(trainer) -> Optional[Path]:
-    """The folder of the trainer's first logger that has one (a run folder); None without a logger."""
-    for logger in getattr(trainer, "loggers", []) or []:
-        folder = getattr(logger, "log_dir", None)
-        if folder:
-            return Path(folder)
-    return None
 
 
 class DepthTimeRecord:
@@ -120,9 +113,9 @@ class FindingsLog:
 
 
 class DiagnosticsTable:
-    """The run's ``diagnostics.csv`` in the logger's folder: one row per value, columns
+    """The run's ``diagnostics.csv`` in the run folder (``outputs.run_folder``): one row per value, columns
     :data:`COLUMNS`, appended and flushed as each sample is taken (an interrupted run keeps what
-    it measured). Shared by every callback of a trainer, rank zero only; no logger, no table.
+    it measured). Shared by every callback of a trainer, rank zero only.
 
     A run that resumes at step s first drops the rows of steps >= s (they are measured again) and any
     row a kill cut mid-write.
@@ -151,7 +144,7 @@ class DiagnosticsTable:
         if getattr(trainer, "global_rank", 0) != 0:
             return None
         table = cls._of_trainer.get(trainer)
-        folder = log_folder(trainer)
+        folder = run_folder(trainer)
         if table is None and folder is not None:
             table = cls._of_trainer[trainer] = cls(folder / cls.FILENAME, int(trainer.global_step))
         return table

@@ -46,12 +46,14 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from lightning.pytorch import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
+from . import outputs
 from .layer_outputs import unit_dims
+from .messages import warn
 from .probe_batch import ProbeBatch
 from .probing import check_selection, glob_list, has_forward, hidden_layers, select_modules
-from .publish import Publisher, write_overview
+from .publish import Publisher, finish_run_files
 from .records import DiagnosticsTable, FindingsLog
 from .tensorboard import write_layout
 
@@ -308,6 +310,7 @@ class SamplingCallback(Callback):
             self.publisher.stems = {k: v.replace(self.prefix, self.publisher.prefix, 1)
                                     for k, v in self.publisher.stems.items()}
         write_layout(trainer, self)
+        outputs.announce(trainer)  # where the run's files go, said once
 
     def is_full(self, step: int) -> bool:
         """The first and the last samples of a run: never postponed, never partial."""
@@ -401,10 +404,10 @@ class SamplingCallback(Callback):
         self.draw_at_end(trainer)
 
     def draw_at_end(self, trainer) -> None:
-        """The figures this callback kept and overview.png (the last callback with a publisher writes it),
+        """The figures this callback kept and overview.png and the uploads (the last callback with a publisher does them),
         however the run ended."""
         self.draw_figures(trainer)
-        write_overview(trainer, self)
+        finish_run_files(trainer, self)
 
     def teardown(self, trainer, pl_module, stage):
         self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
@@ -505,7 +508,7 @@ class SamplingCallback(Callback):
 
     def probe_failed(self, exc: Exception) -> None:
         message = " ".join(str(exc).split())[:300]
-        rank_zero_warn(f"{type(self).__name__}: the probe batch could not go through the model ({type(exc).__name__}: "
+        warn(f"{type(self).__name__}: the probe batch could not go through the model ({type(exc).__name__}: "
                        f"{message}); from now on layer outputs are captured during the training step's own forward "
                        "(training-batch statistics). Pass probe_fn=lambda module, x: ... to say how to run the probe")
         if self.probe is not None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
 from . import figures
+from .messages import warn
+from .outputs import add_image
 from .probing import LayerCapture
 from .publish import DepthTimeSpec, Publisher
 from .records import DEAD_SHARE
 from .sampling import SamplingCallback
-from .tensorboard import add_histogram, add_image
+from .tensorboard import add_histogram
 
 STATS = ("mean_abs", "max_abs", "frac_low", "frac_high", "frac_zero", "frac_dead")
 
@@ -283,7 +284,7 @@ class ActivationSaturationMonitor(SamplingCallback):
                 shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
                 message = f"activations {kind} ({rule}) in {len(layers)} layer(s) at step {step}: {shown}"
                 self.findings.say(step, f"ActivationSaturationMonitor: {message}")
-                rank_zero_warn(f"ActivationSaturationMonitor: {message}")
+                warn(f"ActivationSaturationMonitor: {message}")
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self):

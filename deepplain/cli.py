@@ -27,6 +27,7 @@ import warnings
 import yaml
 
 from .callbacks import DIAGNOSTICS
+from .callbacks.messages import format_line
 from .config import load_resume_config
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError, RunFailure
@@ -140,13 +141,10 @@ class OursOnly(logging.Filter):
         return record.levelno >= logging.WARNING or str(record.msg).startswith(self.PREFIXES)
 
 
-def one_line_warning(message, category, filename, lineno, line=None) -> str:
-    """A warning as train.py shows it: what happened, in one line, not the source file and line that raised it."""
-    return f"warning: {message}\n"
-
-
 def _setup_logging() -> None:
-    warnings.formatwarning = one_line_warning
+    warnings.formatwarning = format_line  # every warning, in train.py: what happened, not the code that said it
+    for chatty in ("mlflow.store.db.utils", "alembic"):  # --logger mlflow: the store's migrations, once per logdir
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")

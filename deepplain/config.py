@@ -14,6 +14,7 @@ from pathlib import Path
 from .callbacks import DIAGNOSTICS
 from .datamodules import DATASETS, get_dataset
 from .errors import ConfigError
+from .loggers import check_loggers
 from .presets import RECIPES, get_preset
 from .registry import get_family
 from .schema import CHANGEABLE_ON_RESUME, DEFAULTS, OPTIONS, RunConfig, flag, from_dict
@@ -73,6 +74,7 @@ def check(values: dict, explicit: dict) -> None:
         resizable = " and ".join(name for name, d in DATASETS.items() if d.image_size is not None)
         raise ConfigError(f"--image-size applies to {resizable}, got --dataset {dataset.name}")
     check_diagnostics(values.get("diagnostics"))
+    check_loggers(values.get("logger"))
     check_run_name(values)
 
 

@@ -16,6 +16,7 @@ from .checkpoints import check_checkpoint, completed_epochs
 from .config import load_resume_config, merge
 from .datamodules import DatasetRecord, get_dataset
 from .errors import ConfigError
+from .loggers import require_packages
 from .rundir import slurm_job_folder
 from .schema import DATAMODULE, RunConfig, options_for
 
@@ -82,6 +83,7 @@ def make_plan(explicit: dict) -> Plan:
         preflight.check_logdir(config.logdir, config.name)
     if dataset.reads_files:
         datamodule.find_root()  # the files are there (nothing is read yet)
+    require_packages(config.logger)
     return Plan(config, dataset, datamodule, strategy_class)
 
 

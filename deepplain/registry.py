@@ -63,6 +63,12 @@ class Form:
         return [p for p in inspect.signature(self.builder).parameters if p not in ("depth", "input_shape",
                                                                                      "num_classes")]
 
+    def defaults(self) -> dict:
+        """The builder's own default of each option it takes (what a run that leaves an option unset trains with)."""
+        parameters = inspect.signature(self.builder).parameters
+        return {name: parameters[name].default for name in self.options()
+                if parameters[name].default is not inspect.Parameter.empty}
+
     def rules(self, options: dict) -> tuple:
         """The depth rules at these options, and the ``(option, value)`` that chose them (None: the default)."""
         for key, rules in self.depth_rules_by_option.items():

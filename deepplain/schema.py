@@ -20,6 +20,7 @@ from .callbacks.alpha import PAPER_LAMBDA_LR_RATIO
 from .datamodules import DATASETS
 from .datamodules.splits import MAX_VAL_SPLIT
 from .layers import ACTIVATIONS, INITS, NORMS
+from .loggers import LOGGERS
 from .models.dirac import DIRAC_LAYOUTS
 from .models.plain import CONV_LAYOUTS
 from .models.resnet import BLOCKS
@@ -256,6 +257,8 @@ class RunConfig:
     diag_every: Optional[int] = option(None, "sampling interval in steps for every diagnostic (default: about 20 "
                                              "samples spread over the run)", parse=int, valid=POSITIVE_INT,
                                        resumable=True)
+    logger: Optional[str] = option(None, f"loggers besides TensorBoard (always written): a comma list of "
+                                         f"{', '.join(LOGGERS)}", metavar="NAMES", resumable=True)
     per_layer_scalars: bool = option(False, "also one TensorBoard scalar per layer and statistic (thousands of tags "
                                             "for a 100-layer net; every value is in <run>/diagnostics.csv and the "
                                             "depth x time images anyway)", switch="on", resumable=True)

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
 
+from . import hparams_table
 from .callbacks import DIAGNOSTICS, AlphaScheduler
 from .checkpoints import AtomicCheckpointIO, RunCheckpoint, remove_stale_temporaries
 from .config import check_diagnostics, model_options
@@ -29,28 +30,18 @@ from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError, 
 from .files import atomic_write_json
 from .inputs import FolderLock
 from .layers import count_parameters
+from .loggers import build_loggers, close_trackers, log_run_identity
 from .plan import Plan
 from .registry import get_family
 from .report import print_run_end, print_trainability_report, trainability_findings
 from .rundir import run_dir_for
 from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunProgressBar, RunStats, RunStopped, StopSignals
-from .schema import MODULE, OPTIONS, RunConfig, options_for
+from .schema import MODULE, RunConfig, options_for
 from .status import METRIC_TAGS, RunStatus, RunSummary
 
 # The share of training time each diagnostic may spend on optional samples (beyond the ten saturation and
 # gradient flow take anyway, and the condition probe's first and last): 1% together, most where a sample is cheap.
 DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
-HPARAM_METRICS = tuple(METRIC_TAGS)
-# What tells the runs of a sweep apart, as TensorBoard's HParams table columns (it sorts them by name):
-# these, from any group, and every other option of the schema's groups that define what is trained (a
-# run's label smoothing or gate bias shows there too); the plumbing (paths, workers, progress) is in config.json.
-HPARAM_FIRST = ("model", "arch", "depth", "width", "dataset", "activation", "norm", "init", "max_norm", "alpha_mode",
-                "optimizer", "lr", "momentum", "weight_decay", "schedule", "batch_size", "epochs", "seed",
-                "precision", "val_split")
-HPARAM_GROUPS = ("model", "van", "optimisation")
-HPARAM_KEYS = HPARAM_FIRST + tuple(name for name, o in OPTIONS.items()
-                                   if o.group in HPARAM_GROUPS and name not in HPARAM_FIRST)
-
 
 def make_module(config: RunConfig, input_shape, num_classes: int):
     """The family's LightningModule with every option that goes to it (``schema.MODULE``)."""
@@ -130,6 +121,7 @@ def run(plan: Plan) -> RunSummary:
                         print(line)
                     print_run_end(built.summary)
         finally:
+            close_trackers(built.trainer.loggers)
             built.release()
             leave_process_group()
     return summary
@@ -178,17 +170,18 @@ def _build_in(plan: Plan, config: RunConfig, datamodule, module, created: bool, 
         remove_stale_temporaries(checkpoint_dir(run_dir))  # what a save killed half-way left behind
     if created and not config.resume:
         atomic_write_json(run_dir / "config.json", config.to_dict())
-    logger = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name, version=run_dir.name,
-                               default_hp_metric=False)
+    loggers = build_loggers(config.logger, run_dir, Path(config.logdir))
     stats, stop = RunStats(), StopSignals(checkpoint_dir(run_dir) / "last.ckpt")
     diagnostics = make_diagnostics(config)
-    trainer = make_trainer(config, plan.strategy_class, logger, stats, stop, diagnostics, datamodule)
-    if trainer.is_global_zero and datamodule.validation_source == ValidationSource.TEST:
-        logger.experiment.add_text("warnings", "val_split=0: validation metrics are measured on the TEST set")
-    return Run(config, created, module, datamodule, trainer, logger, stats, stop, diagnostics, lock)
+    trainer = make_trainer(config, plan.strategy_class, loggers, stats, stop, diagnostics, datamodule)
+    if trainer.is_global_zero:
+        log_run_identity(loggers[1:], hparams_table.run_identity(config))  # TensorBoard's: with the final metrics
+        if datamodule.validation_source == ValidationSource.TEST:
+            loggers[0].experiment.add_text("warnings", "val_split=0: validation metrics are measured on the TEST set")
+    return Run(config, created, module, datamodule, trainer, loggers[0], stats, stop, diagnostics, lock)
 
 
-def make_trainer(config: RunConfig, strategy_class: str, logger, stats: RunStats, stop: StopSignals,
+def make_trainer(config: RunConfig, strategy_class: str, loggers: list, stats: RunStats, stop: StopSignals,
                  diagnostics: list, datamodule) -> L.Trainer:
     ckpt_dir = checkpoint_dir(config.run_dir)
     # Two checkpointers: save_last alone would only refresh last.ckpt when val/acc improves.
@@ -202,7 +195,7 @@ def make_trainer(config: RunConfig, strategy_class: str, logger, stats: RunStats
     return L.Trainer(
         max_epochs=config.epochs, accelerator=config.accelerator, devices=config.devices,
         strategy=make_strategy(config, strategy_class), num_nodes=config.num_nodes, precision=config.precision,
-        logger=logger, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=config.run_dir,
+        logger=loggers, callbacks=callbacks, plugins=[AtomicCheckpointIO()], default_root_dir=config.run_dir,
         fast_dev_run=config.fast_dev_run, limit_train_batches=config.limit_train_batches,
         limit_val_batches=config.limit_val_batches, accumulate_grad_batches=config.accumulate_grad_batches,
         deterministic=config.deterministic, enable_progress_bar=config.progress,
@@ -267,17 +260,12 @@ def summarise(run: Run, status: RunStatus, error, metrics: dict) -> RunSummary:
 
 
 def _log_hparams(logger, config: RunConfig, summary: RunSummary) -> None:
-    """The run's identifying options (:data:`HPARAM_KEYS`) with its final metrics (``hparam/<metric>``),
-    so TensorBoard's HParams dashboard lists the runs of a sweep in one table."""
-    values = {k: getattr(config, k) for k in HPARAM_KEYS if getattr(config, k) is not None and config.applies(k)}
-    params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in values.items()}
-    metrics = {f"hparam/{k}": float(getattr(summary, k)) for k in HPARAM_METRICS if getattr(summary, k) is not None}
-    if metrics:
-        try:
-            logger.log_hyperparams(params, metrics=metrics)
+    """The run's row of TensorBoard's HParams table, so the dashboard lists the runs of a sweep in one table."""
+    try:
+        if hparams_table.write(logger, config, summary):
             logger.finalize("success")  # written and closed now: nothing touches the run folder after the run
-        except Exception as exc:  # an odd value must not cost the run its summary
-            print(f"warning: hyperparameters not logged to TensorBoard ({one_line(exc)})")
+    except Exception as exc:  # an odd value must not cost the run its summary
+        print(f"warning: hyperparameters not logged to TensorBoard ({one_line(exc)})")
 
 
 def _is_distributed_failure(exc: BaseException) -> bool:

@@ -21,6 +21,13 @@ resolve_data_env()
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+@pytest.fixture(autouse=True)
+def own_working_folder(tmp_path_factory, monkeypatch):
+    """Each test starts in a fresh folder of its own: a fit without a logger writes the diagnostics' files into
+    the trainer's default_root_dir, the working folder, as Lightning writes its checkpoints there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     root = Path(os.environ["DEEPPLAIN_DATA"])

@@ -75,7 +75,7 @@ def test_what_resume_may_change_is_the_schemas():
     assert CHANGEABLE_ON_RESUME == {
         "epochs", "resume", "accelerator", "devices", "strategy", "num_nodes", "precision", "progress",
         "limit_train_batches", "limit_val_batches", "num_workers", "data_dir", "diag_every", "dist_timeout",
-        "download", "verify_checksums", "per_layer_scalars"}
+        "download", "verify_checksums", "per_layer_scalars", "logger"}
 
 
 def test_family_options_apply_only_to_their_family():
