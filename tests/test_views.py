@@ -251,7 +251,7 @@ def test_depth_time_record_keeps_first_and_last_and_stays_bounded():
 def test_table_of_a_resumed_run_drops_the_rows_measured_again(tmp_path):
     class Trainer:
         global_rank, global_step = 0, 0
-        loggers = [type("Logger", (), {"log_dir": str(tmp_path)})()]
+        loggers = [CSVLogger(str(tmp_path), name="", version="")]  # its run folder: tmp_path itself
     first = Trainer()
     table = DiagnosticsTable.shared(first)
     for step in range(10):
