@@ -27,4 +27,5 @@ run long diagnostics_overhead.py
 run per_sample diagnostics_overhead.py --per-sample
 run data_path data_path.py
 run cockpit peer_cockpit.py --steps 40 --samples 2 --repeats 1
+run logger_images logger_image_cost.py
 echo "== done ($(date +%H:%M:%S))"

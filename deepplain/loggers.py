@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -134,19 +134,33 @@ def require_packages(spec) -> None:
                 from None
 
 
+@contextlib.contextmanager
+def _starting(what: str):
+    """A tracker that cannot start its run (a store it cannot open, a login it lacks) is one line, not a traceback."""
+    try:
+        yield
+    except Exception as exc:
+        raise ConfigError(f"{what} could not start its run: {one_line(exc)}") from None
+
+
 def log_run_identity(trackers: list, params: dict) -> None:
-    """The options that identify the run as W&B config and MLflow params, when it starts. MLflow's params cannot
-    change: a continued run (--resume --epochs 300) logs only the params it has not, and each changed value as the
-    tag ``resumed/<option>``."""
+    """The options that identify the run as W&B config and MLflow params, when it starts (their runs start here).
+    MLflow's params cannot change: a continued run (--resume --epochs 300) logs only the params it has not, and
+    each changed value as the tag ``resumed/<option>``."""
     for logger in trackers:
-        new = params
-        if isinstance(logger, MLFlowLogger):
-            logged = logger.experiment.get_run(logger.run_id).data.params
-            for key, value in params.items():
-                if key in logged and logged[key] != str(value):
-                    logger.experiment.set_tag(logger.run_id, f"resumed/{key}", str(value))
-            new = {k: v for k, v in params.items() if k not in logged}
-        logger.log_hyperparams(new)
+        with _starting(type(logger).__name__):
+            _log_identity(logger, params)
+
+
+def _log_identity(logger, params: dict) -> None:
+    new = params
+    if isinstance(logger, MLFlowLogger):
+        logged = logger.experiment.get_run(logger.run_id).data.params
+        for key, value in params.items():
+            if key in logged and logged[key] != str(value):
+                logger.experiment.set_tag(logger.run_id, f"resumed/{key}", str(value))
+        new = {k: v for k, v in params.items() if k not in logged}
+    logger.log_hyperparams(new)
 
 
 def close_trackers(loggers: list) -> None:
@@ -163,4 +177,8 @@ def build_loggers(spec, run_dir: Path, logdir: Path) -> list:
     """TensorBoard (the first: its folder is the run folder), then each ``--logger``, in the order named."""
     tensorboard = TensorBoardLogger(save_dir=str(run_dir.parent.parent), name=run_dir.parent.name,
                                     version=run_dir.name, default_hp_metric=False)
-    return [tensorboard, *(LOGGERS[name].build(run_dir, logdir) for name in check_loggers(spec))]
+    loggers = [tensorboard]
+    for name in check_loggers(spec):
+        with _starting(f"--logger {name}"):
+            loggers.append(LOGGERS[name].build(run_dir, logdir))
+    return loggers

@@ -243,6 +243,14 @@ def test_a_logger_whose_package_is_missing_is_one_line_and_exit_2(tmp_path, monk
     assert not (tmp_path / "runs").exists()  # before anything was written
 
 
+def test_a_tracker_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    code = cli.main([*TINY, "--epochs", "1", "--logger", "mlflow", "--logdir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: --logger mlflow could not start its "
+                                                                       "run: "), err
+
+
 @pytest.mark.parametrize("spec, message", [
     ("tensorbord", "unknown logger tensorbord; valid: a comma list of wandb, mlflow, csv (tensorboard is always "
                    "written)"),
