@@ -144,9 +144,10 @@ class DiagnosticsTable:
         if getattr(trainer, "global_rank", 0) != 0:
             return None
         table = cls._of_trainer.get(trainer)
-        folder = run_folder(trainer)
-        if table is None and folder is not None:
-            table = cls._of_trainer[trainer] = cls(folder / cls.FILENAME, int(trainer.global_step))
+        if table is None:  # the folder is looked up once per fit, not at every sample
+            folder = run_folder(trainer)
+            if folder is not None:
+                table = cls._of_trainer[trainer] = cls(folder / cls.FILENAME, int(trainer.global_step))
         return table
 
     def write(self, step: int, callback: str, statistic: str, values: dict[str, float]) -> None:

@@ -33,14 +33,19 @@ IMAGES = ("saturation/depth_time/max_abs", "condition/depth_time/log10_kappa", "
           "grad_flow/profile")
 
 
-@pytest.fixture(autouse=True)
-def trackers_at_home(tmp_path, monkeypatch):
-    """W&B and MLflow keep their settings and caches in the test's folder, and never go online."""
+def keep_trackers_at(home: Path, monkeypatch) -> None:
+    """W&B and MLflow keep their settings and caches in ``home``, never go online, and take no setting of the
+    developer's."""
     for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+        monkeypatch.setenv(name, str(home / "wandb-home"))
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def trackers_at_home(tmp_path, monkeypatch):
+    keep_trackers_at(tmp_path, monkeypatch)
 
 
 def drop_in_fit(logger, root: Path, epochs: int = 2):
@@ -153,12 +158,7 @@ def logged_run(tmp_path_factory):
     """One train.py run with every --logger, then its --resume for one more epoch."""
     home = tmp_path_factory.mktemp("logged")
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("WANDB_DIR", str(home / "wandb-home"))
-        env.setenv("WANDB_CONFIG_DIR", str(home / "wandb-home"))
-        env.setenv("WANDB_CACHE_DIR", str(home / "wandb-home"))
-        env.setenv("WANDB_DATA_DIR", str(home / "wandb-home"))
-        for name in ("WANDB_MODE", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-            env.delenv(name, raising=False)
+        keep_trackers_at(home, env)
         first = train_py("--epochs", "1", "--logger", "wandb,mlflow,csv", "--logdir", str(home / "runs"), cwd=home)
         run = home / "runs" / "plain-mlp-3-usps" / "version_0"
         again = train_py("--resume", str(run / "checkpoints" / "last.ckpt"), "--epochs", "2", cwd=home)
