@@ -113,6 +113,8 @@ def run(plan: Plan) -> RunSummary:
         summary = train(built)
     finally:
         try:
+            # the trackers end first: W&B prints its own run summary, and the run's report must be the last screen
+            close_trackers(built.trainer.loggers)
             if built.summary is not None and built.trainer.is_global_zero:
                 _log_hparams(built.logger, built.config, built.summary)
                 if built.summary.status is RunStatus.COMPLETED or built.summary.global_step:
@@ -121,7 +123,6 @@ def run(plan: Plan) -> RunSummary:
                         print(line)
                     print_run_end(built.summary)
         finally:
-            close_trackers(built.trainer.loggers)
             built.release()
             leave_process_group()
     return summary
