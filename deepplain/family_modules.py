@@ -26,6 +26,12 @@ class ResNetModule(ImageClassifier):
     family = "resnet"
 
 
+class ResNeXtModule(ImageClassifier):
+    """ResNeXt baseline (grouped bottleneck convolutions)."""
+
+    family = "resnext"
+
+
 class HighwayModule(ImageClassifier):
     """Highway network baseline."""
 

@@ -103,8 +103,8 @@ def flat_features(input_shape) -> int:
     return int(math.prod(input_shape))
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, bias: bool = False, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias, groups=groups)
 
 
 def count_parameters(model: nn.Module) -> int:

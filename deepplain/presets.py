@@ -12,6 +12,10 @@ RECIPES = {
                 milestones=[0.5, 0.75]),
 }
 
+COURSEWORK = dict(arch="conv", layout="coursework", activation="lrelu", negative_slope=0.01, init="default",
+                  dataset="cifar100", optimizer="adam", lr=1e-3, weight_decay=0.0, epochs=100, batch_size=100,
+                  schedule="cosine")
+
 PRESETS: dict[str, dict] = {
     "oyedotun-mlp-100": dict(
         _doc="PlainNet paper: 100-layer MLP, 300 units, BN + LeakyReLU(0.3) + max-norm 3 + He-uniform, on USPS "
@@ -41,23 +45,24 @@ PRESETS: dict[str, dict] = {
         model="dirac", arch="conv", depth=28, width=10, dataset="cifar10", optimizer="sgd", lr=0.1, momentum=0.9,
         nesterov=True, weight_decay=5e-4, epochs=200, batch_size=128, schedule="multistep", milestones=[60, 120, 160],
         gamma=0.2),
+    # The coursework report's Table 1 (``models.coursework``): 32 filters per conv, Leaky ReLU (PyTorch's slope,
+    # 0.01), PyTorch's default init (the report sets none), Adam 1e-3, cosine, batch 100, 100 epochs.
     "vgg08-cifar100": dict(
-        _doc="Coursework report: VGG08 (plain conv, 3n+2 with n=2) with BN on CIFAR-100, Adam 1e-3, cosine, batch 100, "
-             "100 epochs",
-        model="plain", arch="conv", depth=8, norm="bn", dataset="cifar100", optimizer="adam", lr=1e-3,
-        weight_decay=0.0, epochs=100, batch_size=100, schedule="cosine"),
+        _doc="Coursework report: VGG08 (7 convs of 32 filters, 60K parameters, no BN) on CIFAR-100, Adam 1e-3, "
+             "cosine, batch 100, 100 epochs",
+        model="plain", **COURSEWORK, depth=8, norm="none"),
     "vgg38-cifar100": dict(
-        _doc="Coursework report: the 'broken' VGG38 (no BN, no skips) on CIFAR-100; gradients vanish",
-        model="plain", arch="conv", depth=38, norm="none", dataset="cifar100", optimizer="adam", lr=1e-3,
-        weight_decay=0.0, epochs=100, batch_size=100, schedule="cosine"),
+        _doc="Coursework report: the 'broken' VGG38 (37 convs, 336K parameters, no BN, no skips); gradients vanish",
+        model="plain", **COURSEWORK, depth=38, norm="none"),
     "vgg38-bn-cifar100": dict(
-        _doc="Coursework report: VGG38 + BN on CIFAR-100",
-        model="plain", arch="conv", depth=38, norm="bn", dataset="cifar100", optimizer="adam", lr=1e-3,
-        weight_decay=0.0, epochs=100, batch_size=100, schedule="cosine"),
+        _doc="Coursework report: VGG38 + BN (338K parameters; the report: 339K)",
+        model="plain", **COURSEWORK, depth=38, norm="bn"),
+    "vgg38-rc-cifar100": dict(
+        _doc="Coursework report: VGG38 + residual connections, no BN (336K parameters)",
+        model="resnet", **COURSEWORK, depth=38, norm="none"),
     "vgg38-bn-rc-cifar100": dict(
-        _doc="Coursework report: VGG38 + BN + residual connections = pre-activation ResNet-38 (6n+2, n=6) on CIFAR-100",
-        model="resnet", arch="conv", depth=38, dataset="cifar100", optimizer="adam", lr=1e-3, weight_decay=0.0,
-        epochs=100, batch_size=100, schedule="cosine"),
+        _doc="Coursework report: VGG38 + BN + residual connections (338K parameters; the report: 339K)",
+        model="resnet", **COURSEWORK, depth=38, norm="bn"),
 }
 
 

@@ -23,6 +23,7 @@ from .layers import ACTIVATIONS, INITS, NORMS
 from .loggers import LOGGERS
 from .models.dirac import DIRAC_LAYOUTS
 from .models.plain import CONV_LAYOUTS
+from .models.resnet import LAYOUTS as RESNET_LAYOUTS
 from .models.resnet import BLOCKS
 from .optim import OPTIMIZERS, SCHEDULES
 from .presets import PRESETS
@@ -154,18 +155,24 @@ class RunConfig:
                                  + ", ".join(n for n, d in DATASETS.items() if d.arch == "conv") + ", mlp otherwise)",
                                  group="model",
                                  goes_to=MODULE, choices=FORMS)
-    activation: Optional[str] = option(None, "plain family only", group="model", goes_to=MODEL,
+    activation: Optional[str] = option(None, "plain family; resnet conv layout coursework", group="model", goes_to=MODEL,
                                        choices=ACTIVATIONS)
     negative_slope: Optional[float] = option(None, "LeakyReLU slope / PReLU initial slope (default 0.3)",
                                              group="model", goes_to=MODEL, parse=float,
                                              valid=Range("in [0, 1)", 0, 1, high_open=True))
     norm: Optional[str] = option(None, group="model", goes_to=MODEL, choices=NORMS)
     init: Optional[str] = option(None, group="model", goes_to=MODEL, choices=INITS)
-    layout: Optional[str] = option(None, f"plain conv: {' | '.join(CONV_LAYOUTS)}; dirac conv: "
-                                         f"{' | '.join(DIRAC_LAYOUTS)}", group="model", goes_to=MODEL,
-                                   choices=tuple(sorted(set(CONV_LAYOUTS) | set(DIRAC_LAYOUTS))))
+    layout: Optional[str] = option(None, f"plain conv: {' | '.join(CONV_LAYOUTS)}; resnet conv: "
+                                         f"{' | '.join(RESNET_LAYOUTS)}; dirac conv: {' | '.join(DIRAC_LAYOUTS)}",
+                                   group="model", goes_to=MODEL,
+                                   choices=tuple(sorted(set(CONV_LAYOUTS) | set(RESNET_LAYOUTS) | set(DIRAC_LAYOUTS))))
     block: Optional[str] = option(None, "resnet conv block (default: by depth, see README)", group="model",
                                   goes_to=MODEL, choices=BLOCKS)
+    cardinality: Optional[int] = option(None, "resnext: groups of each 3x3 conv (default 8)", group="model",
+                                        goes_to=MODEL, parse=int, valid=POSITIVE_INT, families=("resnext",))
+    bottleneck_width: Optional[int] = option(None, "resnext: channels per group at the first stage (default 64)",
+                                             group="model", goes_to=MODEL, parse=int, valid=POSITIVE_INT,
+                                             families=("resnext",))
     gate_bias: Optional[float] = option(None, "highway transform-gate bias init (default -2)", group="model",
                                         goes_to=MODEL, parse=float, valid=Range("a finite number"))
     max_norm: Optional[float] = option(None, "add MaxNormConstraint with this bound (PlainNet: 3)", group="model",

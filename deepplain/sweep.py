@@ -454,7 +454,7 @@ def _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, childr
     return rows
 
 
-def _csv_list(kind):
+def csv_list(kind):
     def parse(text):
         try:
             return [kind(v) for v in text.split(",") if v]
@@ -468,16 +468,16 @@ def build_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", required=True, help="sweep folder (runs/ and results.csv go there)")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--models", type=_csv_list(str), required=True, help="comma list, e.g. plain,van,resnet,highway")
-    p.add_argument("--depths", type=_csv_list(int), required=True, help="comma list, e.g. 1,2,4,8,16,30")
-    p.add_argument("--seeds", type=_csv_list(int), default=[0])
+    p.add_argument("--models", type=csv_list(str), required=True, help="comma list, e.g. plain,van,resnet,highway")
+    p.add_argument("--depths", type=csv_list(int), required=True, help="comma list, e.g. 1,2,4,8,16,30")
+    p.add_argument("--seeds", type=csv_list(int), default=[0])
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--variant", action="append", default=[], help="NAME=FLAGS, repeatable (e.g. bn='--norm bn')")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the CPU cores")
     p.add_argument("--threads-per-run", type=int, default=None, metavar="N",
                    help="CPU threads of each run (default: the cores / --parallel when --parallel > 1, unless "
                         "OMP_NUM_THREADS is set)")
-    p.add_argument("--gpus", type=_csv_list(str), default=None, help="one GPU per concurrent run, e.g. 0,1,2,3")
+    p.add_argument("--gpus", type=csv_list(str), default=None, help="one GPU per concurrent run, e.g. 0,1,2,3")
     return p
 
 

@@ -93,7 +93,12 @@ def test_fast_dev_run_every_family_on_usps(model, depth, runs):
 
 
 @pytest.mark.parametrize("model,depth,extra", [("plain", 8, []), ("van", 10, []), ("dirac", 10, []),
-                                               ("resnet", 8, []), ("plain", 50, ["--layout", "oyedotun-50"])])
+                                               ("resnet", 8, []), ("plain", 50, ["--layout", "oyedotun-50"]),
+                                               ("resnext", 11, ["--width", "1", "--cardinality", "2",
+                                                                "--bottleneck-width", "2"]),
+                                               ("plain", 11, ["--layout", "resnet"]),
+                                               ("plain", 8, ["--layout", "coursework", "--norm", "none"]),
+                                               ("resnet", 14, ["--layout", "coursework", "--norm", "none"])])
 def test_fast_dev_run_conv_forms_on_cifar10(model, depth, extra, runs, tiny_cifar):
     assert main(["--model", model, "--depth", str(depth), "--dataset", "cifar10", "--data-dir", str(tiny_cifar),
                  "--skip-checksums", "--fast-dev-run", "--batch-size", "8", "--logdir", str(runs), "--no-progress",

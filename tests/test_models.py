@@ -126,7 +126,7 @@ def test_bottleneck_and_imagenet_depth_rules():
 
 
 def test_unknown_model_and_option_errors():
-    with pytest.raises(ConfigError, match="unknown model 'vgg'; valid models: dirac, highway, plain, resnet, van"):
+    with pytest.raises(ConfigError, match="unknown model 'vgg'; valid models: dirac, highway, plain, resnet, resnext, van"):
         build_model("vgg", 3)
     with pytest.raises(ConfigError, match="van mlp does not take option.* activation; valid: width, init"):
         build_model("van", 3, arch="mlp", activation="lrelu")

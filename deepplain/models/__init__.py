@@ -1,5 +1,5 @@
 """Model families. Importing this package registers every family in ``deepplain.registry``."""
-from . import dirac, highway, plain, resnet, van  # noqa: F401
+from . import dirac, highway, plain, resnet, resnext, van  # noqa: F401
 from .dirac import DiracConv2d, DiracLinear, DiracNet
 from .residual import ResidualNet, SkipGate
 

@@ -7,7 +7,11 @@
 * ``plain``/``conv``: ``layout="vgg"`` (default) is a VGG-style stack for any depth ``3n+2``: a
   3x3 stem, three groups of ``n`` 3x3 convs of widths 16k/32k/64k with 2x2 max-pool between
   them, global average pool and a linear classifier. ``layout="oyedotun-50"`` is the 50-layer
-  PlainNet of the paper's Table A1 (see ``OYEDOTUN_50``).
+  PlainNet of the paper's Table A1 (see ``OYEDOTUN_50``). ``layout="coursework"`` is the coursework
+  report's VGG08 / VGG38 (``deepplain.models.coursework``, depth 6n+2). ``layout="resnet"`` is the
+  pre-activation ResNet of the same depth with every skip path removed (the same layers, stem,
+  BN-ReLU-conv residual branches and head, chained; the projection shortcuts go with the skips): the
+  plain net of the blog post's PlainNet / ResNet / ResNeXt comparison at 164 layers.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers import check_choice, flat_features, init_weights, make_activation, make_norm
 from ..registry import DepthRule, define_family, register
+from . import coursework
+from .resnet import BASIC_DEPTHS, BOTTLENECK_DEPTHS, resnet_conv
+from .residual import SkiplessNet
 
 define_family("plain", "no skip connections: Linear -> [BN] -> activation, repeated",
               "Oyedotun et al., Revisiting the Training of Very Deep Neural Networks without Skip Connections",
@@ -31,7 +38,7 @@ _G1 = [(16, 3), (16, 1), (16, 3)] + [(32, 1), (16, 1), (16, 3)] * 4 + [(32, 1), 
 _G2 = [(48, 1), (64, 3), (64, 1)] + [(48, 1), (48, 3), (64, 1)] * 5 + [(80, 3)]
 _G3 = [(80, 1), (80, 3), (96, 1)] * 4 + [(96, 3), (128, 3)]
 OYEDOTUN_50 = _G1 + ["M2"] + _G2 + ["M3"] + _G3
-CONV_LAYOUTS = ("vgg", "oyedotun-50")
+CONV_LAYOUTS = ("vgg", "oyedotun-50", "coursework", "resnet")
 
 
 def dense_layer(in_features: int, out_features: int, norm: str, activation: str,
@@ -106,10 +113,21 @@ def vgg_spec(depth: int, width: int) -> list:
 
 
 @register("plain", "conv", default_depth=20, depth=VGG_DEPTHS,
-          depth_by_option={("layout", "oyedotun-50"): (DepthRule(fixed=(50,)),)})
+          depth_by_option={("layout", "oyedotun-50"): (DepthRule(fixed=(50,)),),
+                           ("layout", "coursework"): (coursework.DEPTHS,),
+                           ("layout", "resnet"): (BASIC_DEPTHS, BOTTLENECK_DEPTHS)})
 def plain_conv(depth, *, input_shape, num_classes, width=1, activation="relu", negative_slope=0.3, norm="bn",
                init="he-uniform", layout="vgg"):
     check_choice("plain conv layout", layout, CONV_LAYOUTS)
+    if layout == "coursework":
+        return coursework.CourseworkVGG(depth, input_shape, num_classes, width, norm, activation, negative_slope,
+                                        init, residual=False)
+    if layout == "resnet":
+        if (activation, norm) != ("relu", "bn"):
+            raise ConfigError(f"plain conv layout resnet is a pre-activation ResNet's layers (BN + ReLU), got "
+                              f"--norm {norm} --activation {activation}")
+        return SkiplessNet(resnet_conv(depth, input_shape=input_shape, num_classes=num_classes, width=width,
+                                       init=init))
     if layout == "oyedotun-50":
         if width != 1:
             raise ConfigError(f"plain conv layout oyedotun-50 has fixed widths (width 1), got {width}")

@@ -71,11 +71,15 @@ def preact_basic_residual(in_channels: int, channels: int, stride: int) -> nn.Se
     ))
 
 
-def preact_bottleneck_residual(in_channels: int, channels: int, stride: int) -> nn.Sequential:
+def preact_bottleneck_residual(in_channels: int, channels: int, stride: int, inner: int | None = None,
+                               groups: int = 1) -> nn.Sequential:
+    """1x1 -> 3x3 -> 1x1 to ``4 * channels``; the 3x3 works on ``inner`` channels (default ``channels``) in
+    ``groups`` groups: He et al.'s bottleneck with the defaults, a ResNeXt block (Xie et al.) otherwise."""
+    inner = channels if inner is None else inner
     return nn.Sequential(OrderedDict(
-        norm1=BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=nn.Conv2d(in_channels, channels, 1, bias=False),
-        norm2=BatchNorm2d(channels), act2=nn.ReLU(), conv2=conv3x3(channels, channels, stride),
-        norm3=BatchNorm2d(channels), act3=nn.ReLU(), conv3=nn.Conv2d(channels, 4 * channels, 1, bias=False),
+        norm1=BatchNorm2d(in_channels), act1=nn.ReLU(), conv1=nn.Conv2d(in_channels, inner, 1, bias=False),
+        norm2=BatchNorm2d(inner), act2=nn.ReLU(), conv2=conv3x3(inner, inner, stride, groups=groups),
+        norm3=BatchNorm2d(inner), act3=nn.ReLU(), conv3=nn.Conv2d(inner, 4 * channels, 1, bias=False),
     ))
 
 
@@ -121,20 +125,33 @@ def residual_mlp(depth: int, input_shape, num_classes: int, width: int, gated: b
 
 
 def residual_cnn(input_shape, num_classes: int, group_widths, blocks_per_group: int, bottleneck: bool, gated: bool,
-                 init: str) -> ResidualNet:
+                 init: str, inner_widths=None, groups: int = 1) -> ResidualNet:
+    """A 3x3 stem of ``group_widths[0]`` channels, then per group ``blocks_per_group`` blocks (stride 2 at the
+    start of every group but the first, a 1x1 projection skip where the shape changes), then BN-ReLU-pool-linear.
+    Bottleneck blocks put out ``4 * width``; ``inner_widths`` and ``groups`` make them ResNeXt blocks."""
     stem_width = group_widths[0]
+    inner_widths = list(inner_widths) if inner_widths is not None else [None] * len(group_widths)
     stem = conv3x3(input_shape[0], stem_width)
     blocks, channels = [], stem_width
-    for group, width in enumerate(group_widths):
+    for group, (width, inner) in enumerate(zip(group_widths, inner_widths)):
         for index in range(blocks_per_group):
             stride = 2 if group > 0 and index == 0 else 1
             out_channels = 4 * width if bottleneck else width
-            make = preact_bottleneck_residual if bottleneck else preact_basic_residual
+            residual = (preact_bottleneck_residual(channels, width, stride, inner, groups) if bottleneck
+                        else preact_basic_residual(channels, width, stride))
             shortcut = None
             if stride != 1 or channels != out_channels:
                 shortcut = nn.Conv2d(channels, out_channels, 1, stride=stride, bias=False)
-            blocks.append(ResidualBlock(make(channels, width, stride), shortcut, out_channels, gated))
+            blocks.append(ResidualBlock(residual, shortcut, out_channels, gated))
             channels = out_channels
     head = nn.Sequential(OrderedDict(norm=BatchNorm2d(channels), act=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
                                      flatten=nn.Flatten(), linear=nn.Linear(channels, num_classes)))
     return ResidualNet(stem, blocks, head, init)
+
+
+class SkiplessNet(nn.Sequential):
+    """A residual network's stem, residual branches and head in a chain: the same layers, no skip paths."""
+
+    def __init__(self, net: ResidualNet):
+        super().__init__(OrderedDict(stem=net.stem, blocks=nn.Sequential(*[b.residual for b in net.blocks]),
+                                     head=net.head))
