@@ -7,7 +7,8 @@
 
 ``skips`` (the blog post ``003_*``): PlainNet, ResNet and ResNeXt with the same depth (``--depth``,
 default 164) on one recipe -- SGD 0.1, momentum 0.9, weight decay 1e-4, batch 128, the rate divided by
-10 at 50% and 75% of the epochs. The ResNet is our pre-activation ResNet (bottleneck blocks at 164),
+10 at 50% and 75% of the epochs -- and the PlainNet once more at lr 0.01 (whether it fails only by
+diverging at 0.1). The ResNet is our pre-activation ResNet (bottleneck blocks at 164),
 the plain net the same layers with every skip path removed (``--model plain --layout resnet``, with
 the ResNet's He-normal init), the ResNeXt the same network with grouped 3x3 convs (``--cardinality 8
 --bottleneck-width 4 --width 1``: 8 groups of 4 channels where the ResNet has 16 channels, the
@@ -122,7 +123,9 @@ def _percent(value) -> str:
 
 def _status(r: dict) -> str:
     status = r.get("status") or "missing"
-    return "" if status == RunStatus.COMPLETED else f" ({status})"
+    if status == RunStatus.COMPLETED:
+        return ""
+    return f" ({status})" if r.get("global_step") in (None, "") else f" ({status} at step {r['global_step']})"
 
 
 def infinite_layers(kappa: dict[str, float]) -> int:
@@ -137,11 +140,11 @@ def skips_table(runs: dict[str, Run], rows: dict[str, dict]) -> str:
         r = rows[name]
         kappa = read_samples(r.get("run_dir") or "", CONDITION, "kappa")
         grads = read_samples(r.get("run_dir") or "", GRAD_FLOW, "norm")
-        steps = sorted(kappa)
-        inf = " / ".join(str(infinite_layers(kappa[s])) + f" of {len(kappa[s])}" for s in (steps[0], steps[-1])) \
-            if steps else "-"
+        ends = sorted({min(kappa), max(kappa)}) if kappa else []
+        only = f" (step {ends[0]} only)" if len(ends) == 1 else ""  # e.g. a run that diverged before its 2nd
+        inf = " / ".join(f"{infinite_layers(kappa[s])} of {len(kappa[s])}" for s in ends) + only if ends else "-"
         finite = [max((math.log10(v) for v in kappa[s].values() if math.isfinite(v) and v > 0), default=math.nan)
-                  for s in (steps[0], steps[-1])] if steps else []
+                  for s in ends]
         grad = "-"
         if grads:
             first = list(grads[min(grads)].values())
@@ -153,7 +156,7 @@ def skips_table(runs: dict[str, Run], rows: dict[str, dict]) -> str:
 
 
 def coursework_table(runs: dict[str, Run], rows: dict[str, dict]) -> str:
-    lines = ["| row | parameters (ours / report) | train acc % (ours) | val acc % (ours) | test acc % (ours) | "
+    lines = ["| row | parameters (here / report, CIFAR-100) | train acc % (ours) | val acc % (ours) | test acc % (ours) | "
              "train acc % (report) | val acc % (report) |", "|---|---|---|---|---|---|---|"]
     for name, (_, _, params, train, val) in COURSEWORK.items():
         r = rows[name]
@@ -176,10 +179,11 @@ def skips_figure(rows: dict[str, dict], out: Path) -> Path:
             if not samples:
                 continue
             steps = sorted(samples)
-            for step, style in ((steps[0], "--"), (steps[-1], "-")):
+            shown_steps = [(steps[0], "--"), (steps[-1], "-")] if len(steps) > 1 else [(steps[0], "-")]
+            for step, style in shown_steps:
                 # the skips' 1x1 projections have no counterpart in the plain net: left out, so layer i is
                 # the same conv in every net
-                values = np.asarray([v for name, v in samples[step].items() if SHORTCUT not in name], dtype=float)
+                values = np.asarray([v for layer, v in samples[step].items() if SHORTCUT not in layer], dtype=float)
                 shown = np.where(np.isfinite(values), values, np.nan)
                 ax.plot(np.arange(1, len(values) + 1), shown, style, color=color, lw=1,
                         label=f"{name}, step {step}")

@@ -180,8 +180,11 @@ def test_skips_table_counts_infinite_kappas_at_the_first_and_last_samples(tmp_pa
             (8, "condition", "kappa", "a", "inf"), (8, "condition", "kappa", "b", "inf"),
             (8, "saturation", "kappa", "a", 5.0)], 2_038_714)
     assert read_samples(tmp_path / "PlainNet", "condition", "kappa")[0] == {"a": 10.0, "b": float("inf")}
+    rows["ResNet"] = write_run(tmp_path / "diverged", [(0, "condition", "kappa", "a", 100.0)])
+    rows["ResNet"].update(status="diverged", global_step=11, train_acc=None)
     table = skips_table(skips_runs(164, []), rows).splitlines()
     assert table[2] == ("| PlainNet | 2,039K | 50.00 | 25.00 | 12.50 | 1 of 2 / 2 of 2 | 1.0 / nan | 1e-09 / 2 |")
+    assert table[3] == "| ResNet | 1K | - (diverged at step 11) | 25.00 | 12.50 | 0 of 1 (step 0 only) | 2.0 | - |"
 
 
 def test_coursework_table_puts_the_reports_numbers_beside_ours(tmp_path):
