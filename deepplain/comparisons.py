@@ -132,12 +132,11 @@ def infinite_layers(kappa: dict[str, float]) -> int:
     return sum(1 for v in kappa.values() if not math.isfinite(v))
 
 
-def skips_table(runs: dict[str, Run], rows: dict[str, dict]) -> str:
+def skips_table(rows: dict[str, dict]) -> str:
     lines = ["| net | parameters | train acc % (last epoch) | val acc % | test acc % | layers with kappa = inf, "
              "first / last sample | largest finite log10 kappa, first / last | gradient norm, first layer / last "
              "layer at the first sample |", "|---|---|---|---|---|---|---|---|"]
-    for name, run in runs.items():
-        r = rows[name]
+    for name, r in rows.items():
         kappa = read_samples(r.get("run_dir") or "", CONDITION, "kappa")
         grads = read_samples(r.get("run_dir") or "", GRAD_FLOW, "norm")
         ends = sorted({min(kappa), max(kappa)}) if kappa else []
@@ -155,9 +154,9 @@ def skips_table(runs: dict[str, Run], rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def coursework_table(runs: dict[str, Run], rows: dict[str, dict]) -> str:
-    lines = ["| row | parameters (here / report, CIFAR-100) | train acc % (ours) | val acc % (ours) | test acc % (ours) | "
-             "train acc % (report) | val acc % (report) |", "|---|---|---|---|---|---|---|"]
+def coursework_table(rows: dict[str, dict]) -> str:
+    lines = ["| row | parameters (here / report, CIFAR-100) | train acc % (ours) | val acc % (ours) | "
+             "test acc % (ours) | train acc % (report) | val acc % (report) |", "|---|---|---|---|---|---|---|"]
     for name, (_, _, params, train, val) in COURSEWORK.items():
         r = rows[name]
         lines.append(f"| {name} | {_params(r)} / {params} | {_percent(r.get('train_acc'))}{_status(r)} | "
@@ -280,9 +279,9 @@ def main(argv=None) -> int:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     if args.comparison == "skips":
-        table, figure = skips_table(runs, rows), skips_figure(rows, figures)
+        table, figure = skips_table(rows), skips_figure(rows, figures)
     else:
-        table, figure = coursework_table(runs, rows), coursework_figure(rows, figures)
+        table, figure = coursework_table(rows), coursework_figure(rows, figures)
     (out / "comparison.md").write_text(table + "\n")
     print(table)
     print(f"wrote {out / 'comparison.md'} and {figure}")

@@ -155,8 +155,8 @@ class RunConfig:
                                  + ", ".join(n for n, d in DATASETS.items() if d.arch == "conv") + ", mlp otherwise)",
                                  group="model",
                                  goes_to=MODULE, choices=FORMS)
-    activation: Optional[str] = option(None, "plain family; resnet conv layout coursework", group="model", goes_to=MODEL,
-                                       choices=ACTIVATIONS)
+    activation: Optional[str] = option(None, "plain family; resnet conv layout coursework", group="model",
+                                       goes_to=MODEL, choices=ACTIVATIONS)
     negative_slope: Optional[float] = option(None, "LeakyReLU slope / PReLU initial slope (default 0.3)",
                                              group="model", goes_to=MODEL, parse=float,
                                              valid=Range("in [0, 1)", 0, 1, high_open=True))

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 
 from deepplain import ConfigError, build_model, count_parameters
-from deepplain.comparisons import (COURSEWORK, SKIPS, coursework_runs, coursework_table, read_samples, skips_runs,
-                                   skips_table)
+from deepplain.comparisons import COURSEWORK, SKIPS, coursework_runs, coursework_table, read_samples, skips_table
 from deepplain.config import merge
 from deepplain.models.coursework import CourseworkBlock
 from deepplain.models.residual import ResidualBlock
@@ -182,7 +181,7 @@ def test_skips_table_counts_infinite_kappas_at_the_first_and_last_samples(tmp_pa
     assert read_samples(tmp_path / "PlainNet", "condition", "kappa")[0] == {"a": 10.0, "b": float("inf")}
     rows["ResNet"] = write_run(tmp_path / "diverged", [(0, "condition", "kappa", "a", 100.0)])
     rows["ResNet"].update(status="diverged", global_step=11, train_acc=None)
-    table = skips_table(skips_runs(164, []), rows).splitlines()
+    table = skips_table(rows).splitlines()
     assert table[2] == ("| PlainNet | 2,039K | 50.00 | 25.00 | 12.50 | 1 of 2 / 2 of 2 | 1.0 / nan | 1e-09 / 2 |")
     assert table[3] == "| ResNet | 1K | - (diverged at step 11) | 25.00 | 12.50 | 0 of 1 (step 0 only) | 2.0 | - |"
 
@@ -190,7 +189,7 @@ def test_skips_table_counts_infinite_kappas_at_the_first_and_last_samples(tmp_pa
 def test_coursework_table_puts_the_reports_numbers_beside_ours(tmp_path):
     rows = {name: write_run(tmp_path / str(i), []) for i, name in enumerate(COURSEWORK)}
     rows["VGG38"]["status"] = "diverged"
-    table = coursework_table(coursework_runs([]), rows).splitlines()
+    table = coursework_table(rows).splitlines()
     assert table[2] == "| VGG08 | 1K / 60K | 50.00 | 25.00 | 12.50 | 51.59 | 46.84 |"
     assert table[3].startswith("| VGG38 | 1K / 336K | 50.00 (diverged) |")
 
