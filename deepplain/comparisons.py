@@ -23,8 +23,9 @@ resumes: the same command continues), pass the train.py flags after ``--`` to ev
 profile of each net's representation condition number and gradient norm at its first and last
 samples; for ``coursework`` each row's gradient flow (mean |gradient| per layer, the report's Figs.
 2, 3 and 5) at the first, middle and last samples. Every figure is read from the runs'
-``diagnostics.csv``, which is why ``--diag-every`` belongs after ``--``: with it every sample measures
-every layer.
+``diagnostics.csv``, which is why ``--diag-every`` belongs after ``--``: with it the first and last
+samples measure every layer (without it, the condition probe's time plan may leave layers out of a
+short run, or measure none).
 """
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ COURSEWORK = {
 }
 SET_BY_COMPARISON = {"skips": {"--model", "--arch", "--layout", "--init", "--width", "--cardinality",
                                "--bottleneck-width", "--norm", "--activation", "--block", "--lr"},
-                     "coursework": {"--model", "--preset", "--layout", "--norm", "--activation", "--negative-slope",
-                                    "--lr", "--init", "--width"}}
+                     "coursework": {"--model", "--preset", "--arch", "--layout", "--norm", "--activation",
+                                    "--negative-slope", "--lr", "--init", "--width"}}
 
 
 def slug(name: str) -> str:
@@ -98,12 +99,12 @@ def coursework_runs(extra: list[str]) -> dict[str, Run]:
 
 
 # -- what the runs measured ---------------------------------------------------------------------------
-def read_samples(run_dir: Path, callback: str, statistic: str) -> dict[int, dict[str, float]]:
+def read_samples(run_dir: Path | str | None, callback: str, statistic: str) -> dict[int, dict[str, float]]:
     """step -> {layer: value} of one statistic in a run's ``diagnostics.csv``, layers in the file's (the
-    model's) order."""
+    model's) order; empty for a run without a folder or a table yet."""
     samples: dict[int, dict[str, float]] = {}
-    path = Path(run_dir) / DiagnosticsTable.FILENAME
-    if not path.is_file():
+    path = Path(run_dir) / DiagnosticsTable.FILENAME if run_dir else None
+    if path is None or not path.is_file():
         return samples
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
@@ -137,8 +138,8 @@ def skips_table(rows: dict[str, dict]) -> str:
              "first / last sample | largest finite log10 kappa, first / last | gradient norm, first layer / last "
              "layer at the first sample |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        kappa = read_samples(r.get("run_dir") or "", CONDITION, "kappa")
-        grads = read_samples(r.get("run_dir") or "", GRAD_FLOW, "norm")
+        kappa = read_samples(r.get("run_dir"), CONDITION, "kappa")
+        grads = read_samples(r.get("run_dir"), GRAD_FLOW, "norm")
         ends = sorted({min(kappa), max(kappa)}) if kappa else []
         only = f" (step {ends[0]} only)" if len(ends) == 1 else ""  # e.g. a run that diverged before its 2nd
         inf = " / ".join(f"{infinite_layers(kappa[s])} of {len(kappa[s])}" for s in ends) + only if ends else "-"
@@ -174,7 +175,7 @@ def skips_figure(rows: dict[str, dict], out: Path) -> Path:
     axes = fig.subplots(1, 2)
     for (name, r), color in zip(rows.items(), ("tab:red", "tab:blue", "tab:green", "tab:orange")):
         for ax, (callback, statistic) in zip(axes, ((CONDITION, "kappa"), (GRAD_FLOW, "norm"))):
-            samples = read_samples(r.get("run_dir") or "", callback, statistic)
+            samples = read_samples(r.get("run_dir"), callback, statistic)
             if not samples:
                 continue
             steps = sorted(samples)
@@ -207,7 +208,7 @@ def coursework_figure(rows: dict[str, dict], out: Path) -> Path:
     fig = Figure(figsize=(14, 6.5), dpi=110)
     axes = fig.subplots(2, 4).flatten()
     for ax, (name, r) in zip(axes, rows.items()):
-        samples = read_samples(r.get("run_dir") or "", GRAD_FLOW, "mean_abs")
+        samples = read_samples(r.get("run_dir"), GRAD_FLOW, "mean_abs")
         for step in first_middle_last(samples):
             values = np.asarray(list(samples[step].values()), dtype=float)
             ax.plot(np.arange(1, len(values) + 1), np.where(values > 0, values, np.nan), label=f"step {step}")
@@ -259,18 +260,17 @@ def main(argv=None) -> int:
     own, extra = split_at_double_dash(argv)
     args = p.parse_args(own)
     runs = skips_runs(args.depth, extra) if args.comparison == "skips" else coursework_runs(extra)
-    try:
-        check(args, runs, extra)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        for name, run in runs.items():
-            print(f"{name}: python train.py {' '.join(run.train_flags(args.dataset, args.epochs))}")
-        return 0
     out = Path(args.out)
     try:
+        check(args, runs, extra)
+        if args.dry_run:
+            for name, run in runs.items():
+                print(f"{name}: python train.py {' '.join(run.train_flags(args.dataset, args.epochs))}")
+            return 0
         grid = run_grid_stoppable(list(runs.values()), out, args.dataset, args.epochs, args.parallel, args.gpus)
+    except ConfigError as exc:  # a bad command, or a folder another sweep holds or that holds other settings
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except Stopped as stop:  # Ctrl-C / SIGTERM: the trainings saved their step; the same command resumes
         print(stop, file=sys.stderr)
         return stop.exit_code

@@ -1,6 +1,7 @@
 """ResNeXt, the 164-layer plain net (a ResNet without its skips), the coursework report's VGG08/VGG38 with and
 without BN and residual connections, and the comparisons that train them (``deepplain.comparisons``)."""
 import csv
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from deepplain import ConfigError, build_model, count_parameters
-from deepplain.comparisons import COURSEWORK, SKIPS, coursework_runs, coursework_table, read_samples, skips_table
+from deepplain.comparisons import (COURSEWORK, SKIPS, coursework_runs, coursework_table, read_samples, skips_runs,
+                                   skips_table)
 from deepplain.config import merge
 from deepplain.models.coursework import CourseworkBlock
 from deepplain.models.residual import ResidualBlock
@@ -219,3 +221,24 @@ def test_the_gpu_script_lists_the_full_cifar_comparisons_ready_to_run():
     assert len(lines) == 2 * len(SKIPS) + len(COURSEWORK)
     assert sum("--dataset cifar100 --epochs 100 --preset vgg" in line for line in lines) == len(COURSEWORK)
     assert sum("--depth 164" in line and "--dataset cifar10 " in line for line in lines) == len(SKIPS)
+
+
+def test_a_run_without_a_folder_reads_as_no_samples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_run(tmp_path / "elsewhere", [(0, "condition", "kappa", "a", 1.0)])
+    (tmp_path / "diagnostics.csv").write_text((tmp_path / "elsewhere" / "diagnostics.csv").read_text())
+    assert read_samples(None, "condition", "kappa") == {} and read_samples("", "condition", "kappa") == {}
+
+
+def test_a_comparison_into_a_folder_with_other_settings_stops_in_one_line_and_keeps_it(tmp_path):
+    """The same --out with another budget: the sweep runner's own refusal, as one line and exit 2, nothing lost."""
+    out = tmp_path / "skips"
+    run = skips_runs(11, [])["ResNet"]
+    folder = out / "runs" / run.run_id
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"flags": run.train_flags("mnist", 3)}))
+    before = (folder / "run.json").read_text()
+    done = subprocess.run([sys.executable, "-m", "deepplain.comparisons", "skips", "--dataset", "mnist", "--depth",
+                           "11", "--epochs", "2", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: ") and (folder / "run.json").read_text() == before
