@@ -41,12 +41,11 @@ from matplotlib.figure import Figure
 from .callbacks import ConditionNumberProbe, GradientFlowMonitor
 from .callbacks.records import DiagnosticsTable
 from .cli import parse_args
-from .config import merge, model_options
+from .config import depth_rule, merge
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
 from .inputs import OneLineParser, output_dir
 from .presets import PRESETS
-from .registry import get_family
 from .status import FINISHED, RunStatus
 from .sweep import Run, Stopped, csv_list, check_flags, run_grid_stoppable, split_at_double_dash
 
@@ -237,9 +236,7 @@ def check(args, runs: dict[str, Run], extra: list[str]) -> None:
     if taken:
         raise ConfigError(f"{', '.join(taken)} after -- would change what the comparison compares; its rows set them")
     for run in runs.values():
-        config = merge(parse_args(run.train_flags(args.dataset, args.epochs)))
-        get_family(config.model).form(config.arch).check_depth(f"{config.model} {config.arch}", config.depth,
-                                                                model_options(config))
+        depth_rule(merge(parse_args(run.train_flags(args.dataset, args.epochs))))
     if not args.dry_run:
         output_dir(args.out)  # last: bad flags leave nothing behind
 

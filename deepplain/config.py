@@ -125,6 +125,17 @@ def model_options(config: RunConfig) -> dict:
     return {**get_dataset(config.dataset).model_defaults.get((config.model, config.arch), {}), **options}
 
 
+def depth_rule(config: RunConfig):
+    """The family's depth rule ``config.depth`` follows, and the options the builder will use at that depth
+    (with what it picks by depth, e.g. resnet's block); a ConfigError listing the valid depths otherwise.
+    Builds nothing."""
+    form = get_family(config.model).form(config.arch)
+    options = model_options(config)
+    if form.pick_options is not None:
+        options = form.pick_options(config.depth, options)
+    return form.check_depth(f"{config.model} {config.arch}", config.depth, options), options
+
+
 def load_resume_config(explicit: dict) -> RunConfig:
     """For ``--resume``: the run's saved configuration, with the explicit flags that may change.
 

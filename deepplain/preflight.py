@@ -23,9 +23,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from .config import model_options
+from .config import depth_rule, model_options
 from .errors import ConfigError, one_line
-from .registry import build_model, get_family
+from .registry import build_model
 from .schema import DEFAULTS, RunConfig, flag
 
 GIB = 2 ** 30
@@ -147,11 +147,7 @@ def estimate(config: RunConfig, input_shape, num_classes: int) -> MemoryEstimate
     depth = config.depth
     if depth <= DIRECT_BUILD_DEPTH:
         return measure(config, depth, input_shape, num_classes)
-    form = get_family(config.model).form(config.arch)
-    options = model_options(config)
-    if form.pick_options is not None:  # what the builder picks at this depth (resnet's block), fixed for all three
-        options = form.pick_options(depth, options)
-    rule = form.check_depth(f"{config.model} {config.arch}", depth, options)
+    rule, options = depth_rule(config)  # options with what the builder picks at this depth, fixed for all three
     (d1, e1), (d2, e2) = [(d, measure(config, d, input_shape, num_classes, options)) for d in rule.first_depths(2)]
     n = (depth - d1) / (d2 - d1)
     return MemoryEstimate(int(e1.parameters + n * (e2.parameters - e1.parameters)),

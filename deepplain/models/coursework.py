@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..layers import init_weights, make_activation, make_norm
+from ..layers import conv3x3, init_weights, make_activation, make_norm
 from ..registry import DepthRule
 
 DEPTHS = DepthRule(6, 2, examples="8 (VGG08), 14, 20, 26, 32, 38 (VGG38), ...")
@@ -28,8 +28,7 @@ class ConvUnit(nn.Sequential):
     """conv 3x3 (no bias) -> [BN]."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str):
-        super().__init__(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-                                     norm=make_norm(norm, out_channels, 2)))
+        super().__init__(OrderedDict(conv=conv3x3(in_channels, out_channels), norm=make_norm(norm, out_channels, 2)))
 
 
 class CourseworkBlock(nn.Module):
