@@ -409,6 +409,10 @@ class ConditionNumberProbe(SamplingCallback):
         self._capture = (capture.__enter__(), trainer.global_step, weights, self._mandatory, full)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.finish_sample(trainer)
+
+    def finish_sample(self, trainer) -> None:
+        self.wait()  # a background analysis of this step's probe sample
         if self._capture is None:
             return
         (capture, step, weights, mandatory, full), self._capture = self._capture, None

@@ -93,7 +93,8 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
                vmin: Optional[float] = None, vmax: Optional[float] = None,
                thresholds: Optional[dict[str, float]] = None, cmap: str = "viridis",
                marked: Optional[list[bool]] = None, marker_label: str = "", colorbar_label: str = "",
-               measured: Optional[np.ndarray] = None, inf_label: str = "inf") -> np.ndarray:
+               measured: Optional[np.ndarray] = None, inf_label: str = "inf",
+               events: Optional[list[tuple[int, str]]] = None) -> np.ndarray:
     """A matrix as a labelled heat map with a colour bar, as an H x W x 3 uint8 array.
 
     ``scale``: "linear" or "log" (a statistic that spans decades). Values outside [vmin, vmax] take
@@ -102,7 +103,8 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
     default: every non-NaN cell) is drawn faded when it holds a value measured earlier (a layer a
     rotating sample skipped) and white when it holds none.
     ``thresholds`` (name -> value) are red lines on the colour bar; ``marked`` columns get an orange
-    triangle above them (``marker_label`` says what it means).
+    triangle above them (``marker_label`` says what it means); ``events`` ``[(column, label)]`` are dashed
+    blue lines through their columns, named in the legend (the early verdict).
 
     Drawn with PIL rather than matplotlib (10 ms against 200 ms): these images are redrawn during
     the run, inside the diagnostics' time budget.
@@ -143,6 +145,7 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
     legend = [((0, 0, 0), inf_label)] if np.isposinf(data).any() else []
     legend += [((230, 0, 230), "NaN")] if (np.isnan(data) & measured).any() else []
     legend += [((255, 127, 14), marker_label)] if marked and any(marked) and marker_label else []
+    legend += [((31, 119, 180), label) for _, label in events or []]
     legend += [((205, 205, 205), "held: measured earlier")] if held.any() else []
     legend += [((255, 255, 255), "not measured")] if (~measured & ~held).any() else []
     width = left + plot_w + right
@@ -167,6 +170,10 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
         if flag:
             x = left + (c + 0.5) * plot_w / cols
             draw.polygon([(x - 5, top - 12), (x + 5, top - 12), (x, top - 3)], fill=(255, 127, 14))
+    for c, _ in events or []:
+        x = int(left + (c + 0.5) * plot_w / max(cols, 1))
+        for y in range(top - 14, top + plot_h + 4, 8):
+            draw.line((x, y, x, min(y + 4, top + plot_h + 4)), fill=(31, 119, 180), width=3)
     # the colour bar, with its ticks and the thresholds
     bar_x, bar_w = left + plot_w + 12, 14
     ramp = colours(np.linspace(1, 0, plot_h))[:, :3]

@@ -65,8 +65,9 @@ class Publisher:
         self.main_source, self.per_layer_scalars = main_source, bool(per_layer_scalars)
         self.records: dict[str, DepthTimeRecord] = {}
         self.marker_label: dict[str, str] = {}
+        self.events: dict[int, str] = {}  # step -> label: a line at that step on every image (the early verdict)
         self.draw_seconds: list[float] = []
-        self._drawn_at: dict[str, int] = {}
+        self._drawn_at: dict[str, tuple] = {}
         self.images: dict[str, object] = {}  # tag -> the latest rendered image (for overview.png)
 
     def base(self, source: str) -> str:
@@ -123,15 +124,18 @@ class Publisher:
         for source, record in self.records.items():
             for stat, spec in self.specs.items():
                 layers, steps, data, measured, notes = record.matrix(stat)
-                if not steps or self._drawn_at.get(f"{source}/{stat}") == len(steps):
+                if not steps or self._drawn_at.get(f"{source}/{stat}") == (len(steps), len(self.events)):
                     continue
-                self._drawn_at[f"{source}/{stat}"] = len(steps)
+                self._drawn_at[f"{source}/{stat}"] = (len(steps), len(self.events))
                 marked = [bool(n) for n in notes]
+                events = [(min(range(len(steps)), key=lambda i: abs(steps[i] - at)), label)
+                          for at, label in self.events.items() if steps[0] <= at <= steps[-1]]
                 where = "" if source == self.main_source else f" ({source})"
                 image = figures.depth_time(data, layers, steps, f"{spec.title}{where}", scale=spec.scale,
                                            vmin=spec.vmin, vmax=spec.vmax, thresholds=spec.thresholds, cmap=spec.cmap,
                                            marked=marked, marker_label=self.marker_label.get(source, ""),
-                                           colorbar_label=spec.label, measured=measured, inf_label=spec.inf_label)
+                                           colorbar_label=spec.label, measured=measured, inf_label=spec.inf_label,
+                                           events=events)
                 self.images[self.image_tag(source, stat)] = image
                 add_image(trainer, self.image_tag(source, stat), image, step)
         self.draw_seconds.append(time.perf_counter() - start)

@@ -29,7 +29,8 @@ def finding_rules(low: float = 0.05, high: float = 50.0) -> dict[str, str]:
     """Each finding of the trainability report and its rule, in the report's order."""
     return {"vanished": f"mean |a| < {low:g}", "exploded": f"max |a| > {high:g}",
             "dead": f"> {DEAD_SHARE:.0%} of units never fire", "singular": "representation kappa = inf",
-            "ill-conditioned": f"representation kappa > {ILL_CONDITIONED:.0e}".replace("e+0", "e")}
+            "ill-conditioned": f"representation kappa > {ILL_CONDITIONED:.0e}".replace("e+0", "e"),
+            "eval-only": "vanished or exploded in eval mode only, past the first epoch"}
 
 
 def log10_kappa(kappa: float) -> float:
@@ -124,9 +125,12 @@ class DiagnosticsTable:
     FILENAME = "diagnostics.csv"
     COLUMNS = ("step", "callback", "statistic", "layer", "value")
     _of_trainer: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    _keep_of_trainer: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
-    def __init__(self, path: Path, start_step: int):
+    def __init__(self, path: Path, start_step: int, keep_until: int = -1):
         self.path = path
+        self.keep_until = keep_until  # rows of steps up to this one are also kept in memory (the verdict reads them)
+        self._early: list[tuple] = []
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if path.is_file():
@@ -138,6 +142,8 @@ class DiagnosticsTable:
         self._writer.writerow(self.COLUMNS)
         self._writer.writerows([row[c] for c in self.COLUMNS] for row in kept)
         self._file.flush()
+        self._early = [(_step(row), row["callback"], row["statistic"], row["layer"], float(row["value"]))
+                       for row in kept if _step(row) <= keep_until]
 
     @classmethod
     def shared(cls, trainer) -> Optional["DiagnosticsTable"]:
@@ -147,13 +153,29 @@ class DiagnosticsTable:
         if table is None:  # the folder is looked up once per fit, not at every sample
             folder = run_folder(trainer)
             if folder is not None:
-                table = cls._of_trainer[trainer] = cls(folder / cls.FILENAME, int(trainer.global_step))
+                table = cls._of_trainer[trainer] = cls(folder / cls.FILENAME, int(trainer.global_step),
+                                                       cls._keep_of_trainer.get(trainer, -1))
         return table
+
+    @classmethod
+    def keep_early(cls, trainer, until: int) -> None:
+        """Keep the rows of steps up to ``until`` in memory as well (the early verdict reads them, also those a
+        resumed run wrote before it stopped)."""
+        cls._keep_of_trainer[trainer] = until
+        table = cls.shared(trainer)
+        if table is not None:
+            table.keep_until = max(table.keep_until, until)
+
+    def early_rows(self) -> list[tuple]:
+        """``(step, callback, statistic, layer, value)`` of every row up to ``keep_until``."""
+        return list(self._early)
 
     def write(self, step: int, callback: str, statistic: str, values: dict[str, float]) -> None:
         self._writer.writerows((int(step), callback, statistic, layer, repr(float(value)))
                                for layer, value in values.items())
         self._file.flush()
+        if step <= self.keep_until:
+            self._early.extend((int(step), callback, statistic, layer, float(value)) for layer, value in values.items())
 
     def close(self) -> None:
         if not self._file.closed:

@@ -5,8 +5,9 @@ probe batch, figures and the state kept in checkpoints.
 ``ConditionNumberProbe`` and ``GradientFlowMonitor``. A subclass says *where* it samples (a
 Lightning hook) and *what* it computes; the base decides *whether* to sample at that step:
 
-* **Cadence.** Global step 0 and the last optimizer step of the run are always sampled. In
-  between, ``every_n_steps`` if given, else ``num_samples`` samples spread evenly over
+* **Cadence.** Global step 0 and the last optimizer step of the run are always sampled, and with a
+  ``TrainabilityVerdict`` in the trainer so are the early steps it reads (v/4, v/2 and v, the verdict
+  step v of ``deepplain.callbacks.verdict_step``: four samples by then, whatever the budget). In between, ``every_n_steps`` if given, else ``num_samples`` samples spread evenly over
   ``trainer.estimated_stepping_batches`` (so a 200-step run and a 200,000-step run both show
   their evolution), else ``trainer.log_every_n_steps`` with ``use_log_every_n_steps=True``.
 * **Time budget.** ``max_overhead`` (default 1%) postpones an intermediate sample unless the time
@@ -56,6 +57,7 @@ from .probing import check_selection, glob_list, has_forward, hidden_layers, sel
 from .publish import Publisher, finish_run_files
 from .records import DiagnosticsTable, FindingsLog
 from .tensorboard import write_layout
+from .verdict_step import early_steps, verdict_step
 
 log = logging.getLogger("deepplain.callbacks")
 
@@ -98,6 +100,9 @@ class SamplingSchedule:
         self.use_log_every_n_steps = bool(use_log_every_n_steps)
         self.total_steps: Optional[int] = None
         self.every = self.every_n_steps or self.FALLBACK_EVERY
+        self.serves_verdict = False  # set by TrainabilityVerdict: then the early samples below are due
+        self.verdict_at: Optional[int] = None  # the verdict's own step, if it was given one (else the rule)
+        self.early: frozenset = frozenset()
 
     def start(self, trainer) -> None:
         """Fix the cadence for this fit from the trainer's planned number of optimizer steps."""
@@ -110,6 +115,8 @@ class SamplingSchedule:
             self.every = max(1, math.ceil((self.total_steps - 1) / max(1, self.num_samples - 1)))
         else:
             self.every = self.FALLBACK_EVERY
+        self.early = frozenset(early_steps(verdict_step(self.total_steps, self.verdict_at))) \
+            if self.serves_verdict else frozenset()
 
     def behind(self, step: int, taken: int) -> bool:
         """Whether ``taken`` samples by ``step`` fall short of ``min_samples`` spread evenly over the run
@@ -123,13 +130,13 @@ class SamplingSchedule:
         return self.total_steps is not None and step == self.total_steps - 1
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0 or self.is_last(step)
+        return step % self.every == 0 or self.is_last(step) or step in self.early
 
     def planned_steps(self) -> list[int]:
         """The due steps of a run of known length (for reports and tests)."""
         if self.total_steps is None:
             return []
-        return sorted({s for s in range(0, self.total_steps, self.every)} | {self.total_steps - 1})
+        return sorted({s for s in range(0, self.total_steps, self.every)} | {self.total_steps - 1} | set(self.early))
 
 
 class OverheadBudget:
@@ -318,8 +325,9 @@ class SamplingCallback(Callback):
 
     def is_mandatory(self, step: int) -> bool:
         """Not postponed by the budget: the first and last samples, and any sample needed to keep
-        ``min_samples`` spread over a run of known length (``SamplingSchedule.behind``)."""
-        return self.is_full(step) or self.schedule.behind(step, self.samples_taken)
+        ``min_samples`` spread over a run of known length (``SamplingSchedule.behind``), and the early samples
+        the verdict reads (``SamplingSchedule.early``)."""
+        return self.is_full(step) or step in self.schedule.early or self.schedule.behind(step, self.samples_taken)
 
     def decide(self, trainer, collective: bool = False) -> bool:
         """Whether to take a sample at this step. ``collective=True`` when the sample enters a
@@ -394,6 +402,10 @@ class SamplingCallback(Callback):
                 for item in slot["extra"]:
                     self.draw(trainer, key, [item])
         self.figure_seconds += time.perf_counter() - start
+
+    def finish_sample(self, trainer) -> None:
+        """Publish the sample of this step still in progress, if any (a training-batch capture is published at the
+        batch's end; the early verdict reads it first, whatever the order of the callbacks)."""
 
     def draw(self, trainer, key: str, samples: list) -> None:
         """Draw the depth profiles of the kept samples, ``[(step, payload)]`` in step order, as one

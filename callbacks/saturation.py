@@ -184,6 +184,9 @@ class ActivationSaturationMonitor(SamplingCallback):
             self._capture[0].__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.finish_sample(trainer)
+
+    def finish_sample(self, trainer) -> None:
         if self._capture is None:
             return
         (capture, step), self._capture = self._capture, None
@@ -249,6 +252,8 @@ class ActivationSaturationMonitor(SamplingCallback):
         alive_parts = torch.split(alive.bool(), sizes, dim=1)
         stats = {name: combine(sums[:, i], alive_parts[i]) for i, name in enumerate(names)}
         found = self.find(stats)
+        if source == "probe":
+            found = self._check_against_training(trainer, step, found)
         overview = {f"overview/layers_{kind}": len(layers) for kind, layers in found.items()} \
             if source == "train" else None
         note = "bn_batch_statistics" if source == "probe" and self.probe is not None and self.probe.used_batch_stats \
@@ -275,6 +280,40 @@ class ActivationSaturationMonitor(SamplingCallback):
             for name, sample in histograms.items():
                 if sample.numel():
                     add_histogram(trainer, f"saturation/{source}/hist/{name}", sample, step)
+
+    def _check_against_training(self, trainer, step: int, found: dict) -> dict:
+        """The probe's findings (eval mode) less what the latest training batch contradicts. In the first epoch
+        that is batch norm's running statistics still settling: said once, for what it is, and neither a finding
+        nor a warning. Past it, a disagreement that persists is itself a finding (``eval-only``) and a warning:
+        the model learns in training mode and loses it in eval mode (BN + max-norm fails so: RESULTS 8.1)."""
+        if not self.last_stats:
+            return found
+        training = self.find(self.last_stats)
+        contradicted = {kind: [n for n in layers if n not in training.get(kind, ())]
+                        for kind, layers in found.items() if kind in ("vanished", "exploded")}
+        contradicted = {kind: layers for kind, layers in contradicted.items() if layers}
+        if not contradicted:
+            return found
+        kept = {kind: [n for n in layers if n not in contradicted.get(kind, ())] for kind, layers in found.items()}
+        rules = {"vanished": f"mean |a| < {self.low:g}", "exploded": f"max |a| > {self.high:g}"}
+        what = " and ".join(f"{len(layers)} layer(s) {kind} ({rules[kind]})" for kind, layers in contradicted.items())
+        settling = trainer.current_epoch < 1
+        if settling and "settling" not in self._warned:
+            self._warned.add("settling")
+            self.findings.say(step, f"ActivationSaturationMonitor: in eval mode at step {step}, {what} that the "
+                                    "training batches do not show: batch norm's running statistics are still settling "
+                                    "in the first epoch (not a failure)")
+        elif not settling:
+            self.findings.update(step, "probe", {"eval-only": sorted({n for v in contradicted.values() for n in v})})
+            if "eval-only" not in self._warned:
+                self._warned.add("eval-only")
+                message = (f"in eval mode at step {step} (past the first epoch), {what} that the training batches do "
+                           "not show: the model may learn in training mode and lose it in eval mode (batch norm's "
+                           "running statistics do not describe its training batches)")
+                self.findings.say(step, f"ActivationSaturationMonitor: {message}")
+                if self.warn:
+                    warn(f"ActivationSaturationMonitor: {message}")
+        return kept
 
     def _maybe_warn(self, trainer, step: int, found: dict) -> None:
         for kind, rule in (("vanished", f"mean |a| < {self.low:g}"), ("exploded", f"max |a| > {self.high:g}")):

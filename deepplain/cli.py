@@ -40,10 +40,11 @@ from .schema import OPTIONS, RunConfig, add_arguments, argument_groups, flag
 from .status import RunStatus
 from .training import run
 
-EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_IO = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_IO, EXIT_STOPPED_EARLY = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED, EXIT_PREEMPTED = 130, 143
 EXIT_BY_STATUS = {RunStatus.COMPLETED: EXIT_OK, RunStatus.INTERRUPTED: EXIT_INTERRUPTED,
-                  RunStatus.PREEMPTED: EXIT_PREEMPTED, RunStatus.DIVERGED: EXIT_DIVERGED}
+                  RunStatus.PREEMPTED: EXIT_PREEMPTED, RunStatus.DIVERGED: EXIT_DIVERGED,
+                  RunStatus.STOPPED_EARLY: EXIT_STOPPED_EARLY}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a very deep network with or without skip connections, with layer-by-layer diagnostics.",
         epilog="models:\n" + describe_models() + "\n\npresets (--preset NAME; explicit flags override them):\n"
                + describe_presets() + "\n\nexit status: 0 completed, 2 bad input, 3 diverged, 4 I/O failure, "
-               "130 interrupted (Ctrl-C), 143 preempted (SIGTERM)\n"
+               "5 stopped early (--stop-if-fails), 130 interrupted (Ctrl-C), 143 preempted (SIGTERM)\n"
                "example: python train.py --model van --depth 26   # VAN-26 on CIFAR-10, the paper's recipe")
     groups = argument_groups(p)
     groups["configuration"].add_argument("--config", metavar="FILE.yaml", help="flag values as YAML (keys as printed "

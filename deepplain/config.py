@@ -73,7 +73,11 @@ def check(values: dict, explicit: dict) -> None:
     if values.get("image_size") is not None and dataset.image_size is None:
         resizable = " and ".join(name for name, d in DATASETS.items() if d.image_size is not None)
         raise ConfigError(f"--image-size applies to {resizable}, got --dataset {dataset.name}")
-    check_diagnostics(values.get("diagnostics"))
+    diagnostics = check_diagnostics(values.get("diagnostics"))
+    for name in ("stop_if_fails", "verdict_step"):
+        if values.get(name) and "verdict" not in diagnostics:
+            raise ConfigError(f"{flag(name)} needs the verdict diagnostic; --diagnostics {values.get('diagnostics')} "
+                              "leaves it out (all, or a list with saturation,verdict)")
     check_loggers(values.get("logger"))
     check_run_name(values)
 
@@ -99,6 +103,8 @@ def check_diagnostics(spec) -> list[str]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"--diagnostics names {', '.join(twice)} twice; each diagnostic runs once")
+    if "verdict" in names and "saturation" not in names:
+        raise ConfigError(f"--diagnostics {spec}: the verdict reads what saturation measures; add saturation")
     return names
 
 

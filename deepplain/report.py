@@ -72,6 +72,11 @@ def print_run_end(summary: RunSummary, console: Console | None = None) -> None:
             name = "val (test set)" if split == "val" and summary.validation_source == ValidationSource.TEST else split
             table.add_row(name, "-" if loss is None else f"{loss:.4f}", "-" if acc is None else f"{acc:.2%}")
     console.print(table)
+    if summary.verdict:
+        outcome = f"test accuracy {summary.test_acc:.2%}" if summary.test_acc is not None else "no test accuracy"
+        console.print(f"early verdict at step {summary.verdict_step}: {summary.verdict} ("
+                      f"{'; '.join(summary.verdict_reasons or [])}); what happened: {summary.status} at step "
+                      f"{summary.global_step}, {outcome}", highlight=False, soft_wrap=True)
     run_dir = summary.run_dir
     console.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
     console.print(f"see it in TensorBoard: tensorboard --logdir {run_dir}", highlight=False, soft_wrap=True)

@@ -261,6 +261,10 @@ class RunConfig:
                                     resumable=True)
     resume: Optional[str] = option(None, "<run>/checkpoints/last.ckpt: continue that run", resumable=True)
     diagnostics: str = option("all", f"all | none | comma list of {','.join(DIAGNOSTICS)} (default all)")
+    stop_if_fails: bool = option(False, "end the run at the early verdict step when the verdict is fails (status "
+                                        "stopped-early, exit 5; needs the verdict diagnostic)", switch="on")
+    verdict_step: Optional[int] = option(None, "the early verdict's step (default: 2%% of the planned steps, 50 to 300)",
+                                         parse=int, valid=POSITIVE_INT)
     diag_every: Optional[int] = option(None, "sampling interval in steps for every diagnostic (default: about 20 "
                                              "samples spread over the run)", parse=int, valid=POSITIVE_INT,
                                        resumable=True)

@@ -17,6 +17,7 @@ class RunStatus(str, Enum):
     PREEMPTED = "preempted"      # SIGTERM (e.g. SLURM): the same
     DIVERGED = "diverged"        # a non-finite loss or weights; the last good checkpoint is kept
     FAILED = "failed"            # an error: the machine, the data or a bug
+    STOPPED_EARLY = "stopped-early"  # --stop-if-fails: the early verdict said fails; last.ckpt holds that step
 
     __str__ = str.__str__
     __format__ = str.__format__
@@ -24,8 +25,9 @@ class RunStatus(str, Enum):
 
     @property
     def finished(self) -> bool:
-        """Its result stands: a sweep does not train it again (a diverged run diverges again)."""
-        return self in (RunStatus.COMPLETED, RunStatus.DIVERGED)
+        """Its result stands: a sweep does not train it again (a diverged run diverges again, a run stopped by its
+        verdict was stopped on purpose)."""
+        return self in (RunStatus.COMPLETED, RunStatus.DIVERGED, RunStatus.STOPPED_EARLY)
 
     @property
     def resumable(self) -> bool:
@@ -80,6 +82,10 @@ class RunSummary:
     run_dir: Optional[str] = column()
     # VAN's AlphaScheduler (None for other families): the residual, the step every skip was gone and the
     # share of units removed; the target step, and the units the projection there closed and their residual
+    # the early verdict (TrainabilityVerdict): trains | fails | unsure, its step and its reasons
+    verdict: Optional[str] = column()
+    verdict_step: Optional[int] = column()
+    verdict_reasons: Optional[list] = column(csv=False)
     alpha_residual: Optional[float] = column()
     alpha_removed_step: Optional[int] = column()
     alpha_share_removed: Optional[float] = column(csv=False)

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
 
 from . import hparams_table
-from .callbacks import DIAGNOSTICS, AlphaScheduler
+from .callbacks import DIAGNOSTICS, AlphaScheduler, TrainabilityVerdict
 from .checkpoints import AtomicCheckpointIO, RunCheckpoint, remove_stale_temporaries
 from .config import check_diagnostics, model_options
 from .datamodules.splits import ValidationSource
@@ -55,10 +55,19 @@ def make_module(config: RunConfig, input_shape, num_classes: int):
 
 
 def make_diagnostics(config: RunConfig) -> list:
-    """The diagnostics ``--diagnostics`` names, each with its share of :data:`DIAGNOSTICS_BUDGET`."""
-    return [DIAGNOSTICS[name](every_n_steps=config.diag_every, max_overhead=DIAGNOSTICS_BUDGET[name],
+    """The diagnostics ``--diagnostics`` names, the sampling ones each with its share of :data:`DIAGNOSTICS_BUDGET`,
+    the verdict (which reads them) last."""
+    names = check_diagnostics(config.diagnostics)
+    made = [DIAGNOSTICS[name](every_n_steps=config.diag_every, max_overhead=DIAGNOSTICS_BUDGET[name],
                               per_layer_scalars=config.per_layer_scalars)
-            for name in check_diagnostics(config.diagnostics)]
+            for name in names if name in DIAGNOSTICS_BUDGET]
+    if "verdict" in names:
+        made.append(TrainabilityVerdict(at_step=config.verdict_step, stop_if_fails=config.stop_if_fails))
+    return made
+
+
+def verdict_of(diagnostics: list) -> Optional[TrainabilityVerdict]:
+    return next((cb for cb in diagnostics if isinstance(cb, TrainabilityVerdict)), None)
 
 
 def make_strategy(config: RunConfig, strategy_class: str):
@@ -211,9 +220,13 @@ def train(run: Run) -> RunSummary:
     try:
         trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.config.resume)
         metrics.update(_floats(trainer.callback_metrics))  # trainer.test() resets callback_metrics
+        verdict = verdict_of(run.diagnostics)
         if trainer.state.status.value == "interrupted":
             status = RunStatus.INTERRUPTED
         else:
+            if verdict is not None and verdict.stopped:  # --stop-if-fails: kept resumable at the step it stopped
+                status = RunStatus.STOPPED_EARLY
+                trainer.save_checkpoint(run.checkpoints / "last.ckpt")
             trainer.test(run.module, datamodule=run.datamodule, verbose=False)
             metrics.update(_floats(trainer.callback_metrics))
     except RunStopped as exc:
@@ -257,7 +270,7 @@ def summarise(run: Run, status: RunStatus, error, metrics: dict) -> RunSummary:
         interrupt_checkpoint=str(run.stop.saved) if run.stop.saved else None,
         resume_from=str(last) if last.is_file() and status is not RunStatus.COMPLETED else None,
         run_dir=config.run_dir, config=config.to_dict(), **_alpha_summary(run.module),
-        diagnostics=trainability_findings(getattr(trainer, "callbacks", [])))
+        diagnostics=trainability_findings(getattr(trainer, "callbacks", [])), **_verdict_summary(run.diagnostics))
 
 
 def _log_hparams(logger, config: RunConfig, summary: RunSummary) -> None:
@@ -300,6 +313,13 @@ def _floats(metrics) -> dict:
 def _method_reports(module, trainer) -> list[str]:
     """One line per method callback that has something to say (VAN: where the skips went)."""
     return [cb.report(trainer.global_step) for cb in module.method_callbacks() if callable(getattr(cb, "report", None))]
+
+
+def _verdict_summary(diagnostics: list) -> dict:
+    cb = verdict_of(diagnostics)
+    if cb is None or cb.verdict is None:
+        return {}
+    return {"verdict": cb.verdict.word, "verdict_step": cb.verdict.step, "verdict_reasons": cb.verdict.reasons}
 
 
 def _alpha_summary(module) -> dict:

@@ -1,0 +1,205 @@
+"""The early verdict's rules: data in one place, each threshold with where it comes from, and one function
+that applies them to the samples a run recorded up to its verdict step.
+
+The same function decides live (``TrainabilityVerdict``, from the rows the diagnostics write) and offline
+(``deepplain.verdicts``, from a finished run's ``diagnostics.csv``), so a verdict scored on a corpus is the
+verdict a live run gives.
+
+The rules follow the papers' mechanisms, not a corpus's numbers: a network cannot train when the signal
+does not reach its output (activations vanished or units dead in most layers: PlainNet), when its
+representations have collapsed (singular hidden representations: PlainNet), when no gradient reaches
+its first layers (the VAN and coursework papers' vanishing gradient) or when its activations explode.
+Such a *pathology* is read as persistent only when it holds in every sample from a quarter of the way to
+the verdict step on, so a transient at initialisation does not count. The training loss says whether the
+network learns despite it: ``fails`` needs a pathology and a loss that has not fallen (or a decisive one: no
+gradient anywhere, or units dead in every layer: nothing can learn from there); ``trains`` needs no pathology
+and a loss that has; everything else is ``unsure``, with the reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .records import DEAD_SHARE
+
+VERDICT_CALLBACK = "verdict"      # its rows in diagnostics.csv
+LOSS_STATISTIC = "train_loss"     # mean training loss over the steps since the previous early sample
+CODE_STATISTIC = "code"           # the verdict's numeric code, at the verdict step
+CODES = {"fails": -1.0, "unsure": 0.0, "trains": 1.0}  # overview/verdict and the table's value column
+
+
+@dataclass(frozen=True)
+class Threshold:
+    value: float
+    source: str
+
+
+# Every number the rules use. The first five are the papers' or follow from what the statistic means; the
+# layer share and the loss ratio were chosen on the design part of the corpus (MNIST and USPS runs,
+# docs/RESULTS.md section 12) and never tuned on the scoring part.
+THRESHOLDS = {
+    "vanished_mean_abs": Threshold(0.05, "PlainNet (Oyedotun et al.): |a| < 0.05 counts as a vanished activation"),
+    "exploded_max_abs": Threshold(50.0, "PlainNet: |a| > 50 counts as an exploded activation"),
+    "dead_share": Threshold(DEAD_SHARE, "a dead layer: more than half its units never fire on a batch"),
+    "collapsed_share": Threshold(0.5, "PlainNet's singular representations, by degree: a layer has collapsed when "
+                                      "at least half of its representation's singular values are near zero (one "
+                                      "dead unit already makes kappa infinite, and shallow nets train with that)"),
+    "no_gradient": Threshold(1e-8, "no learning signal at all: every layer's gradient norm below 1e-8 (the "
+                                   "coursework's VGG38: 1e-18; a net whose units all died: 0)"),
+    "gradient_ratio": Threshold(1e-4, "vanishing gradient: the first layer's gradient norm below 1e-4 of the "
+                                      "last's (the naive 100-layer MLP: 1e-9; healthy nets: 0.01 to 100)"),
+    "gradient_explosion": Threshold(100.0, "exploding gradient: the first layer's gradient norm over 100 times the "
+                                           "last's (deep batch-normalised nets at init, Yang et al. 2019; the "
+                                           "164-layer plain net of RESULTS 11.1: 5e9; healthy nets: up to ~50)"),
+    "layer_share": Threshold(0.25, "a pathology of the network, not of a few layers: a quarter of them or more, "
+                                   "a block that distorts the signal of every layer above it (design part)"),
+    "loss_learning": Threshold(0.8, "the loss has fallen: the mean loss of the steps before the verdict at most "
+                                    "this share of the step-0 loss (design part)"),
+}
+@dataclass
+class Verdict:
+    word: str                       # trains | fails | unsure
+    step: int
+    reasons: list[str] = field(default_factory=list)
+    signals: dict = field(default_factory=dict)  # name -> number, for tables and tests
+
+    @property
+    def code(self) -> float:
+        return CODES[self.word]
+
+    def line(self) -> str:
+        return f"{self.word}: " + "; ".join(self.reasons)
+
+    def to_dict(self) -> dict:
+        return {"word": self.word, "code": self.code, "step": self.step, "reasons": list(self.reasons),
+                "signals": dict(self.signals)}
+
+
+class Samples:
+    """What the diagnostics recorded up to the verdict step: ``(callback, statistic) -> step -> {layer: value}``,
+    layers in the order they were written (the model's)."""
+
+    def __init__(self, rows: Iterable[tuple] = ()):
+        self.table: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+        for row in rows:
+            self.add(*row)
+
+    def add(self, step: int, callback: str, statistic: str, layer: str, value: float) -> None:
+        self.table.setdefault((callback, statistic), {}).setdefault(int(step), {})[layer] = float(value)
+
+    def series(self, callback: str, statistic: str, until: Optional[int] = None) -> dict[int, dict[str, float]]:
+        found = self.table.get((callback, statistic), {})
+        return {s: v for s, v in sorted(found.items()) if until is None or s <= until}
+
+    def latest(self, callback: str, statistic: str, until: int) -> dict[str, float]:
+        """Each layer's latest value up to ``until`` (a rotating condition sample measures a subset)."""
+        merged: dict[str, float] = {}
+        for values in self.series(callback, statistic, until).values():
+            merged.update(values)
+        return merged
+
+
+def _persistent(series: dict[int, dict[str, float]], since: int, test) -> tuple[list[str], int]:
+    """The layers for which ``test(value)`` holds in every sample from ``since`` on, and the number of layers."""
+    steps = [s for s in series if s >= since] or list(series)[-1:]
+    if not steps:
+        return [], 0
+    layers = list(series[steps[-1]])
+    held = [n for n in layers if all(n in series[s] and test(series[s][n]) for s in steps)]
+    return held, len(layers)
+
+
+def _count(layers: list, total: int) -> str:
+    return f"{len(layers)} of {total} layers"
+
+
+def decide(samples: Samples, step: int, overrides: Optional[dict[str, float]] = None) -> Verdict:
+    """The verdict at ``step`` from the ``samples`` recorded up to it (see the module docstring); ``overrides``
+    (threshold name -> value) are for fitting a threshold on the design part of a corpus."""
+    values = {name: t.value for name, t in THRESHOLDS.items()} | dict(overrides or {})
+
+    def threshold(name: str) -> float:
+        return values[name]
+
+    since = step // 4  # persistent: in every sample from a quarter of the way on (the early samples v/4, v/2, v)
+    share = threshold("layer_share")
+    pathologies: list[str] = []
+    decisive: list[str] = []
+    signals: dict[str, float] = {}
+    notes: list[str] = []
+
+    def persistent(statistic: str, test, name: str, words: str) -> None:
+        series = samples.series("saturation", statistic, step)
+        held, total = _persistent(series, since, test)
+        signals[f"{name}_share"] = len(held) / max(total, 1)
+        if total and len(held) >= share * total:
+            first = min((s for s in series if s >= since), default=step)
+            pathologies.append(f"{_count(held, total)} {words} in every sample since step {first}")
+            if name == "dead" and len(held) == total:
+                decisive.append(pathologies[-1])
+
+    if samples.series("saturation", "train/mean_abs", step):
+        low, high = threshold("vanished_mean_abs"), threshold("exploded_max_abs")
+        persistent("train/mean_abs", lambda v: v < low, "vanished", f"vanished (mean |a| < {low:g})")
+        persistent("train/max_abs", lambda v: v > high, "exploded", f"exploded (max |a| > {high:g})")
+        persistent("train/frac_dead", lambda v: v > threshold("dead_share"), "dead",
+                   f"dead (more than {threshold('dead_share'):.0%} of units never fire)")
+    else:
+        notes.append("no training-batch activations recorded (ActivationSaturationMonitor)")
+
+    near_zero = samples.latest("condition", "near_zero", step) or samples.latest("condition", "train/near_zero", step)
+    if near_zero:
+        collapsed = [n for n, v in near_zero.items() if v >= threshold("collapsed_share")]
+        signals["collapsed_share"] = len(collapsed) / len(near_zero)
+        if len(collapsed) >= share * len(near_zero):
+            pathologies.append(f"{_count(collapsed, len(near_zero))} have collapsed representations (at least "
+                               f"{threshold('collapsed_share'):.0%} of singular values near zero)")
+
+    grads = samples.series("grad_flow", "norm", step)
+    if grads:
+        at = max(grads)
+        norms = [v for v in grads[at].values() if math.isfinite(v)]
+        if norms:
+            top = max(norms)
+            signals["max_gradient"] = top
+            if top < threshold("no_gradient"):
+                pathologies.append(f"no gradient: the largest layer gradient norm is {top:.1e} at step {at}")
+                decisive.append(pathologies[-1])
+            elif len(norms) >= 3 and norms[-1] > 0:
+                ratio = norms[0] / norms[-1]
+                signals["gradient_ratio"] = ratio
+                if ratio < threshold("gradient_ratio"):
+                    pathologies.append(f"gradient vanishes: at the first layer {ratio:.1e} of the last layer's at "
+                                       f"step {at}")
+                elif ratio > threshold("gradient_explosion"):
+                    pathologies.append(f"gradient explodes: at the first layer {ratio:.3g} times the last layer's at "
+                                       f"step {at}")
+
+    ratio = loss_ratio(samples, step)
+    if ratio is None:
+        notes.append("no training loss seen (the training step returned none)")
+    else:
+        signals["loss_ratio"] = ratio
+    learning = ratio is not None and ratio <= threshold("loss_learning")
+    loss_text = "" if ratio is None else f"training loss at {ratio:.0%} of step 0's"
+    if decisive or (pathologies and ratio is not None and not learning):
+        return Verdict("fails", step, pathologies + [loss_text], signals)
+    if pathologies:
+        why = f"but {loss_text}" if learning else "and the loss is unknown"
+        return Verdict("unsure", step, pathologies + [why] + notes, signals)
+    if learning:
+        return Verdict("trains", step, [f"no layer pathology; {loss_text}"], signals)
+    why = f"no layer pathology, but {loss_text}" if ratio is not None else "no layer pathology"
+    return Verdict("unsure", step, [why] + notes, signals)
+
+
+def loss_ratio(samples: Samples, step: int) -> Optional[float]:
+    """The mean training loss of the steps before ``step`` (since the previous early sample) over the step-0 loss."""
+    losses = samples.series(VERDICT_CALLBACK, LOSS_STATISTIC, step)
+    if len(losses) < 2:
+        return None
+    first, latest = losses[min(losses)][""], losses[max(losses)][""]
+    if not (math.isfinite(first) and first > 0 and math.isfinite(latest)):
+        return None
+    return latest / first
