@@ -37,6 +37,7 @@ class Record:
     label: Optional[str]
     global_step: int
     wall_seconds: float
+    chance: float = 0.0
     verdict_step: Optional[int] = None
     rows: list = field(default_factory=list)  # (step, callback, statistic, layer, value) up to the verdict step
     verdict: Optional[Verdict] = None
@@ -85,7 +86,7 @@ def collect(out: Path, groups: list[str]) -> list[Record]:
             acc = float(r["test_acc"]) if r.get("test_acc") not in (None, "") else None
             record = Record(name, r["run_id"], r["model"], r["variant"], int(r["depth"]), r["status"], acc,
                             label(r["status"], acc, chances[group.dataset], ceiling), int(r.get("global_step") or 0),
-                            float(r.get("wall_seconds") or 0.0))
+                            float(r.get("wall_seconds") or 0.0), chances[group.dataset])
             if record.label is None:
                 continue
             if r.get("run_dir"):
@@ -192,6 +193,15 @@ def report(records: list[Record]) -> str:
            "unsure between.", "",
            f"The verdict's loss threshold (loss_learning) in use: {THRESHOLDS['loss_learning'].value:g}; the same fit "
            f"on the design part gives {fitted:g}.", ""]
+    out += ["| group | part | runs | fail | diverged before the verdict | chance | ceiling | fails below |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r.group for r in records):
+        rows, group = [r for r in records if r.group == name], GROUPS[name]
+        ceiling = CEILINGS[(group.dataset, group.form)][0]
+        out.append(f"| {name} | {'design' if name in DESIGN else 'scoring'} | {len(rows)} | "
+                   f"{sum(r.label == 'fails' for r in rows)} | {sum(r.verdict is None for r in rows)} | "
+                   f"{rows[0].chance:.2%} | {ceiling:.2%} | {(rows[0].chance + ceiling) / 2:.2%} |")
+    out.append("")
     rules = {"verdict": lambda r: r.verdict.word, "loss only": lambda r: loss_word(r.loss_ratio, low, high)}
     for part, rows in (("design", design), ("scoring", scoring)):
         for name, rule in rules.items():
