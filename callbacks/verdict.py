@@ -15,10 +15,10 @@ from typing_extensions import override
 
 from .outputs import log_scalars
 from .records import DiagnosticsTable
-from .sampling import SamplingCallback
+from .sampling import SamplingCallback, planned_steps
 from .saturation import ActivationSaturationMonitor
 from .tensorboard import tensorboard_writers
-from .verdict_rules import (CODE_STATISTIC, CODES, LOSS_STATISTIC, VERDICT_CALLBACK, Samples, Verdict, decide)
+from .verdict_rules import CODE_STATISTIC, CODES, LOSS_STATISTIC, VERDICT_CALLBACK, Samples, Verdict, decide
 from .verdict_step import check_step, early_steps, verdict_step
 
 TAG = "overview/verdict"
@@ -69,7 +69,6 @@ class TrainabilityVerdict(Callback):
         self.step: Optional[int] = None
         self.verdict: Optional[Verdict] = None
         self.stopped = False
-        self.samples = Samples()
         self._loss_sum: Optional[torch.Tensor] = None
         self._loss_count = 0
         self._pending: list[int] = []  # the early steps whose loss is not written yet
@@ -91,7 +90,6 @@ class TrainabilityVerdict(Callback):
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
-        from .sampling import planned_steps
         self.step = verdict_step(planned_steps(trainer), self.at_step)
         self._pending = [s for s in early_steps(self.step) if s >= trainer.global_step]
         DiagnosticsTable.keep_early(trainer, self.step)

@@ -490,11 +490,25 @@ def split_at_double_dash(argv) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def exit_status(command) -> int:
+    """A tool's ``command()`` (which returns its exit status), with the tools' two ways out: bad input is one line
+    and status 2; Ctrl-C or SIGTERM, passed on to the trainings (which saved their step), says how to resume."""
+    try:
+        return command()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
+
+
 def main(argv=None) -> int:
     resolve_data_env()
     own, flags = split_at_double_dash(argv)
     args = build_parser().parse_args(own)
-    try:
+
+    def command() -> int:
         if args.epochs < 1 or any(d < 1 for d in args.depths) or args.parallel < 1 or (
                 args.threads_per_run is not None and args.threads_per_run < 1):
             raise ConfigError("--epochs, --depths, --parallel and --threads-per-run must be positive")
@@ -502,15 +516,10 @@ def main(argv=None) -> int:
         runs = grid(args.models, args.depths, args.seeds, variants, flags)
         rows = run_grid_stoppable(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus,
                                   threads=args.threads_per_run)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(stop, file=sys.stderr)
-        return stop.exit_code
-    failed = [r for r in rows if r["status"] not in FINISHED]
-    print(f"{len(rows)} runs, {len(failed)} not completed; results: {Path(args.out) / 'results.csv'}")
-    return 1 if failed else 0
+        failed = [r for r in rows if r["status"] not in FINISHED]
+        print(f"{len(rows)} runs, {len(failed)} not completed; results: {Path(args.out) / 'results.csv'}")
+        return 1 if failed else 0
+    return exit_status(command)
 
 
 class forwarded_signals:

@@ -3,7 +3,6 @@ drop-in callback (decides, logs, stops when asked, refuses to run without what i
 it must not mistake for failures, and the corpus's label and scoring arithmetic."""
 import csv
 import json
-import math
 import re
 from types import SimpleNamespace
 
@@ -315,7 +314,8 @@ def test_wilson_interval_against_its_formula():
 
 def record(ratio, lab):
     rows = [(0, "verdict", "train_loss", "", 2.0), (50, "verdict", "train_loss", "", 2.0 * ratio)]
-    return Record("mnist", "r", "plain", "naive-lr0.1", 10, "completed", 0.5, lab, 100, 10.0, 50, rows)
+    return Record("mnist", "r", "plain", "naive-lr0.1", 10, "completed", 0.5, lab, 100, 10.0, chance=0.1,
+                  verdict_step=50, rows=rows)
 
 
 def test_the_loss_baseline_is_fitted_to_decide_most_runs_right():
@@ -398,6 +398,9 @@ def test_the_readme_states_the_rules_numbers_as_the_table_has_them():
     section = readme.split("### TrainabilityVerdict", 1)[1].split("\n### ", 1)[0]
     t = {name: th.value for name, th in THRESHOLDS.items()}
     assert f"`loss_learning` ({t['loss_learning']:g})" in section
-    assert f"below {t['gradient_ratio']:g} of the last's" in section and f"over {t['gradient_explosion']:g} times" in section
-    assert f"below {t['no_gradient']:g})" in section and t["layer_share"] == 0.25 and "a quarter of the" in section
+    def short(v):  # 1e-4, as the README writes it
+        return f"{v:.0e}".replace("e-0", "e-")
+    assert f"below {short(t['gradient_ratio'])} of the last's" in section
+    assert f"over {t['gradient_explosion']:g} times" in section
+    assert f"below {short(t['no_gradient'])})" in section and t["layer_share"] == 0.25 and "a quarter of the" in section
     assert t["collapsed_share"] == 0.5 and "half their\nsingular values" in section

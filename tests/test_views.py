@@ -11,6 +11,7 @@ import sys
 import lightning as L
 import numpy as np
 import pytest
+from deepplain.callbacks.verdict import TAG as VERDICT_TAG
 import torch
 from conftest import fit, read_events
 from deepplain.callbacks import (
@@ -139,6 +140,9 @@ def test_overview_has_ten_points_in_a_200_step_run_and_alpha_every_percent(runs)
     overview = [t for t in acc.Tags()["scalars"] if t.startswith("overview/")]
     assert {"overview/alpha_residual", "overview/alpha_share_removed", "overview/layers_singular"} <= set(overview)
     for tag in overview:
+        if tag == VERDICT_TAG:  # one verdict, at its step (2% of 208 steps, at least 50)
+            assert [(e.step, e.value in (-1.0, 0.0, 1.0)) for e in acc.Scalars(tag)] == [(50, True)]
+            continue
         assert len(acc.Scalars(tag)) >= (2 if tag in CONDITION_OVERVIEW else 10), (tag, len(acc.Scalars(tag)))
     steps = [e.step for e in acc.Scalars("alpha/residual")]
     assert max(b - a for a, b in zip(steps, steps[1:])) <= max(1, total // 100)

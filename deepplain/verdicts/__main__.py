@@ -23,8 +23,9 @@ from ..config import depth_rule, merge
 from ..datamodules.paths import resolve_data_env
 from ..errors import ConfigError
 from ..inputs import OneLineParser, output_dir
-from ..sweep import Stopped, csv_list, run_grid_stoppable
+from ..sweep import csv_list, exit_status, run_grid_stoppable
 from .corpus import GROUPS, group_runs
+from .scoring import score
 
 
 def run_corpus(out: Path, groups: list[str], parallel: int, dry_run: bool) -> int:
@@ -58,22 +59,17 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (run)")
     p.add_argument("--dry-run", action="store_true", help="run: check and list every run's train.py flags")
     args = p.parse_args(argv)
-    unknown = [g for g in args.groups if g not in GROUPS]
-    try:
+
+    def command() -> int:
+        unknown = [g for g in args.groups if g not in GROUPS]
         if unknown:
             raise ConfigError(f"unknown groups {', '.join(unknown)}; valid: {', '.join(GROUPS)}")
         if args.parallel < 1:
             raise ConfigError("--parallel must be positive")
         if args.command == "run":
             return run_corpus(Path(args.out), args.groups, args.parallel, args.dry_run)
-        from .scoring import score
         return score(Path(args.out), args.groups)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Stopped as stop:
-        print(stop, file=sys.stderr)
-        return stop.exit_code
+    return exit_status(command)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ band, fitted on the design groups), compared on the scoring groups.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..callbacks.records import DiagnosticsTable
-from ..callbacks.verdict_rules import (CODE_STATISTIC, THRESHOLDS, VERDICT_CALLBACK, Samples, Threshold, Verdict,
+from ..callbacks.verdict_rules import (CODE_STATISTIC, THRESHOLDS, VERDICT_CALLBACK, Samples, Verdict,
                                         decide, loss_ratio)
 from ..datamodules import get_datamodule
 from ..inputs import read_results_csv
@@ -46,9 +47,13 @@ class Record:
     def design(self) -> bool:
         return self.group in DESIGN
 
-    @property
+    @functools.cached_property
+    def samples(self) -> Samples:
+        return Samples(self.rows)
+
+    @functools.cached_property
     def loss_ratio(self) -> Optional[float]:
-        return loss_ratio(Samples(self.rows), self.verdict_step)
+        return loss_ratio(self.samples, self.verdict_step)
 
 
 def chance(dataset: str) -> float:
@@ -60,16 +65,18 @@ def chance(dataset: str) -> float:
 
 
 def read_rows(path: Path) -> tuple[Optional[int], list]:
-    """The verdict step (the step of the verdict's code row) and every row up to it."""
+    """The verdict step (the step of the verdict's code row) and every row up to it: the rows the verdict read
+    are written before its code row, so the file is read no further."""
     if not path.is_file():
         return None, []
+    rows = []
     with path.open(newline="") as handle:
-        rows = [(int(r["step"]), r["callback"], r["statistic"], r["layer"], float(r["value"]))
-                for r in csv.DictReader(handle)]
-    steps = [r[0] for r in rows if r[1] == VERDICT_CALLBACK and r[2] == CODE_STATISTIC]
-    if not steps:
-        return None, []
-    return steps[0], [r for r in rows if r[0] <= steps[0]]
+        for r in csv.DictReader(handle):
+            row = (int(r["step"]), r["callback"], r["statistic"], r["layer"], float(r["value"]))
+            rows.append(row)
+            if row[1] == VERDICT_CALLBACK and row[2] == CODE_STATISTIC:
+                return row[0], [r for r in rows if r[0] <= row[0]]
+    return None, []
 
 
 def collect(out: Path, groups: list[str]) -> list[Record]:
@@ -92,7 +99,7 @@ def collect(out: Path, groups: list[str]) -> list[Record]:
             if r.get("run_dir"):
                 record.verdict_step, record.rows = read_rows(Path(r["run_dir"]) / DiagnosticsTable.FILENAME)
             if record.verdict_step is not None:
-                record.verdict = decide(Samples(record.rows), record.verdict_step)
+                record.verdict = decide(record.samples, record.verdict_step)
             records.append(record)
     return records
 
@@ -127,7 +134,7 @@ def fit_verdict_loss(records: list[Record]) -> float:
     stay as they are."""
     best, best_key = THRESHOLDS["loss_learning"].value, (-1.0, -1.0)
     for value in sorted({round(r.loss_ratio, 2) for r in records if r.loss_ratio is not None}):
-        words = [decide(Samples(r.rows), r.verdict_step, {"loss_learning": value}).word for r in records]
+        words = [decide(r.samples, r.verdict_step, {"loss_learning": value}).word for r in records]
         decided = [(w, r.label) for w, r in zip(words, records) if w != "unsure"]
         if not records or len(decided) < MIN_DECIDED * len(records):
             continue
