@@ -223,6 +223,11 @@ def report(records: list[Record]) -> str:
             s = score_line([(rule(r), r.label) for r in rows])
             cells.append(f"{s['decided']}, {s['right']}")
         out.append(f"| {family} | {len(rows)} | {sum(r.label == 'fails' for r in rows)} | {cells[0]} | {cells[1]} |")
+    wrong = [r for r in scoring if r.verdict.word not in ("unsure", r.label)]
+    out += ["", f"## The wrong verdicts of the scoring part ({len(wrong)})", ""]
+    out += [f"- {r.group}/{r.run_id}: said {r.verdict.word} at step {r.verdict_step} ({'; '.join(r.verdict.reasons)}); "
+            f"ended {r.status}" + (f" at test accuracy {r.test_acc:.1%}" if r.test_acc is not None else "")
+            for r in wrong]
     out += ["", "## What --stop-if-fails saves", ""] + saved(judged)
     return "\n".join(out) + "\n"
 
