@@ -46,11 +46,15 @@ def write_image(writer, tag: str, image: np.ndarray, png: bytes, step: int) -> N
     file_writer().add_summary(Summary(value=[value]), step)
 
 
+HISTOGRAM_LIMIT = 1e20  # the outermost edge of TensorBoard's histogram buckets: values beyond fall in none
+
+
 def add_histogram(trainer, tag: str, values, step: int) -> None:
-    """The finite values' histogram (TensorBoard refuses NaN and inf, and an empty histogram stops the fit it
-    is written in); nothing when no value is finite: the table and the images show those."""
-    values = torch.as_tensor(values).detach().flatten()
-    values = values[torch.isfinite(values)]
+    """The histogram of the values TensorBoard's buckets hold: finite and within +-1e20 (it refuses NaN and
+    inf, and a histogram whose values all lie beyond its buckets is "empty" and stops the fit it is written in:
+    seen on exploded 50-layer nets); nothing when none is left: the table and the images show those."""
+    values = torch.as_tensor(values).detach().flatten().double()
+    values = values[torch.isfinite(values) & (values.abs() <= HISTOGRAM_LIMIT)]
     if not values.numel():
         return
     for writer in tensorboard_writers(trainer):

@@ -404,3 +404,18 @@ def test_the_readme_states_the_rules_numbers_as_the_table_has_them():
     assert f"over {t['gradient_explosion']:g} times" in section
     assert f"below {short(t['no_gradient'])})" in section and t["layer_share"] == 0.25 and "a quarter of the" in section
     assert t["collapsed_share"] == 0.5 and "half their\nsingular values" in section
+
+
+def test_a_histogram_of_exploded_activations_never_stops_the_fit(tmp_path):
+    """A 50-layer BN + LReLU net at lr 0.01 on COIL-20 exploded past 1e20; its end-of-run histogram was "empty"
+    for TensorBoard (whose buckets end at 1e20) and failed the run after its last step (three corpus runs)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from deepplain.callbacks.tensorboard import add_histogram
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    logger = TensorBoardLogger(tmp_path, name="h")
+    trainer = SimpleNamespace(global_rank=0, loggers=[logger])
+    add_histogram(trainer, "beyond", torch.tensor([3e25, -1e30, float("inf")]), 0)  # nothing left: nothing written
+    add_histogram(trainer, "mixed", torch.tensor([1.0, 2.0, 3e25]), 0)
+    logger.experiment.flush()
+    histograms = EventAccumulator(logger.log_dir).Reload().Tags()["histograms"]
+    assert histograms == ["mixed"]
