@@ -181,7 +181,7 @@ def describe(s: dict) -> str:
 
 
 def family_of(r: Record) -> str:
-    name = r.variant.split("-lr")[0]
+    name = r.variant.rsplit("-lr", 1)[0]  # "bn-lrelu-lr0.01" -> "bn-lrelu"
     return name if r.family == "plain" else r.family + ("-conv" if "conv" in name else "")
 
 
