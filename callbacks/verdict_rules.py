@@ -6,9 +6,10 @@ The same function decides live (``TrainabilityVerdict``, from the rows the diagn
 verdict a live run gives.
 
 The rules follow the papers' mechanisms, not a corpus's numbers: a network cannot train when the signal
-does not reach its output (activations vanished or units dead in most layers: PlainNet), when its
-representations have collapsed (singular hidden representations: PlainNet), when no gradient reaches
-its first layers (the VAN and coursework papers' vanishing gradient) or when its activations explode.
+does not reach its output (activations vanished or units dead in a quarter of its layers or more:
+PlainNet), when its representations have collapsed (singular hidden representations: PlainNet), when no
+gradient reaches its first layers (the VAN and coursework papers' vanishing gradient), when the gradient
+explodes on its way down, or when its activations explode.
 Such a *pathology* is read as persistent only when it holds in every sample from a quarter of the way to
 the verdict step on, so a transient at initialisation does not count. The training loss says whether the
 network learns despite it: ``fails`` needs a pathology and a loss that has not fallen (or a decisive one: no
@@ -35,9 +36,9 @@ class Threshold:
     source: str
 
 
-# Every number the rules use. The first five are the papers' or follow from what the statistic means; the
-# layer share and the loss ratio were chosen on the design part of the corpus (MNIST and USPS runs,
-# docs/RESULTS.md section 12) and never tuned on the scoring part.
+# Every number the rules use. The first six are the papers' or follow from what the statistic means; the
+# exploding-gradient ratio, the layer share and the loss ratio were chosen on the design part of the corpus
+# (MNIST and USPS runs, docs/RESULTS.md section 12) and never tuned on the scoring part.
 THRESHOLDS = {
     "vanished_mean_abs": Threshold(0.05, "PlainNet (Oyedotun et al.): |a| < 0.05 counts as a vanished activation"),
     "exploded_max_abs": Threshold(50.0, "PlainNet: |a| > 50 counts as an exploded activation"),
@@ -48,7 +49,7 @@ THRESHOLDS = {
     "no_gradient": Threshold(1e-8, "no learning signal at all: every layer's gradient norm below 1e-8 (the "
                                    "coursework's VGG38: 1e-18; a net whose units all died: 0)"),
     "gradient_ratio": Threshold(1e-4, "vanishing gradient: the first layer's gradient norm below 1e-4 of the "
-                                      "last's (the naive 100-layer MLP: 1e-9; healthy nets: 0.01 to 100)"),
+                                      "last's (the naive 100-layer MLP: 1e-9; healthy nets: 0.01 to 50)"),
     "gradient_explosion": Threshold(100.0, "exploding gradient: the first layer's gradient norm over 100 times the "
                                            "last's (deep batch-normalised nets at init, Yang et al. 2019; the "
                                            "164-layer plain net of RESULTS 11.1: 5e9; healthy nets: up to ~50)"),
