@@ -166,11 +166,16 @@ def _by_stat(stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 OVERVIEW = "overview.png"
 
 
+def publishing_callbacks(trainer) -> list:
+    """The trainer's callbacks that publish per-layer statistics (each has a :class:`Publisher`), in order."""
+    return [cb for cb in trainer.callbacks if isinstance(getattr(cb, "publisher", None), Publisher)]
+
+
 def finish_run_files(trainer, caller) -> Optional[Path]:
     """At the end of training, however it ended: ``overview.png`` in the run folder, then the run's files
     uploaded to the trackers that keep files (``outputs.upload_run_files``). Done by the last callback with a
     publisher (after the others drew theirs); returns overview.png's path, if one was written."""
-    owners = [cb for cb in trainer.callbacks if isinstance(getattr(cb, "publisher", None), Publisher)]
+    owners = publishing_callbacks(trainer)
     if trainer.global_rank != 0 or not owners or owners[-1] is not caller:
         return None
     path = write_overview(trainer, owners)

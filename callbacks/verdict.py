@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from .outputs import log_scalars
+from .publish import publishing_callbacks
 from .records import DiagnosticsTable
 from .sampling import SamplingCallback, planned_steps
 from .saturation import ActivationSaturationMonitor
@@ -155,10 +156,8 @@ class TrainabilityVerdict(Callback):
         for writer in tensorboard_writers(trainer):
             writer.add_text(TAG, f"**{verdict.word}** at step {verdict.step}: " + "; ".join(verdict.reasons),
                             verdict.step)
-        for cb in trainer.callbacks:  # a marker at its step on every depth x time image
-            publisher = getattr(cb, "_publisher", None)
-            if publisher is not None:
-                publisher.events[verdict.step] = f"verdict: {verdict.word}"
+        for cb in publishing_callbacks(trainer):  # a marker at its step on every depth x time image
+            cb.publisher.events[verdict.step] = f"verdict: {verdict.word}"
         stopping = " - stopping the run (stop_if_fails)" if self.stop_if_fails and verdict.word == "fails" else ""
         message = f"{type(self).__name__} at step {verdict.step}: {verdict.line()}{stopping}"
         bar = trainer.progress_bar_callback

@@ -47,7 +47,7 @@ from .errors import ConfigError
 from .inputs import OneLineParser, output_dir
 from .presets import PRESETS
 from .status import FINISHED, RunStatus
-from .sweep import Run, Stopped, csv_list, check_flags, run_grid_stoppable, split_at_double_dash
+from .sweep import Run, csv_list, check_flags, exit_status, run_grid_stoppable, split_at_double_dash
 
 CONDITION, GRAD_FLOW = ConditionNumberProbe.prefix, GradientFlowMonitor.prefix  # their diagnostics.csv names
 SHORTCUT = ".shortcut"  # a ResidualBlock's projection, in its layers' names
@@ -258,24 +258,25 @@ def main(argv=None) -> int:
     args = p.parse_args(own)
     runs = skips_runs(args.depth, extra) if args.comparison == "skips" else coursework_runs(extra)
     out = Path(args.out)
-    try:
+
+    def command() -> int:  # a bad command, or a folder another sweep holds or that holds other settings: exit 2
         check(args, runs, extra)
         if args.dry_run:
             for name, run in runs.items():
                 print(f"{name}: python train.py {' '.join(run.train_flags(args.dataset, args.epochs))}")
             return 0
         grid = run_grid_stoppable(list(runs.values()), out, args.dataset, args.epochs, args.parallel, args.gpus)
-    except ConfigError as exc:  # a bad command, or a folder another sweep holds or that holds other settings
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Stopped as stop:  # Ctrl-C / SIGTERM: the trainings saved their step; the same command resumes
-        print(stop, file=sys.stderr)
-        return stop.exit_code
+        return write_comparison(args.comparison, runs, grid, out)
+    return exit_status(command)
+
+
+def write_comparison(comparison: str, runs: dict[str, Run], grid: list[dict], out: Path) -> int:
+    """``<out>/comparison.md`` and the figures from the runs' rows; 0 when every run finished."""
     by_id = {r["run_id"]: r for r in grid}
     rows = {name: by_id[run.run_id] for name, run in runs.items()}
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    if args.comparison == "skips":
+    if comparison == "skips":
         table, figure = skips_table(rows), skips_figure(rows, figures)
     else:
         table, figure = coursework_table(rows), coursework_figure(rows, figures)

@@ -53,7 +53,7 @@ from .plan import make_datamodule
 from .presets import PRESETS
 from .schema import from_dict
 from .status import FINISHED, RunStatus
-from .sweep import Run, Stopped, check_flags, collect, run_grid_stoppable, split_at_double_dash
+from .sweep import Run, check_flags, collect, exit_status, run_grid_stoppable, split_at_double_dash
 
 RECIPE_PRESET = "oyedotun-mlp-100"
 COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
@@ -355,16 +355,11 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1)
     own, extra = split_at_double_dash(argv)
     args = p.parse_args(own)
-    try:
+
+    def command() -> int:
         check_experiment(args, extra)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
         return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
-    except Stopped as stop:  # Ctrl-C / SIGTERM: the trainings saved their step; the same command resumes
-        print(stop, file=sys.stderr)
-        return stop.exit_code
+    return exit_status(command)
 
 
 def check_experiment(args, extra: list[str]) -> None:

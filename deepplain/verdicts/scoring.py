@@ -111,37 +111,36 @@ def loss_word(ratio: Optional[float], trains_below: float, fails_above: float) -
     return "trains" if ratio <= trains_below else "fails" if ratio > fails_above else "unsure"
 
 
-def fit_loss_rule(records: list[Record]) -> tuple[float, float]:
-    """``(trains_below, fails_above)`` that give the most right verdicts among the decided ones while deciding at
-    least :data:`MIN_DECIDED` of the runs (ties: more decided), from the runs' own ratios."""
-    ratios = sorted({round(r.loss_ratio, 4) for r in records if r.loss_ratio is not None})
-    best, best_key = (0.5, 0.5), (-1.0, -1.0)
-    for i, low in enumerate(ratios):
-        for high in ratios[i:]:
-            words = [loss_word(r.loss_ratio, low, high) for r in records]
-            decided = [(w, r.label) for w, r in zip(words, records) if w != "unsure"]
-            if not records or len(decided) < MIN_DECIDED * len(records):
-                continue
-            key = (sum(w == lab for w, lab in decided) / len(decided), len(decided))
-            if key > best_key:
-                best, best_key = (low, high), key
-    return best
-
-
-def fit_verdict_loss(records: list[Record]) -> float:
-    """The verdict's ``loss_learning`` that gives the most right verdicts among the decided ones while deciding at
-    least :data:`MIN_DECIDED` of the runs (ties: more decided), the baseline's criterion; the rules' other numbers
-    stay as they are."""
-    best, best_key = THRESHOLDS["loss_learning"].value, (-1.0, -1.0)
-    for value in sorted({round(r.loss_ratio, 2) for r in records if r.loss_ratio is not None}):
-        words = [decide(r.samples, r.verdict_step, {"loss_learning": value}).word for r in records]
-        decided = [(w, r.label) for w, r in zip(words, records) if w != "unsure"]
+def most_right(candidates, words_of, records: list[Record]):
+    """The candidate whose words (``words_of(candidate)``: one per record) are right most often among the decided
+    ones while deciding at least :data:`MIN_DECIDED` of the runs (ties: more decided); None when none decides
+    enough. The criterion both fits use, on the design part."""
+    best, best_key = None, (-1.0, -1.0)
+    for candidate in candidates:
+        decided = [(w, r.label) for w, r in zip(words_of(candidate), records) if w != "unsure"]
         if not records or len(decided) < MIN_DECIDED * len(records):
             continue
         key = (sum(w == lab for w, lab in decided) / len(decided), len(decided))
         if key > best_key:
-            best, best_key = value, key
+            best, best_key = candidate, key
     return best
+
+
+def fit_loss_rule(records: list[Record]) -> tuple[float, float]:
+    """``(trains_below, fails_above)`` of the loss-only baseline (:func:`most_right`), from the runs' own ratios."""
+    ratios = sorted({round(r.loss_ratio, 4) for r in records if r.loss_ratio is not None})
+    pairs = [(low, high) for i, low in enumerate(ratios) for high in ratios[i:]]
+    best = most_right(pairs, lambda pair: [loss_word(r.loss_ratio, *pair) for r in records], records)
+    return best or (0.5, 0.5)
+
+
+def fit_verdict_loss(records: list[Record]) -> float:
+    """The verdict's ``loss_learning`` by the baseline's criterion (:func:`most_right`); the rules' other numbers
+    stay as they are."""
+    values = sorted({round(r.loss_ratio, 2) for r in records if r.loss_ratio is not None})
+    best = most_right(values, lambda value: [decide(r.samples, r.verdict_step, {"loss_learning": value}).word
+                                             for r in records], records)
+    return THRESHOLDS["loss_learning"].value if best is None else best
 
 
 # -- tables ---------------------------------------------------------------------------------------------------
