@@ -62,6 +62,7 @@ from . import outputs
 from .probing import glob_list, skip_gates
 from .publish import DepthTimeSpec, Publisher, finish_run_files
 from .records import DiagnosticsTable
+from .tags import OverviewScalar, overview_values
 from .sampling import every_percent
 from .tensorboard import write_layout
 
@@ -173,6 +174,12 @@ class AlphaScheduler(Callback):
                             callbacks=[AlphaScheduler("lagrangian", lambda_lr_ratio=0.5, phase_out=0.75)])
     """
 
+    prefix = "alpha"
+    residual_tag = f"{prefix}/residual"  # the share of skip weight left (deepplain.curves reads it)
+    overview_scalars = (OverviewScalar("alpha_residual", "VAN skips: alpha residual and share removed"),
+                        OverviewScalar("alpha_share_removed", "VAN skips: alpha residual and share removed"))
+    overview_images = {"train": ("mean",)}
+
     def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: Optional[float] = None,
                  phase_out: Optional[float] = None,
                  alpha_lr: Optional[float] = None, include: Optional[list[str]] = None,
@@ -200,7 +207,7 @@ class AlphaScheduler(Callback):
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.every_n_steps = every_n_steps
         self.log_every = every_n_steps or 50
-        self.publisher = Publisher("alpha", {"mean": DepthTimeSpec("mean alpha per gate (1: no skip)",
+        self.publisher = Publisher(self.prefix, {"mean": DepthTimeSpec("mean alpha per gate (1: no skip)",
                                                                    vmin=0.0, vmax=1.0, label="mean alpha")},
                                    {}, per_layer_scalars=per_layer_scalars)
         self.alpha_lr = float(alpha_lr) if alpha_lr is not None else None
@@ -219,14 +226,12 @@ class AlphaScheduler(Callback):
         return self._generate_state_key(include=self.include, exclude=self.exclude)
 
     def tensorboard_layout(self) -> dict:
-        charts = {"alpha residual": "alpha/residual", "share of units removed": "alpha/share_removed",
-                  "mean lambda": "alpha/lambda$"}
+        p = self.prefix
+        charts = {"alpha residual": self.residual_tag, "share of units removed": f"{p}/share_removed",
+                  "mean lambda": f"{p}/lambda$"}
         if self.publisher.per_layer_scalars:
-            charts.update({"mean alpha per gate": "alpha/mean/.*", "lambda per gate": "alpha/lambda/.*"})
-        return {"alpha": charts}
-
-    def overview_charts(self) -> dict:
-        return {"VAN skips: alpha residual and share removed": "overview/alpha_(residual|share_removed)"}
+            charts.update({"mean alpha per gate": f"{p}/mean/.*", "lambda per gate": f"{p}/lambda/.*"})
+        return {p: charts}
 
     @property
     def gates(self) -> list:
@@ -422,9 +427,10 @@ class AlphaScheduler(Callback):
         self._logged_step = trainer.global_step
         s = self.summary()
         gates = {name: {"mean": s[f"mean/{name}"], "lambda": s[f"lambda/{name}"]} for name, _ in self._gates}
-        scalars = {"alpha/residual": s["residual"], "alpha/share_removed": s["share_removed"],
-                   "alpha/lambda": s["lambda"], "overview/alpha_residual": s["residual"],
-                   "overview/alpha_share_removed": s["share_removed"]}
+        scalars = {self.residual_tag: s["residual"], f"{self.prefix}/share_removed": s["share_removed"],
+                   f"{self.prefix}/lambda": s["lambda"],
+                   **overview_values(self.overview_scalars, {"alpha_residual": s["residual"],
+                                                             "alpha_share_removed": s["share_removed"]})}
         self.publisher.publish(trainer, trainer.global_step, "train", gates, extra_scalars=scalars)
 
     def report(self, step: int) -> str:

@@ -35,6 +35,7 @@ from .probing import LayerCapture, batch_inputs, layer_weight, weight_layers
 from .publish import DepthTimeSpec, Publisher
 from .records import ILL_CONDITIONED, SINGULAR_LOG10_KAPPA, log10_kappa
 from .sampling import SamplingCallback, _positive_int, planned_steps
+from .tags import OverviewScalar, overview_values
 
 __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition", "weight_conditions",
            "representation_matrix", "weight_matrix", "probe_size_for"]
@@ -173,6 +174,9 @@ class ConditionNumberProbe(SamplingCallback):
     """
 
     prefix = "condition"
+    overview_scalars = (OverviewScalar("layers_singular", "singular layers (count)"),
+                        OverviewScalar("worst_log10_kappa", "worst layer's log10 kappa"))
+    overview_images = {"probe": ("log10_kappa",), "train": ("log10_kappa",)}
 
     def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, probe_size: Optional[int] = None,
                  probe_batch: Any = None, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
@@ -246,16 +250,12 @@ class ConditionNumberProbe(SamplingCallback):
                                                label="|corr|"),
                  "weight_log10_kappa_inf": DepthTimeSpec("log10 kappa_inf (weight)", **kappa)}
         summaries = {"log10_kappa": ("median", "max"), "collinearity": ("max",), "weight_log10_kappa_inf": ("max",)}
-        publisher = Publisher("condition", specs, summaries, main_source="probe",
+        publisher = Publisher(self.prefix, specs, summaries, main_source="probe",
                               per_layer_scalars=self.per_layer_scalars,
-                              stems={"probe": "condition/", "train": "condition/train/"},
+                              stems={"probe": f"{self.prefix}/", "train": f"{self.prefix}/train/"},
                               table_only=("kappa", "weight_kappa", "weight_kappa_inf"))
         publisher.marker_label["probe"] = "BN batch statistics"
         return publisher
-
-    def overview_charts(self) -> dict:
-        return {"singular layers (count)": "overview/layers_singular",
-                "worst layer's log10 kappa": "overview/worst_log10_kappa"}
 
     def find(self, stats: dict) -> dict[str, list[str]]:
         """Singular and ill-conditioned layers (the rules of ``records.finding_rules``)."""
@@ -519,9 +519,10 @@ class ConditionNumberProbe(SamplingCallback):
             found = self.find(self.last_stats)
             worst = max((row["log10_kappa"] for row in self.last_stats.values()
                          if not math.isnan(row["log10_kappa"])), default=None)
-            overview = {"overview/layers_singular": len(found["singular"])}
+            counts = {"layers_singular": len(found["singular"])}
             if worst is not None:
-                overview["overview/worst_log10_kappa"] = worst
+                counts["worst_log10_kappa"] = worst
+            overview = overview_values(self.overview_scalars, counts)
             note = "bn_batch_statistics" if source == "probe" and self.probe is not None \
                 and self.probe.used_batch_stats else ""
             shown = {n: {k: (math.inf if k in ("log10_kappa", "weight_log10_kappa_inf") and v == SINGULAR_LOG10_KAPPA
@@ -591,10 +592,10 @@ class ConditionNumberProbe(SamplingCallback):
         what = "probe" if key == "probe" else "training batch"
         last_step, (_, _, heatmaps) = samples[-1]
         fig = figures.depth_profiles(panels, f"conditioning by depth ({what}), first, middle and last samples")
-        add_image(trainer, f"condition/{where}profile", figures.to_image(fig), last_step)
+        add_image(trainer, f"{self.prefix}/{where}profile", figures.to_image(fig), last_step)
         for name, matrix in heatmaps.items():
             image = figures.unit_heatmap(matrix.numpy(), f"units' responses at {name} (step {last_step})")
-            add_image(trainer, f"condition/{where}heatmap/{name}", image, last_step)
+            add_image(trainer, f"{self.prefix}/{where}heatmap/{name}", image, last_step)
 
     def _check_heatmap_layers(self) -> None:
         """``heatmap_layers`` must name watched layers (an index into them, or a name): said at setup."""

@@ -37,6 +37,7 @@ class GradientFlowMonitor(SamplingCallback):
     """
 
     prefix = "grad_flow"
+    overview_images = {"train": ("norm",)}
 
     def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, figure_every_n_samples: Optional[int] = None,
@@ -50,7 +51,7 @@ class GradientFlowMonitor(SamplingCallback):
 
     def make_publisher(self) -> Publisher:
         specs = {"norm": DepthTimeSpec("gradient norm per layer", scale="log", label="||grad||")}
-        return Publisher("grad_flow", specs, {"norm": ("min", "median", "max")},
+        return Publisher(self.prefix, specs, {"norm": ("min", "median", "max")},
                          per_layer_scalars=self.per_layer_scalars)
 
     def setup(self, trainer, pl_module, stage):
@@ -88,4 +89,4 @@ class GradientFlowMonitor(SamplingCallback):
         norms = {f"step {step}": [v[0] for v in values] for step, values in samples}
         fig = figures.depth_profiles([(norms, "gradient norm", True, None)],
                                      "gradient flow by depth, first, middle and last samples")
-        add_image(trainer, "grad_flow/profile", figures.to_image(fig), samples[-1][0])
+        add_image(trainer, f"{self.prefix}/profile", figures.to_image(fig), samples[-1][0])

@@ -11,6 +11,7 @@ from . import outputs
 from .probing import glob_list, weight_layers
 from .publish import DepthTimeSpec, Publisher, finish_run_files
 from .records import DiagnosticsTable
+from .tags import OverviewScalar, overview_values
 from .sampling import _positive_int, every_percent
 from .tensorboard import write_layout
 
@@ -52,6 +53,10 @@ class MaxNormConstraint(Callback):
                             callbacks=[MaxNormConstraint(max_norm=3.0, skip_classifier=True)])
     """
 
+    prefix = "max_norm"
+    overview_scalars = (OverviewScalar("max_norm_rescaled", "max-norm: share of units rescaled"),)
+    overview_images = {"train": ("rescaled",)}
+
     def __init__(self, max_norm: float = 3.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
                  skip_classifier: bool = False, log_every_n_steps: Optional[int] = None,
                  per_layer_scalars: bool = False):
@@ -65,19 +70,16 @@ class MaxNormConstraint(Callback):
         self._layers = []
         self._last_step: Optional[int] = None
         self._every = 1
-        self.publisher = Publisher("max_norm", {"rescaled": DepthTimeSpec("share of units rescaled",
+        self.publisher = Publisher(self.prefix, {"rescaled": DepthTimeSpec("share of units rescaled",
                                                                           vmin=0.0, vmax=1.0, cmap="magma",
                                                                           label="share")},
                                    {}, per_layer_scalars=per_layer_scalars)
 
     def tensorboard_layout(self) -> dict:
-        charts = {"share of units rescaled": "max_norm/rescaled$"}
+        charts = {"share of units rescaled": f"{self.prefix}/rescaled$"}
         if self.publisher.per_layer_scalars:
-            charts["share rescaled per layer"] = "max_norm/rescaled/.*"
-        return {"max_norm": charts}
-
-    def overview_charts(self) -> dict:
-        return {"max-norm: share of units rescaled": "overview/max_norm_rescaled"}
+            charts["share rescaled per layer"] = f"{self.prefix}/rescaled/.*"
+        return {self.prefix: charts}
 
     @property
     def state_key(self) -> str:
@@ -116,7 +118,8 @@ class MaxNormConstraint(Callback):
             total = float(counts[:, 0].sum() / counts[:, 1].sum())
             self.publisher.publish(trainer, trainer.global_step, "train",
                                    {n: {"rescaled": float(c / u)} for n, (c, u) in zip(rescaled, counts.tolist())},
-                                   extra_scalars={"max_norm/rescaled": total, "overview/max_norm_rescaled": total})
+                                   extra_scalars={f"{self.prefix}/rescaled": total, **overview_values(
+                                       self.overview_scalars, {"max_norm_rescaled": total})})
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.publisher.draw(trainer, trainer.global_step)  # the image grows epoch by epoch

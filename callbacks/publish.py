@@ -26,12 +26,6 @@ from . import figures
 from .outputs import add_image, log_scalars, png_bytes, run_folder, upload_run_files
 from .records import DepthTimeRecord, DiagnosticsTable
 
-# The depth x time images that go into overview.png, in this order, when the run has them.
-OVERVIEW_IMAGES = ("saturation/depth_time/mean_abs", "saturation/depth_time/max_abs",
-                   "saturation/depth_time/frac_dead", "condition/depth_time/log10_kappa",
-                   "condition/train/depth_time/log10_kappa", "grad_flow/depth_time/norm", "alpha/depth_time/mean",
-                   "max_norm/depth_time/rescaled")
-
 QUANTILES = {"min": min, "median": statistics.median, "max": max}
 
 
@@ -184,15 +178,14 @@ def finish_run_files(trainer, caller) -> Optional[Path]:
 
 
 def write_overview(trainer, owners: list) -> Optional[Path]:
-    """``overview.png`` in the run folder: the key depth x time images of every callback in ``owners``, two per
-    row, for reading a run without TensorBoard."""
+    """``overview.png`` in the run folder: the key depth x time images of every callback in ``owners`` (those
+    its ``overview_images`` names), in the callbacks' order, two per row, for reading a run without TensorBoard."""
     folder = run_folder(trainer)
     if folder is None:
         return None
-    images = {}
-    for cb in owners:
-        images.update(cb.publisher.images)
-    chosen = [images[tag] for tag in OVERVIEW_IMAGES if tag in images]
+    tags = [(cb.publisher, cb.publisher.image_tag(source, stat)) for cb in owners
+            for source, stats in getattr(cb, "overview_images", {}).items() for stat in stats]
+    chosen = [publisher.images[tag] for publisher, tag in tags if tag in publisher.images]
     if not chosen:
         return None
     height, width = max(i.shape[0] for i in chosen), max(i.shape[1] for i in chosen)

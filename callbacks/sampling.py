@@ -197,6 +197,8 @@ class SamplingCallback(Callback):
     """
 
     prefix = "diagnostics"
+    overview_scalars: tuple = ()  # tags.OverviewScalar s this callback logs
+    overview_images: dict = {}    # source -> statistics whose depth x time images go into overview.png
 
     def __init__(self, *, every_n_steps: Optional[int] = None, num_samples: int = 20,
                  use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
@@ -258,10 +260,6 @@ class SamplingCallback(Callback):
 
     def tensorboard_layout(self) -> dict:
         return {self.prefix: self.publisher.layout()}
-
-    def overview_charts(self) -> dict:
-        """Custom Scalars charts of the ``overview/`` scalars this callback logs (title -> regex)."""
-        return {}
 
     @property
     def publisher(self) -> Publisher:

@@ -12,6 +12,7 @@ from .probing import LayerCapture
 from .publish import DepthTimeSpec, Publisher
 from .records import DEAD_SHARE
 from .sampling import SamplingCallback
+from .tags import OverviewScalar, overview_values
 from .tensorboard import add_histogram
 
 STATS = ("mean_abs", "max_abs", "frac_low", "frac_high", "frac_zero", "frac_dead")
@@ -90,6 +91,9 @@ class ActivationSaturationMonitor(SamplingCallback):
     """
 
     prefix = "saturation"
+    overview_scalars = tuple(OverviewScalar(f"layers_{kind}", "layers vanished / exploded / dead (training batch)")
+                             for kind in ("vanished", "exploded", "dead"))
+    overview_images = {"train": ("mean_abs", "max_abs", "frac_dead")}
 
     def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, low: float = 0.05,
                  high: float = 50.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
@@ -140,14 +144,11 @@ class ActivationSaturationMonitor(SamplingCallback):
                  "frac_dead": DepthTimeSpec("share of dead units", label="share",
                                             thresholds={"dead": DEAD_SHARE}, **share)}
         summaries = {"mean_abs": ("min", "median"), "max_abs": ("median", "max"), "frac_dead": ("max",)}
-        publisher = Publisher("saturation", specs, summaries, main_source="train",
+        publisher = Publisher(self.prefix, specs, summaries, main_source="train",
                               per_layer_scalars=self.per_layer_scalars,
-                              stems={"train": "saturation/train/", "probe": "saturation/probe/"})
+                              stems={source: f"{self.prefix}/{source}/" for source in ("train", "probe")})
         publisher.marker_label["probe"] = "BN batch statistics"
         return publisher
-
-    def overview_charts(self) -> dict:
-        return {"layers vanished / exploded / dead (training batch)": "overview/layers_(vanished|exploded|dead)"}
 
     def find(self, stats: dict) -> dict[str, list[str]]:
         """The layers of each finding in one sample (the rules of ``records.finding_rules``)."""
@@ -254,8 +255,8 @@ class ActivationSaturationMonitor(SamplingCallback):
         found = self.find(stats)
         if source == "probe":
             found = self._check_against_training(trainer, step, found)
-        overview = {f"overview/layers_{kind}": len(layers) for kind, layers in found.items()} \
-            if source == "train" else None
+        overview = overview_values(self.overview_scalars, {f"layers_{kind}": len(layers) for kind, layers in
+                                                             found.items()}) if source == "train" else None
         note = "bn_batch_statistics" if source == "probe" and self.probe is not None and self.probe.used_batch_stats \
             else ""
         self.publish(trainer, step, source, stats, found, overview, note)
@@ -275,11 +276,11 @@ class ActivationSaturationMonitor(SamplingCallback):
         fig = figures.depth_profiles([(series("mean_abs"), "mean |a|", True, thresholds),
                                       (series("max_abs"), "max |a|", True, thresholds)],
                                      f"activations by depth ({source}), first, middle and last samples")
-        add_image(trainer, f"saturation/{source}/profile", figures.to_image(fig), samples[-1][0])
+        add_image(trainer, f"{self.prefix}/{source}/profile", figures.to_image(fig), samples[-1][0])
         for step, (_, histograms) in samples:  # first, middle, last: TensorBoard's Distributions has a time axis
             for name, sample in histograms.items():
                 if sample.numel():
-                    add_histogram(trainer, f"saturation/{source}/hist/{name}", sample, step)
+                    add_histogram(trainer, f"{self.prefix}/{source}/hist/{name}", sample, step)
 
     def _check_against_training(self, trainer, step: int, found: dict) -> dict:
         """The probe's findings (eval mode) less what the latest training batch contradicts. In the first epoch

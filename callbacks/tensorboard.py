@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .tags import overview_charts
+
 # Custom Scalars opens on these, before the diagnostics' own sections: how the network is doing,
 # then what the run optimises. Regexes over the tags deepplain's modules and Lightning write.
 TRAINING_CHARTS = {"loss": r"(train|val|test)/loss.*", "accuracy": r"(train|val|test)/acc.*",
@@ -65,7 +67,7 @@ def write_layout(trainer, caller) -> None:
     """Write one custom-scalars layout with the charts of every callback that has a
     ``tensorboard_layout()`` method; only the first such callback writes it, so it is written once.
 
-    Order: ``overview`` (each callback's ``overview_charts()``), ``training`` (loss, accuracy,
+    Order: ``overview`` (each callback's ``overview_scalars``, ``tags.overview_charts``), ``training`` (loss, accuracy,
     learning rate), then each callback's own section."""
     providers = [cb for cb in trainer.callbacks if callable(getattr(cb, "tensorboard_layout", None))]
     if not providers or providers[0] is not caller:
@@ -75,8 +77,7 @@ def write_layout(trainer, caller) -> None:
         return
     layout: dict = {"overview": {}, "training": {}}
     for cb in providers:
-        charts = cb.overview_charts() if callable(getattr(cb, "overview_charts", None)) else {}
-        layout["overview"].update(charts)
+        layout["overview"].update(overview_charts(getattr(cb, "overview_scalars", ())))
     layout["training"].update(TRAINING_CHARTS)
     for cb in providers:
         for category, charts in cb.tensorboard_layout().items():

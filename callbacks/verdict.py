@@ -18,11 +18,13 @@ from .publish import publishing_callbacks
 from .records import DiagnosticsTable
 from .sampling import SamplingCallback, planned_steps
 from .saturation import ActivationSaturationMonitor
+from .tags import OverviewScalar
 from .tensorboard import tensorboard_writers
 from .verdict_rules import CODE_STATISTIC, CODES, LOSS_STATISTIC, VERDICT_CALLBACK, Samples, Verdict, decide
 from .verdict_step import check_step, early_steps, verdict_step
 
-TAG = "overview/verdict"
+VERDICT_SCALAR = OverviewScalar("verdict", "early verdict (-1 fails, 0 unsure, 1 trains)", anchored=True)
+TAG = VERDICT_SCALAR.tag
 
 
 def step_loss(outputs: Any) -> Optional[torch.Tensor]:
@@ -60,6 +62,8 @@ class TrainabilityVerdict(Callback):
         trainer = L.Trainer(max_epochs=20, callbacks=[ActivationSaturationMonitor(), GradientFlowMonitor(),
                                                       TrainabilityVerdict(stop_if_fails=True)])
     """
+
+    overview_scalars = (VERDICT_SCALAR,)
 
     def __init__(self, at_step: Optional[int] = None, stop_if_fails: bool = False):
         self.at_step = check_step(at_step)
@@ -167,9 +171,6 @@ class TrainabilityVerdict(Callback):
             rank_zero_info(message)
 
     # -- TensorBoard and checkpoints --------------------------------------------------------------------
-    def overview_charts(self) -> dict:
-        return {"early verdict (-1 fails, 0 unsure, 1 trains)": f"^{TAG}$"}
-
     def tensorboard_layout(self) -> dict:
         return {}
 

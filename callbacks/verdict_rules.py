@@ -22,7 +22,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from .condition import ConditionNumberProbe
+from .grad_flow import GradientFlowMonitor
 from .records import DEAD_SHARE
+from .saturation import ActivationSaturationMonitor
+
+# the diagnostics.csv rows the rules read: each callback's section
+SATURATION, CONDITION = ActivationSaturationMonitor.prefix, ConditionNumberProbe.prefix
+GRAD_FLOW = GradientFlowMonitor.prefix
 
 VERDICT_CALLBACK = "verdict"      # its rows in diagnostics.csv
 LOSS_STATISTIC = "train_loss"     # mean training loss over the steps since the previous early sample
@@ -133,7 +140,7 @@ def decide(samples: Samples, step: int, overrides: Optional[dict[str, float]] = 
     notes: list[str] = []
 
     def persistent(statistic: str, test, name: str, words: str) -> None:
-        series = samples.series("saturation", statistic, step)
+        series = samples.series(SATURATION, statistic, step)
         held, total = _persistent(series, since, test)
         signals[f"{name}_share"] = len(held) / max(total, 1)
         if total and len(held) >= share * total:
@@ -142,7 +149,7 @@ def decide(samples: Samples, step: int, overrides: Optional[dict[str, float]] = 
             if name == "dead" and len(held) == total:
                 decisive.append(pathologies[-1])
 
-    if samples.series("saturation", "train/mean_abs", step):
+    if samples.series(SATURATION, "train/mean_abs", step):
         low, high = threshold("vanished_mean_abs"), threshold("exploded_max_abs")
         persistent("train/mean_abs", lambda v: v < low, "vanished", f"vanished (mean |a| < {low:g})")
         persistent("train/max_abs", lambda v: v > high, "exploded", f"exploded (max |a| > {high:g})")
@@ -151,7 +158,7 @@ def decide(samples: Samples, step: int, overrides: Optional[dict[str, float]] = 
     else:
         notes.append("no training-batch activations recorded (ActivationSaturationMonitor)")
 
-    near_zero = samples.latest("condition", "near_zero", step) or samples.latest("condition", "train/near_zero", step)
+    near_zero = samples.latest(CONDITION, "near_zero", step) or samples.latest(CONDITION, "train/near_zero", step)
     if near_zero:
         collapsed = [n for n, v in near_zero.items() if v >= threshold("collapsed_share")]
         signals["collapsed_share"] = len(collapsed) / len(near_zero)
@@ -159,7 +166,7 @@ def decide(samples: Samples, step: int, overrides: Optional[dict[str, float]] = 
             pathologies.append(f"{_count(collapsed, len(near_zero))} have collapsed representations (at least "
                                f"{threshold('collapsed_share'):.0%} of singular values near zero)")
 
-    grads = samples.series("grad_flow", "norm", step)
+    grads = samples.series(GRAD_FLOW, "norm", step)
     if grads:
         at = max(grads)
         norms = [v for v in grads[at].values() if math.isfinite(v)]

@@ -26,6 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from .errors import ConfigError, DivergenceError
 from .files import atomic_file
+from .rundir import LAST_IN_RUN
 
 TEMP_SUFFIX = ".tmp"
 REQUIRED_KEYS = ("state_dict", "epoch", "global_step", "loops", "optimizer_states")
@@ -120,7 +121,7 @@ def check_checkpoint(path) -> dict:
     missing = [k for k in REQUIRED_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise ConfigError(f"{where} is not a training checkpoint (no {', '.join(missing)}); pass a run's "
-                          "checkpoints/last.ckpt")
+                          f"{LAST_IN_RUN}")
     bad = first_non_finite(checkpoint["state_dict"])
     if bad is not None:
         raise ConfigError(f"{where} holds non-finite weights ({bad}); resume from an earlier checkpoint")

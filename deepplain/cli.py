@@ -18,9 +18,7 @@ out. Exit statuses:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import os
 import sys
 import warnings
 
@@ -28,14 +26,13 @@ import yaml
 
 from .callbacks import DIAGNOSTICS
 from .callbacks.messages import format_line
-from .config import load_resume_config
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError, RunFailure
-from .inputs import FolderLock, OneLineParser, load_yaml
+from .inputs import OneLineParser, load_yaml
 from .plan import make_plan, resolve_config
 from .presets import describe_presets
 from .registry import describe_models
-from .rundir import launcher_rank
+from .resume import resume_lock
 from .schema import OPTIONS, RunConfig, add_arguments, argument_groups, flag
 from .status import RunStatus
 from .training import run
@@ -161,24 +158,16 @@ def _setup_logging() -> None:
         ours.propagate = False
 
 
-def _resume_lock(config: RunConfig):
-    """One process at a time continues a run folder: two resumes of one last.ckpt would train twice into it.
-    Held by the launching process only (DDP ranks share the folder by design)."""
-    if not config.resume or launcher_rank() != 0 or os.environ.get("LOCAL_RANK", "0") != "0":
-        return contextlib.nullcontext()
-    return FolderLock(config.run_dir, "--resume: the run folder")
-
-
 def main(argv=None) -> int:
     resolve_data_env()
     _setup_logging()
     try:
         explicit = parse_args(argv)
         if explicit.pop("print_config", False):
-            print_config(load_resume_config(explicit) if explicit.get("resume") else resolve_config(explicit))
+            print_config(resolve_config(explicit))
             return EXIT_OK
         plan = make_plan(explicit)
-        with _resume_lock(plan.config):
+        with resume_lock(plan.config):
             summary = run(plan)
     except DivergenceError as exc:
         print(f"error: {exc}", file=sys.stderr)

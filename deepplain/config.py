@@ -8,16 +8,13 @@ against the machine (devices, memory, folders, data) and ``deepplain.checkpoints
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .callbacks import DIAGNOSTICS
 from .datamodules import DATASETS, get_dataset
 from .errors import ConfigError
 from .loggers import check_loggers
 from .presets import RECIPES, get_preset
 from .registry import get_family
-from .schema import CHANGEABLE_ON_RESUME, DEFAULTS, OPTIONS, RunConfig, flag, from_dict
+from .schema import DEFAULTS, OPTIONS, RunConfig, flag, from_dict
 
 MAX_NAME_BYTES = 200
 
@@ -142,40 +139,3 @@ def depth_rule(config: RunConfig):
     return form.check_depth(f"{config.model} {config.arch}", config.depth, options), options
 
 
-def load_resume_config(explicit: dict) -> RunConfig:
-    """For ``--resume``: the run's saved configuration, with the explicit flags that may change.
-
-    The checkpoint itself is checked by ``deepplain.checkpoints.check_checkpoint``.
-    """
-    ckpt = Path(explicit["resume"])
-    if ckpt.is_dir():
-        inside = next((c for c in (ckpt / "checkpoints" / "last.ckpt", ckpt / "last.ckpt") if c.is_file()), None)
-        raise ConfigError(f"--resume takes a checkpoint file; {ckpt} is a folder"
-                          + (f": pass {inside}" if inside else " with no checkpoints/last.ckpt in it"))
-    if not ckpt.is_file():
-        raise ConfigError(f"--resume checkpoint {ckpt} does not exist")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    saved = run_dir / "config.json"
-    if not saved.is_file():  # checked first: a file outside any run is no run's checkpoint, whatever its name
-        raise ConfigError(f"--resume: {ckpt} is not in a deepplain run folder ({saved} not found); pass a run's "
-                          "checkpoints/last.ckpt")
-    if ckpt.name != "last.ckpt" and not (ckpt.name.startswith("hpc_ckpt_") and ckpt.suffix == ".ckpt"):
-        # Resuming continues the run in its folder; from another state it would overwrite the newer last.ckpt.
-        raise ConfigError(f"--resume continues a run in place from the file named last.ckpt in its checkpoints "
-                          f"folder; {ckpt.name} is another file (a best-* checkpoint or a copy): pass the run's "
-                          "checkpoints/last.ckpt, or load this one with <Module>.load_from_checkpoint to use it "
-                          "elsewhere")
-    try:
-        config = json.loads(saved.read_text())
-        if not isinstance(config, dict) or "model" not in config or "dataset" not in config:
-            raise ValueError("not a deepplain run configuration")
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--resume: {saved} is unreadable or malformed ({str(exc).splitlines()[0]}); "
-                          "the run folder cannot be resumed") from None
-    fixed = sorted(k for k in explicit if k not in CHANGEABLE_ON_RESUME and explicit[k] != config.get(k))
-    if fixed:
-        raise ConfigError(f"--resume continues the saved run; these flags cannot change: "
-                          f"{', '.join(flag(k) for k in fixed)}")
-    merged = {**DEFAULTS, **config, **explicit, "run_dir": str(run_dir)}
-    check(merged, {})
-    return from_dict(merged)

@@ -16,8 +16,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from .callbacks.alpha import AlphaScheduler
 from .errors import ConfigError
 from .inputs import OneLineParser, output_file
+from .rundir import SUMMARY_FILE, RunFolder
 from .status import METRIC_TAGS
 
 
@@ -32,13 +34,13 @@ def _event_dir(run_dir: Path) -> Path:
 def _why_no_epochs(run_dir: Path) -> str:
     """Why a run has no epoch metrics, from its summary.json when it has one."""
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads(RunFolder(run_dir).summary.read_text())
     except (OSError, ValueError):
         summary = {}
     status, epochs = summary.get("status"), summary.get("epochs_done")
     if status and status != "completed":
         return (f"the run {status} after {epochs or 0} complete epoch(s) and step {summary.get('global_step')}, "
-                "before a whole epoch was validated; its summary.json and trainability report say why")
+                f"before a whole epoch was validated; its {SUMMARY_FILE} and trainability report say why")
     return "the run was not validated at the end of an epoch (--limit-val-batches 0, or no epoch finished)"
 
 
@@ -62,8 +64,9 @@ def read_curves(run_dir) -> dict[str, list[tuple[float, float]]]:
     # Validation runs at the last step of each epoch, so its steps give the epoch length.
     val_steps = [e.step for e in scalars(acc, val_acc)]
     steps_per_epoch = (val_steps[-1] + 1) / len(val_steps)
-    curves["alpha_residual"] = ([(e.step / steps_per_epoch, e.value) for e in scalars(acc, "alpha/residual")]
-                                if "alpha/residual" in tags else [])
+    residual = AlphaScheduler.residual_tag
+    curves["alpha_residual"] = ([(e.step / steps_per_epoch, e.value) for e in scalars(acc, residual)]
+                                if residual in tags else [])
     return curves
 
 

@@ -51,6 +51,7 @@ from .family_modules import module_class
 from .inputs import OneLineParser, output_dir
 from .plan import make_datamodule
 from .presets import PRESETS
+from .rundir import SWEEP_RUNS, RunFolder, SweepFolder
 from .schema import from_dict
 from .status import FINISHED, RunStatus
 from .sweep import Run, check_flags, collect, exit_status, run_grid_stoppable, split_at_double_dash
@@ -137,7 +138,7 @@ def _errors(r: dict, keys=("train_acc", "val_acc", "test_acc")) -> list[str]:
 def eval_mode_train_accuracy(checkpoint: Path, max_samples: int = 100_000) -> float:
     """Accuracy on the run's whole training split in eval mode (running BN statistics), from its checkpoint:
     the paper's "training error", which the running accuracy logged during the last epoch only approximates."""
-    config = from_dict(json.loads((checkpoint.parent.parent / "config.json").read_text()))
+    config = from_dict(json.loads(RunFolder.of_checkpoint(checkpoint).config.read_text()))
     module = module_class(config.model).load_from_checkpoint(checkpoint, map_location="cpu")
     dm = make_datamodule(config, data_dir=config.data_root or config.data_dir)
     x, y = dm.probe_batch(max_samples, split="train")
@@ -154,7 +155,7 @@ def after_training(r: dict) -> dict:
     run_dir = Path(r["run_dir"])
     eval_error = read_curves(run_dir)["eval_error"]
     best_epoch, best_error = min(eval_error, key=lambda point: point[1])
-    return {"train_acc_eval": eval_mode_train_accuracy(run_dir / "checkpoints" / "last.ckpt"),
+    return {"train_acc_eval": eval_mode_train_accuracy(RunFolder(run_dir).last_checkpoint),
             "best_val_acc": 1.0 - best_error, "best_epoch": int(best_epoch)}
 
 
@@ -162,7 +163,7 @@ def after_training(r: dict) -> dict:
 @torch.no_grad()
 def analyse(checkpoint: Path, max_samples: int = 10_000) -> dict:
     """Per-layer statistics of a trained run on its whole training split, with the callbacks' functions."""
-    config = from_dict(json.loads((checkpoint.parent.parent / "config.json").read_text()))
+    config = from_dict(json.loads(RunFolder.of_checkpoint(checkpoint).config.read_text()))
     module = module_class(config.model).load_from_checkpoint(checkpoint, map_location="cpu")
     # the data exactly as the run read it: its folder, image size and split (flags after -- included)
     dm = make_datamodule(config, data_dir=config.data_root or config.data_dir)
@@ -238,10 +239,10 @@ def run_diagnostics(args, extra) -> int:
     chosen = best_per_configuration(rows)
     results = {}
     for variant in VARIANTS:
-        run_root = Path(chosen[variant]["run_dir"]) if chosen[variant].get("run_dir") else None
-        ckpt = run_root / "checkpoints" / "last.ckpt" if run_root else None
+        run_dir = chosen[variant].get("run_dir")
+        ckpt = RunFolder(run_dir).last_checkpoint if run_dir else None
         if ckpt is None or not ckpt.is_file():
-            print(f"error: variant {variant} left no checkpoint; see {out / 'runs'}", file=sys.stderr)
+            print(f"error: variant {variant} left no checkpoint; see {SweepFolder(out).runs}", file=sys.stderr)
             return 1
         results[variant] = analyse(ckpt)
     summary = {v: {"stats": r["stats"], "weights": r["weights"], "samples": r["samples"],
@@ -393,8 +394,8 @@ def check_experiment(args, extra: list[str]) -> None:
         lr = args.lrs[0] if args.lrs else (args.lr_per_row or {}).get(name)
         merge(parse_args(["--model", "plain", "--depth", str(args.depth), "--dataset", args.dataset, "--epochs",
                           str(args.epochs), *recipe_flags(lr, held_out=bool(args.lrs)), *flags, *extra]))
-    if args.table_only and not (Path(args.out) / "runs").is_dir():  # a typo would tabulate an empty folder
-        raise ConfigError(f"--table-only: {args.out} holds no runs of this experiment (no runs/ folder); "
+    if args.table_only and not SweepFolder(args.out).runs.is_dir():  # a typo would tabulate an empty folder
+        raise ConfigError(f"--table-only: {args.out} holds no runs of this experiment (no {SWEEP_RUNS}/ folder); "
                           "check --out")
     output_dir(args.out)  # last: bad flags leave nothing behind
 

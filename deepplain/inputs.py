@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from .errors import ConfigError, one_line
+from .rundir import LOCK_FILE
 
 MAX_TEXT_BYTES = 1 << 20  # a configuration or results file larger than 1 MiB is not one a person wrote
 
@@ -125,7 +126,7 @@ class FolderLock:
     never left stuck. A second process gets one line naming the holder's pid."""
 
     def __init__(self, folder, what: str):
-        self.path, self.what, self._fh = Path(folder) / ".lock", what, None
+        self.path, self.what, self._fh = Path(folder) / LOCK_FILE, what, None
 
     def __enter__(self) -> "FolderLock":
         self._fh = open(self.path, "a+")
@@ -151,7 +152,7 @@ class FolderLock:
     @staticmethod
     def holder(folder) -> Optional[str]:
         """The pid of the live process that holds ``folder``'s lock, or None when nobody does (tried, not taken)."""
-        path = Path(folder) / ".lock"
+        path = Path(folder) / LOCK_FILE
         if not path.is_file():
             return None
         with open(path, "a+") as fh:

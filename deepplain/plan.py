@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from . import preflight
 from .checkpoints import check_checkpoint, completed_epochs
-from .config import load_resume_config, merge
+from .config import merge
 from .datamodules import DatasetRecord, get_dataset
 from .errors import ConfigError
 from .loggers import require_packages
-from .rundir import slurm_job_folder
+from .resume import load_resume_config, requeued_job_checkpoint
+from .rundir import CONFIG_FILE
 from .schema import DATAMODULE, RunConfig, options_for
 
 # Lightning's short spellings of --precision
@@ -70,7 +70,7 @@ def make_plan(explicit: dict) -> Plan:
     precision, strategy_class, processes = preflight.check_trainer_flags(config)
     requested = str(config.precision)
     if precision != PRECISION_ALIASES.get(requested, requested):
-        print(f"note: --precision {requested} runs as {precision} here (recorded in config.json)", file=sys.stderr)
+        print(f"note: --precision {requested} runs as {precision} here (recorded in {CONFIG_FILE})", file=sys.stderr)
     config = config.replace(precision=precision)
     dataset = get_dataset(config.dataset)
     datamodule = make_datamodule(config)
@@ -87,14 +87,3 @@ def make_plan(explicit: dict) -> Plan:
     return Plan(config, dataset, datamodule, strategy_class)
 
 
-def requeued_job_checkpoint(config: RunConfig) -> Optional[Path]:
-    """Inside a SLURM batch job whose folder already holds a run: its newest checkpoint."""
-    job = slurm_job_folder()
-    if job is None:
-        return None
-    run_dir = Path(config.logdir) / config.default_name / job
-    candidates = [p for p in (run_dir / "checkpoints").glob("*.ckpt") if p.name == "last.ckpt"] + list(
-        run_dir.glob("hpc_ckpt_*.ckpt"))
-    if not (run_dir / "config.json").is_file() or not candidates:
-        return None
-    return max(candidates, key=lambda p: p.stat().st_mtime)

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from .errors import ConfigError
 from .inputs import OneLineParser, output_dir, read_results_csv
+from .rundir import RESULTS_FILE
 from .status import RunStatus
 
 
@@ -125,7 +126,7 @@ def load_rows(paths) -> list[dict]:
 
 def main(argv=None) -> int:
     p = OneLineParser(prog="python -m deepplain.plots", description=__doc__.split("\n\n")[0])
-    p.add_argument("--csv", required=True, nargs="+", help="one or more sweeps' results.csv (rows are combined)")
+    p.add_argument("--csv", required=True, nargs="+", help=f"one or more sweeps' {RESULTS_FILE} (rows are combined)")
     p.add_argument("--out", required=True)
     p.add_argument("--title", default="")
     args = p.parse_args(argv)

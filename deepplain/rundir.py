@@ -1,4 +1,5 @@
-"""Run folders that are never overwritten.
+"""Run folders: what one holds (:class:`RunFolder`, the one description of its layout, and a sweep's
+:class:`SweepFolder`), and who creates it, so that it is never overwritten.
 
 Who creates the folder:
 
@@ -14,10 +15,81 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 RUN_DIR_ENV = "DEEPPLAIN_RUN_DIR"  # set by rank zero so DDP worker processes log into the same run
+
+# -- what a run folder holds ---------------------------------------------------------------------------
+CONFIG_FILE = "config.json"          # the checked configuration, written before training
+SUMMARY_FILE = "summary.json"        # how the run ended, written at its end
+CHECKPOINT_FOLDER = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"        # the newest state; --resume continues from it
+LAST_IN_RUN = f"{CHECKPOINT_FOLDER}/{LAST_CHECKPOINT}"  # its path inside the run folder, for messages
+LOCK_FILE = ".lock"                  # held by the process that trains into the folder (inputs.FolderLock)
+RESULTS_FILE = "results.csv"         # a sweep's table
+SWEEP_RUNS = "runs"                  # a sweep's run roots: runs/<run id>/<version>/
+RUN_RECORD = "run.json"              # in a run root: the train.py flags the sweep runs it with
+TRAIN_LOG = "train.log"              # in a run root: what its trainings printed
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run folder (``<logdir>/<name>/version_N`` or ``job_<id>``)."""
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint) -> "RunFolder":
+        """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt``, or a SLURM ``<run>/hpc_ckpt_N.ckpt``)."""
+        checkpoint = Path(checkpoint)
+        parent = checkpoint.parent
+        return cls(parent.parent if parent.name == CHECKPOINT_FOLDER else parent)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_FOLDER
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    """The paths of a sweep's ``--out`` folder: its table and one run root per run id (each run root
+    holds the run's version folders, one per attempt)."""
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def runs(self) -> Path:
+        return self.path / SWEEP_RUNS
+
+    def run_root(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+
+def newest_in(run_root: Path, name: str) -> Optional[Path]:
+    """The newest ``<version>/<name>`` under a run root (``name``: ``SUMMARY_FILE``, ``LAST_IN_RUN``)."""
+    return max(Path(run_root).glob(f"*/{name}"), key=lambda p: p.stat().st_mtime, default=None)
 
 
 def launcher_rank() -> int:

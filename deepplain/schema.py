@@ -28,6 +28,7 @@ from .models.resnet import BLOCKS
 from .optim import OPTIMIZERS, SCHEDULES
 from .presets import PRESETS
 from .registry import describe_depth_rules, get_family, model_names
+from .rundir import LAST_IN_RUN
 
 FORMS = tuple(sorted({arch for name in model_names() for arch in get_family(name).forms}, reverse=True))  # mlp, conv
 ALPHA_MODES = SCHEDULER_MODES + ("off",)  # "off": a VAN without a scheduler (alpha stays a free parameter)
@@ -259,7 +260,7 @@ class RunConfig:
                                       resumable=True)
     limit_val_batches: Any = option(None, goes_to=TRAINER, parse=parse_count_or_fraction, valid=CountOrFraction(),
                                     resumable=True)
-    resume: Optional[str] = option(None, "<run>/checkpoints/last.ckpt: continue that run", resumable=True)
+    resume: Optional[str] = option(None, f"<run>/{LAST_IN_RUN}: continue that run", resumable=True)
     diagnostics: str = option("all", f"all | none | comma list of {','.join(DIAGNOSTICS)} (default all)")
     stop_if_fails: bool = option(False, "end the run at the early verdict step when the verdict is fails (status "
                                         "stopped-early, exit 5; needs the verdict diagnostic)", switch="on")

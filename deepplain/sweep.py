@@ -37,14 +37,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from .checkpoints import check_checkpoint, completed_epochs
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
 from .files import atomic_file
 from .inputs import FolderLock, OneLineParser, output_dir, read_results_csv
-from .status import FINISHED, RESUMABLE, RunStatus, RunSummary
+from .resume import latest_summary, resumable_checkpoint, saved_epochs, stopped_from_outside
+from .rundir import RESULTS_FILE, RUN_RECORD, SUMMARY_FILE, SWEEP_RUNS, TRAIN_LOG, RunFolder, SweepFolder
+from .status import FINISHED, RunStatus, RunSummary
 
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
 CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
@@ -111,13 +110,13 @@ def grid(models, depths, seeds, variants, common_flags) -> list[Run]:
 def recorded_flags(root: Path) -> list[str] | None:
     """The train.py flags a run folder was trained with: ``run.json``, or for folders of earlier sweeps
     the last command in ``train.log`` (without its place: --logdir, --name, --no-progress)."""
-    record = root / "run.json"
+    record = root / RUN_RECORD
     if record.is_file():
         try:
             return list(json.loads(record.read_text())["flags"])
         except (ValueError, KeyError, TypeError, OSError):
             return None
-    log = root / "train.log"
+    log = root / TRAIN_LOG
     if not log.is_file():
         return None
     commands = [line[2:].split() for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")]
@@ -138,12 +137,12 @@ def recorded_flags(root: Path) -> list[str] | None:
 def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> None:
     """Before anything trains: every run folder already in ``out`` holds the configuration asked for."""
     for run in runs:
-        root = out / "runs" / run.run_id
+        root = SweepFolder(out).run_root(run.run_id)
         if not root.is_dir():
             continue
         before, now = recorded_flags(root), run.train_flags(dataset, epochs)
         if before is None:
-            if any(root.glob("*/summary.json")):
+            if any(root.glob(f"*/{SUMMARY_FILE}")):
                 raise ConfigError(f"{root} holds a run whose configuration is not recorded; move it away or use "
                                   "another --out")
             continue
@@ -167,49 +166,6 @@ def flag_values(argv: list[str]) -> dict[str, str]:
         elif flag is not None:
             out[flag] = f"{out[flag]} {token}".strip()
     return out
-
-
-def newest(run_root: Path, pattern: str) -> Path | None:
-    """The file matching ``pattern`` under ``run_root`` written most recently (a run has one per version folder)."""
-    return max(run_root.glob(pattern), key=lambda p: p.stat().st_mtime, default=None)
-
-
-def latest_summary(run_root: Path) -> dict | None:
-    summary = newest(run_root, "*/summary.json")
-    if summary is None:
-        return None
-    try:
-        return json.loads(summary.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def newest_last_checkpoint(run_root: Path) -> Path | None:
-    """The ``last.ckpt`` written most recently under ``run_root`` (one per version folder), if any."""
-    return newest(run_root, "*/checkpoints/last.ckpt")
-
-
-def stopped_from_outside(run_root: Path, summary: dict | None) -> bool:
-    """The run's last attempt was stopped before it ended: interrupted or preempted (its summary says so),
-    or killed before it could write a summary (SIGKILL, the OOM killer, a reboot): its newest ``last.ckpt``
-    lies in a version folder without ``summary.json``."""
-    if summary and summary.get("status") in RESUMABLE:
-        return True
-    newest_checkpoint = newest_last_checkpoint(run_root)
-    return newest_checkpoint is not None and not (newest_checkpoint.parent.parent / "summary.json").exists()
-
-
-def resumable_checkpoint(root: Path, epochs: int) -> Path | None:
-    """The newest ``last.ckpt`` of an interrupted run, if it is sound and has epochs left to train."""
-    newest = newest_last_checkpoint(root)
-    if newest is None:
-        return None
-    try:
-        if completed_epochs(check_checkpoint(newest)) >= epochs:
-            return None
-    except ConfigError:  # damaged: train again from the start
-        return None
-    return newest
 
 
 class Children:
@@ -282,7 +238,7 @@ def threads_per_run(parallel: int, requested: int | None = None, environ=os.envi
 
 def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, python: str,
             children: Children | None = None, threads: int | None = None) -> dict:
-    root = out / "runs" / run.run_id
+    root = SweepFolder(out).run_root(run.run_id)
     summary = latest_summary(root)
     if summary and summary.get("status") in FINISHED:
         return row(run, dataset, summary, skipped=True)
@@ -290,24 +246,26 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
         return row(run, dataset, summary or {"status": NOT_STARTED})
     root.mkdir(parents=True, exist_ok=True)
     flags = run.train_flags(dataset, epochs)
-    (root / "run.json").write_text(json.dumps({"flags": flags}))
+    (root / RUN_RECORD).write_text(json.dumps({"flags": flags}))
     checkpoint = resumable_checkpoint(root, epochs) if stopped_from_outside(root, summary) else None
-    holder = FolderLock.holder(checkpoint.parent.parent) if checkpoint is not None else None
+    run_folder = RunFolder.of_checkpoint(checkpoint).path if checkpoint is not None else None
+    holder = FolderLock.holder(run_folder) if run_folder is not None else None
     if holder is not None:  # an earlier training of it still runs (an orphan of a killed sweep): never resume under it
-        return row(run, dataset, {"status": f"{RunStatus.FAILED} (its run folder {checkpoint.parent.parent} is in "
+        return row(run, dataset, {"status": f"{RunStatus.FAILED} (its run folder {run_folder} is in "
                                             f"use by pid {holder}; wait for that process to end, or stop it, then "
                                             "run the same command)"})
     if checkpoint is not None:  # continue the interrupted run where it stopped
         cmd = [python, "-m", "deepplain", "--resume", str(checkpoint), "--no-progress"]
     else:
-        cmd = [python, "-m", "deepplain", *flags, "--logdir", str(out / "runs"), "--name", run.run_id, "--no-progress"]
+        cmd = [python, "-m", "deepplain", *flags, "--logdir", str(SweepFolder(out).runs), "--name", run.run_id,
+               "--no-progress"]
     env = dict(os.environ)
     env.pop("DEEPPLAIN_RUN_DIR", None)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     if threads is not None:
         env.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
-    with open(root / "train.log", "a") as log:
+    with open(root / TRAIN_LOG, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         # its own session: a Ctrl-C in the terminal reaches the sweep, which passes it on once
@@ -323,7 +281,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
         killed = code < 0 and -code in signal.valid_signals()
         how = f"killed by {signal.Signals(-code).name}" if killed else f"exit {code}"
         again = "; the same command resumes it" if resumable_checkpoint(root, epochs) is not None else ""
-        summary = {"status": f"{RunStatus.FAILED} ({how}{again}, see {root / 'train.log'})"}
+        summary = {"status": f"{RunStatus.FAILED} ({how}{again}, see {root / TRAIN_LOG})"}
     return row(run, dataset, summary)
 
 
@@ -352,7 +310,7 @@ class Stopped(Exception):
 
     def __init__(self, signum: int, out: Path):
         name = "interrupted" if signum == signal.SIGINT else "preempted"
-        super().__init__(f"{name}: the running trainings saved their step; results so far: {out / 'results.csv'}; "
+        super().__init__(f"{name}: the running trainings saved their step; results so far: {SweepFolder(out).results}; "
                          "run the same command to resume")
         self.exit_code = 128 + signum
 
@@ -372,7 +330,7 @@ def run_grid_stoppable(runs: list[Run], out: Path, dataset: str, epochs: int, pa
 def collect(runs: list[Run], out: Path, dataset: str) -> list[dict]:
     """The rows of ``runs`` as their folders in ``out`` stand now, training nothing (a long sweep's results so
     far, readable while it runs)."""
-    return [row(run, dataset, state_now(out / "runs" / run.run_id)) for run in runs]
+    return [row(run, dataset, state_now(SweepFolder(out).run_root(run.run_id))) for run in runs]
 
 
 def state_now(run_root: Path) -> dict:
@@ -388,18 +346,6 @@ def state_now(run_root: Path) -> dict:
     return {"status": UNFINISHED, "epochs_done": saved}
 
 
-def saved_epochs(run_root: Path) -> int | None:
-    """The epochs the newest ``last.ckpt`` under ``run_root`` holds (None: none, or unreadable); its
-    tensors are mapped, not read."""
-    newest = newest_last_checkpoint(run_root)
-    if newest is None:
-        return None
-    try:
-        return completed_epochs(torch.load(newest, map_location="cpu", weights_only=False, mmap=True))
-    except Exception:  # half-written by a kill, or damaged: nothing to report from it
-        return None
-
-
 def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,
              python: str = sys.executable, echo=print, children: Children | None = None,
              threads: int | None = None) -> list[dict]:
@@ -410,7 +356,7 @@ def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: in
     settings); then the folder is locked for the sweep's whole length."""
     output_dir(out)
     with FolderLock(out, "--out"):
-        csv_path = out / "results.csv"
+        csv_path = SweepFolder(out).results
         csv_path.with_suffix(".csv.tmp").unlink(missing_ok=True)  # what a killed write left
         earlier = read_csv(csv_path) if csv_path.is_file() else []
         check_identities(runs, out, dataset, epochs)
@@ -426,7 +372,7 @@ def _run_locked(runs, out, dataset, epochs, parallel, gpus, python, echo, childr
     lock = threading.Lock()
     rows = []
     # Rows that earlier sweeps with another grid wrote into this folder stay in the CSV.
-    csv_path, ids = out / "results.csv", {run.run_id for run in runs}
+    csv_path, ids = SweepFolder(out).results, {run.run_id for run in runs}
     earlier = [r for r in earlier if r["run_id"] not in ids]
 
     def task(run):
@@ -466,7 +412,7 @@ def csv_list(kind):
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m deepplain.sweep", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--out", required=True, help="sweep folder (runs/ and results.csv go there)")
+    p.add_argument("--out", required=True, help=f"sweep folder ({SWEEP_RUNS}/ and {RESULTS_FILE} go there)")
     p.add_argument("--dataset", required=True)
     p.add_argument("--models", type=csv_list(str), required=True, help="comma list, e.g. plain,van,resnet,highway")
     p.add_argument("--depths", type=csv_list(int), required=True, help="comma list, e.g. 1,2,4,8,16,30")
@@ -517,7 +463,7 @@ def main(argv=None) -> int:
         rows = run_grid_stoppable(runs, Path(args.out), args.dataset, args.epochs, args.parallel, args.gpus,
                                   threads=args.threads_per_run)
         failed = [r for r in rows if r["status"] not in FINISHED]
-        print(f"{len(rows)} runs, {len(failed)} not completed; results: {Path(args.out) / 'results.csv'}")
+        print(f"{len(rows)} runs, {len(failed)} not completed; results: {SweepFolder(args.out).results}")
         return 1 if failed else 0
     return exit_status(command)
 

@@ -34,7 +34,7 @@ from .loggers import build_loggers, close_trackers, log_run_identity
 from .plan import Plan
 from .registry import get_family
 from .report import print_run_end, print_trainability_report, trainability_findings
-from .rundir import run_dir_for
+from .rundir import RunFolder, run_dir_for
 from .runtime import DivergenceGuard, RNGState, RunFolderSync, RunProgressBar, RunStats, RunStopped, StopSignals
 from .schema import MODULE, RunConfig, options_for
 from .status import METRIC_TAGS, RunStatus, RunSummary
@@ -83,11 +83,6 @@ def make_strategy(config: RunConfig, strategy_class: str):
     return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=config.dist_timeout))
 
 
-def checkpoint_dir(run_dir) -> Path:
-    """Where a run folder keeps its checkpoints."""
-    return Path(run_dir) / "checkpoints"
-
-
 @dataclass
 class Run:
     """What one training run is made of, once built."""
@@ -104,8 +99,8 @@ class Run:
     summary: Optional[RunSummary] = None  # once train() wrote it
 
     @property
-    def checkpoints(self) -> Path:
-        return checkpoint_dir(self.config.run_dir)
+    def folder(self) -> RunFolder:
+        return RunFolder(self.config.run_dir)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -175,13 +170,13 @@ def build(plan: Plan) -> Run:
 
 def _build_in(plan: Plan, config: RunConfig, datamodule, module, created: bool, lock) -> Run:
     """The rest of :func:`build`, once the run folder is there (and locked, when this process made it)."""
-    run_dir = Path(config.run_dir)
+    folder = RunFolder(config.run_dir)
     if created or config.resume:
-        remove_stale_temporaries(checkpoint_dir(run_dir))  # what a save killed half-way left behind
+        remove_stale_temporaries(folder.checkpoints)  # what a save killed half-way left behind
     if created and not config.resume:
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-    loggers = build_loggers(config.logger, run_dir, Path(config.logdir))
-    stats, stop = RunStats(), StopSignals(checkpoint_dir(run_dir) / "last.ckpt")
+        atomic_write_json(folder.config, config.to_dict())
+    loggers = build_loggers(config.logger, folder.path, Path(config.logdir))
+    stats, stop = RunStats(), StopSignals(folder.last_checkpoint)
     diagnostics = make_diagnostics(config)
     trainer = make_trainer(config, plan.strategy_class, loggers, stats, stop, diagnostics, datamodule)
     if trainer.is_global_zero:
@@ -193,7 +188,7 @@ def _build_in(plan: Plan, config: RunConfig, datamodule, module, created: bool, 
 
 def make_trainer(config: RunConfig, strategy_class: str, loggers: list, stats: RunStats, stop: StopSignals,
                  diagnostics: list, datamodule) -> L.Trainer:
-    ckpt_dir = checkpoint_dir(config.run_dir)
+    ckpt_dir = RunFolder(config.run_dir).checkpoints
     # Two checkpointers: save_last alone would only refresh last.ckpt when val/acc improves.
     callbacks = [RunCheckpoint(dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
                                monitor=METRIC_TAGS["val_acc"], mode="max", save_top_k=1),
@@ -226,7 +221,7 @@ def train(run: Run) -> RunSummary:
         else:
             if verdict is not None and verdict.stopped:  # --stop-if-fails: kept resumable at the step it stopped
                 status = RunStatus.STOPPED_EARLY
-                trainer.save_checkpoint(run.checkpoints / "last.ckpt")
+                trainer.save_checkpoint(run.folder.last_checkpoint)
             trainer.test(run.module, datamodule=run.datamodule, verbose=False)
             metrics.update(_floats(trainer.callback_metrics))
     except RunStopped as exc:
@@ -236,7 +231,7 @@ def train(run: Run) -> RunSummary:
     except Exception as exc:  # recorded in summary.json, then reported by the CLI or as a traceback (a bug)
         status = RunStatus.DIVERGED if isinstance(exc, DivergenceError) else RunStatus.FAILED
         error = str(exc) if isinstance(exc, (DeepplainError, OSError)) else f"{type(exc).__name__}: {exc}"
-        data_fault = isinstance(exc, DatasetError) and run.created and not any(run.checkpoints.glob("*.ckpt"))
+        data_fault = isinstance(exc, DatasetError) and run.created and not any(run.folder.checkpoints.glob("*.ckpt"))
         if _is_distributed_failure(exc):
             error = (f"the DDP processes could not reach each other within --dist-timeout "
                      f"{run.config.dist_timeout} s ({one_line(exc)})")
@@ -257,7 +252,7 @@ def train(run: Run) -> RunSummary:
 def summarise(run: Run, status: RunStatus, error, metrics: dict) -> RunSummary:
     config, trainer, datamodule = run.config, run.trainer, run.datamodule
     ckpt = next((cb for cb in trainer.checkpoint_callbacks), None)
-    last = run.checkpoints / "last.ckpt"
+    last = run.folder.last_checkpoint
     return RunSummary(
         status=status, error=error, model=config.model, arch=config.arch, depth=config.depth, seed=config.seed,
         dataset=config.dataset, parameters=count_parameters(run.module.model), epochs_done=trainer.current_epoch,
@@ -293,10 +288,11 @@ def _is_distributed_failure(exc: BaseException) -> bool:
 
 
 def _write_summary(run_dir: Path, summary: RunSummary) -> None:
+    path = RunFolder(run_dir).summary
     try:
-        atomic_write_json(run_dir / "summary.json", summary.to_dict())
+        atomic_write_json(path, summary.to_dict())
     except OSError as exc:  # a full disk: the run's outcome still reaches the terminal
-        print(f"warning: could not write {run_dir / 'summary.json'} ({exc.strerror or exc}); "
+        print(f"warning: could not write {path} ({exc.strerror or exc}); "
               f"status {summary.status}", file=sys.stderr)
 
 

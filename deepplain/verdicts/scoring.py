@@ -19,6 +19,7 @@ from ..callbacks.verdict_rules import (CODE_STATISTIC, THRESHOLDS, VERDICT_CALLB
                                         decide, loss_ratio)
 from ..datamodules import get_datamodule
 from ..inputs import read_results_csv
+from ..rundir import SweepFolder
 from .corpus import CEILINGS, DESIGN, GROUPS, label
 
 WORDS = ("trains", "fails", "unsure")
@@ -83,7 +84,7 @@ def collect(out: Path, groups: list[str]) -> list[Record]:
     records, chances = [], {}
     for name in groups:
         group = GROUPS[name]
-        path = out / name / "results.csv"
+        path = SweepFolder(out / name).results
         if not path.is_file():
             continue
         if group.dataset not in chances:
