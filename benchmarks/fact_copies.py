@@ -8,8 +8,9 @@ code uses count, and f-strings count by their literal parts.
   ``condition/``, ``grad_flow/``, ``max_norm/``, ``alpha/``, ``overview/``, ...), anywhere but in the
   callback's own ``prefix`` declaration (every tag should derive from it);
 * **flags**: a constant that names one of train.py's flags (``--depth``, ``--diag-every``), outside
-  ``schema.py``, where each option is declared; split into the tools that build train.py command lines
-  (``sweep``, ``experiments``, ``comparisons``, ``verdicts``) and everything else (messages);
+  ``schema.py``, where each option is declared, and not one the file declares itself (a tool's own
+  ``--epochs``); split into the tools that build train.py command lines (``sweep``, ``experiments``,
+  ``comparisons``, ``verdicts``) and everything else (messages);
 * **run-folder paths**: a constant naming a file or folder of a run or sweep folder (``config.json``,
   ``summary.json``, ``checkpoints``, ``last.ckpt``, ``.lock``, ``results.csv``, ``run.json``,
   ``train.log``), outside ``rundir.py``;
@@ -36,7 +37,7 @@ RUN_FOLDER_NAMES = ("config.json", "summary.json", "checkpoints", "last.ckpt", "
                     "train.log")
 TOOLS = ("sweep.py", "experiments.py", "comparisons.py", "verdicts/")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-RESTATED_DEFAULT = re.compile(r"\(default [^:)]|\bdefault [0-9a-z<-]")
+RESTATED_DEFAULT = re.compile(r"\(default [^:){]|\bdefault [0-9a-z<-]")
 
 
 def python_files():
@@ -76,6 +77,23 @@ def prefix_declarations(tree) -> set[int]:
             and isinstance(node.value, ast.Constant)}
 
 
+def help_text(node) -> str:
+    """A help text's literal parts; a formatted value (derived, not restated) reads as ``{}``."""
+    if isinstance(node, ast.JoinedStr):
+        return "".join(p.value if isinstance(p, ast.Constant) else "{}" for p in node.values)
+    if isinstance(node, ast.BinOp):
+        return help_text(node.left) + help_text(node.right)
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else "{}"
+
+
+def tool_flags(tree) -> set[str]:
+    """The flags a file declares itself (``add_argument("--out", ...)``): a tool's own ``--dataset`` or
+    ``--epochs`` is its own, not a copy of train.py's."""
+    return {a.value for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and getattr(node.func, "attr", "") == "add_argument" for a in node.args
+            if isinstance(a, ast.Constant) and isinstance(a.value, str) and a.value.startswith("--")}
+
+
 def count(listing: bool) -> dict:
     flags = train_flags()
     copies: dict[str, list] = defaultdict(list)
@@ -85,11 +103,12 @@ def count(listing: bool) -> dict:
         rel = path.relative_to(ROOT).as_posix()
         tree = ast.parse(path.read_text(), filename=rel)
         homes = prefix_declarations(tree)
+        own_flags = tool_flags(tree)
         for node, text in constants(tree):
             where = (rel, node.lineno, text[:70])
             if id(node) not in homes and any(text.startswith(f"{s}/") for s in TAG_SECTIONS):
                 copies["tags"].append(where)
-            if not rel.endswith("schema.py") and any(f in flags for f in FLAG.findall(text)):
+            if not rel.endswith("schema.py") and any(f in flags and f not in own_flags for f in FLAG.findall(text)):
                 copies["flags in tools" if any(t in rel for t in TOOLS) else "flags in messages"].append(where)
             if not rel.endswith("rundir.py") and any(name in text for name in RUN_FOLDER_NAMES):
                 copies["run-folder paths"].append(where)
@@ -98,7 +117,7 @@ def count(listing: bool) -> dict:
                     isinstance(node, ast.Call) and getattr(node.func, "id", "") == "option" and len(node.args) > 1):
                 helps = [k.value for k in node.keywords if k.arg == "help"] + list(node.args[1:2])
                 for h in helps:
-                    text = "".join(p.value for p in ast.walk(h) if isinstance(p, ast.Constant) and isinstance(p.value, str))
+                    text = help_text(h)
                     if RESTATED_DEFAULT.search(text):
                         copies["defaults restated in help"].append((rel, h.lineno, text[:70]))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -33,7 +33,7 @@ from .plan import make_plan, resolve_config
 from .presets import describe_presets
 from .registry import describe_models
 from .resume import resume_lock
-from .schema import OPTIONS, RunConfig, add_arguments, argument_groups, flag
+from .schema import OPTIONS, RunConfig, add_arguments, argument_groups, to_argv
 from .status import RunStatus
 from .training import run
 
@@ -64,26 +64,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- config files ------------------------------------------------------------------------------------
 def _file_argv(values: dict, source: str) -> list[str]:
-    """Turn a config file's mapping into command-line flags, so that the same parser checks them."""
+    """Turn a config file's mapping into command-line flags (``schema.to_argv``), so that the same parser
+    checks them."""
     keys = sorted(name for name, o in OPTIONS.items() if o.on_command_line)
-    argv = []
+    named = {}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in keys:
             raise ConfigError(f"{source}: unknown key {raw_key!r}; valid keys: {', '.join(keys)}")
-        switch = OPTIONS[key].switch
-        if switch:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{source}: {raw_key} must be true or false, got {value!r}")
-            if value == (switch == "on"):
-                argv.append(flag(key))  # the flag's own meaning (e.g. progress: false -> --no-progress)
-            continue
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        argv += [flag(key), str(value)]
-    return argv
+        if OPTIONS[key].switch and not isinstance(value, bool):
+            raise ConfigError(f"{source}: {raw_key} must be true or false, got {value!r}")
+        named[key] = value
+    return to_argv(named)
+
+
+def parse_options(argv: list[str], where: str) -> dict:
+    """The option values that train.py flags give (name -> value, only those given), read by train.py's own
+    parser; a flag it does not know or a bad value is a ConfigError that says ``where`` the flags came from."""
+    parser = build_parser()
+
+    def refuse(message):
+        raise ConfigError(f"{where}: {message}")
+    parser.error = refuse
+    return vars(parser.parse_args(list(argv)))
 
 
 def parse_args(argv=None) -> dict:

@@ -40,27 +40,27 @@ from matplotlib.figure import Figure
 
 from .callbacks import ConditionNumberProbe, GradientFlowMonitor
 from .callbacks.records import DiagnosticsTable
-from .cli import parse_args
 from .config import depth_rule, merge
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
 from .inputs import OneLineParser, output_dir
 from .presets import PRESETS
+from .schema import flag
 from .status import FINISHED, RunStatus
-from .sweep import Run, csv_list, check_flags, exit_status, run_grid_stoppable, split_at_double_dash
+from .sweep import Run, csv_list, exit_status, options_of, run_grid_stoppable, split_at_double_dash
 
 CONDITION, GRAD_FLOW = ConditionNumberProbe.prefix, GradientFlowMonitor.prefix  # their diagnostics.csv names
 SHORTCUT = ".shortcut"  # a ResidualBlock's projection, in its layers' names
 
 # -- what each comparison trains ----------------------------------------------------------------------
-SKIPS_RECIPE = ["--arch", "conv", "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9", "--weight-decay",
-                "1e-4", "--batch-size", "128", "--schedule", "multistep", "--milestones", "0.5,0.75"]
-SKIPS = {  # net -> (family, its flags)
-    "PlainNet": ("plain", ["--layout", "resnet", "--init", "he-normal"]),
-    "ResNet": ("resnet", []),
-    "ResNeXt": ("resnext", ["--width", "1", "--cardinality", "8", "--bottleneck-width", "4"]),
+SKIPS_RECIPE = dict(arch="conv", optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128,
+                    schedule="multistep", milestones=[0.5, 0.75])
+SKIPS = {  # net -> (family, its options)
+    "PlainNet": ("plain", dict(layout="resnet", init="he-normal")),
+    "ResNet": ("resnet", {}),
+    "ResNeXt": ("resnext", dict(width=1, cardinality=8, bottleneck_width=4)),
     # the plain net again at a tenth of the rate: whether it fails only by diverging at 0.1, or at any rate
-    "PlainNet, lr 0.01": ("plain", ["--layout", "resnet", "--init", "he-normal", "--lr", "0.01"]),
+    "PlainNet, lr 0.01": ("plain", dict(layout="resnet", init="he-normal", lr=0.01)),
 }
 # The coursework report's Table 1 (CIFAR-100): row -> (preset, lr or None for the preset's, paper's
 # parameters, train acc %, val acc %)
@@ -73,27 +73,27 @@ COURSEWORK = {
     "VGG38 BN, lr 1e-2": ("vgg38-bn-cifar100", 1e-2, "339K", 52.28, 46.72),
     "VGG38 BN + RC, lr 1e-2": ("vgg38-bn-rc-cifar100", 1e-2, "339K", 82.72, 61.44),
 }
-SET_BY_COMPARISON = {"skips": {"--model", "--arch", "--layout", "--init", "--width", "--cardinality",
-                               "--bottleneck-width", "--norm", "--activation", "--block", "--lr"},
-                     "coursework": {"--model", "--preset", "--arch", "--layout", "--norm", "--activation",
-                                    "--negative-slope", "--lr", "--init", "--width"}}
+SET_BY_COMPARISON = {"skips": {"arch", "layout", "init", "width", "cardinality", "bottleneck_width", "norm",
+                               "activation", "block", "lr"},
+                     "coursework": {"preset", "arch", "layout", "norm", "activation", "negative_slope", "lr", "init",
+                                    "width"}}
 
 
 def slug(name: str) -> str:
     return name.lower().replace(" + ", "-").replace(", ", "-").replace(" ", "-")
 
 
-def skips_runs(depth: int, extra: list[str]) -> dict[str, Run]:
-    return {name: Run(family, depth, 0, slug(name), [*SKIPS_RECIPE, *flags, *extra])
-            for name, (family, flags) in SKIPS.items()}
+def skips_runs(depth: int, extra: dict) -> dict[str, Run]:
+    return {name: Run(family, depth, 0, slug(name), {**SKIPS_RECIPE, **options, **extra})
+            for name, (family, options) in SKIPS.items()}
 
 
-def coursework_runs(extra: list[str]) -> dict[str, Run]:
+def coursework_runs(extra: dict) -> dict[str, Run]:
     runs = {}
     for name, (preset, lr, *_) in COURSEWORK.items():
         spec = PRESETS[preset]
-        flags = ["--preset", preset, *(["--lr", f"{lr:g}"] if lr is not None else [])]
-        runs[name] = Run(spec["model"], spec["depth"], 0, slug(name), [*flags, *extra])
+        options = {"preset": preset, **({"lr": lr} if lr is not None else {})}
+        runs[name] = Run(spec["model"], spec["depth"], 0, slug(name), {**options, **extra})
     return runs
 
 
@@ -226,17 +226,16 @@ def coursework_figure(rows: dict[str, dict], out: Path) -> Path:
 
 
 # -- the command --------------------------------------------------------------------------------------
-def check(args, runs: dict[str, Run], extra: list[str]) -> None:
-    """Everything that can be wrong, before anything trains: the numbers, flags after -- that the comparison
-    sets itself, and every run's flags as train.py checks them (without reading data)."""
+def check(args, runs: dict[str, Run], extra: dict) -> None:
+    """Everything that can be wrong, before anything trains: the numbers, options after -- that the comparison
+    sets itself, and every run's options as train.py checks them (without reading data)."""
     if args.epochs < 1 or args.parallel < 1:
         raise ConfigError("--epochs and --parallel must be positive")
-    check_flags(extra, "after --")
-    taken = sorted({f.split("=", 1)[0] for f in extra} & SET_BY_COMPARISON[args.comparison])
+    taken = sorted(flag(name) for name in set(extra) & SET_BY_COMPARISON[args.comparison])
     if taken:
         raise ConfigError(f"{', '.join(taken)} after -- would change what the comparison compares; its rows set them")
     for run in runs.values():
-        depth_rule(merge(parse_args(run.train_flags(args.dataset, args.epochs))))
+        depth_rule(merge(run.train_options(args.dataset, args.epochs)))
     if not args.dry_run:
         output_dir(args.out)  # last: bad flags leave nothing behind
 
@@ -248,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("comparison", choices=["skips", "coursework"])
     p.add_argument("--dataset", required=True, help="e.g. mnist (skips), coil20 (coursework, at 32x32)")
     p.add_argument("--epochs", type=int, required=True, help="the budget of every run")
-    p.add_argument("--depth", type=int, default=164, help="skips: the depth of all three nets (default 164)")
+    p.add_argument("--depth", type=int, default=164, help="skips: the depth of all three nets (default %(default)s)")
     p.add_argument("--out", required=True)
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--gpus", type=csv_list(str), default=None, help="one GPU per concurrent run, e.g. 0,1")
@@ -256,11 +255,12 @@ def main(argv=None) -> int:
                                                           "train nothing")
     own, extra = split_at_double_dash(argv)
     args = p.parse_args(own)
-    runs = skips_runs(args.depth, extra) if args.comparison == "skips" else coursework_runs(extra)
     out = Path(args.out)
 
     def command() -> int:  # a bad command, or a folder another sweep holds or that holds other settings: exit 2
-        check(args, runs, extra)
+        options = options_of(extra, "after --")
+        runs = skips_runs(args.depth, options) if args.comparison == "skips" else coursework_runs(options)
+        check(args, runs, options)
         if args.dry_run:
             for name, run in runs.items():
                 print(f"{name}: python train.py {' '.join(run.train_flags(args.dataset, args.epochs))}")

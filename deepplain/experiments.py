@@ -42,9 +42,9 @@ from .callbacks.condition import representation_matrix, weight_matrix
 from .callbacks.linalg import weight_conditions
 from .callbacks.probing import LayerCapture, eval_mode, hidden_layers, weight_layers
 from .callbacks.saturation import activation_stats, combine
-from .cli import parse_args
 from .config import merge
 from .curves import read_curves
+from .datamodules import DATASETS
 from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
 from .family_modules import module_class
@@ -52,41 +52,51 @@ from .inputs import OneLineParser, output_dir
 from .plan import make_datamodule
 from .presets import PRESETS
 from .rundir import SWEEP_RUNS, RunFolder, SweepFolder
-from .schema import from_dict
+from .schema import flag, from_dict
 from .status import FINISHED, RunStatus
-from .sweep import Run, check_flags, collect, exit_status, run_grid_stoppable, split_at_double_dash
+from .sweep import Run, collect, exit_status, options_of, run_grid_stoppable, split_at_double_dash
 
 RECIPE_PRESET = "oyedotun-mlp-100"
 COMPONENT_KEYS = ("norm", "activation", "negative_slope", "max_norm")  # what the experiments vary
 NOT_RECIPE = ("model", "arch", "depth", "dataset", "epochs", *COMPONENT_KEYS)
-VARIANTS = {
-    "naive": ["--norm", "none", "--activation", "relu"],
-    "bn": ["--norm", "bn", "--activation", "relu"],
-    "proposed": ["--norm", "bn", "--activation", "lrelu", "--negative-slope", "0.3", "--max-norm", "3"],
+HELD_OUT = 0.1  # the share of the training split --lrs holds out to choose a rate
+MLP_DATASETS = [name for name, d in DATASETS.items() if d.arch == "mlp" and d.reads_files]  # the paper's MLPs' kind
+
+
+def components(bn: bool, lrelu: bool, max_norm: bool) -> dict:
+    """The options of one combination of the paper's three components, each as the recipe sets it; the naive
+    net (BN off, ReLU, no max-norm) for the ones left out."""
+    recipe = PRESETS[RECIPE_PRESET]
+    return {"norm": recipe["norm"] if bn else "none",
+            **({"activation": recipe["activation"], "negative_slope": recipe["negative_slope"]} if lrelu
+               else {"activation": "relu"}),
+            **({"max_norm": recipe["max_norm"]} if max_norm else {})}
+
+
+VARIANTS = {  # the diagnostics' three nets: name -> options
+    "naive": components(bn=False, lrelu=False, max_norm=False),
+    "bn": components(bn=True, lrelu=False, max_norm=False),
+    "proposed": components(bn=True, lrelu=True, max_norm=True),
 }
-# Table II of Oyedotun et al. (USPS, 100-layer MLP): component -> (train error %, test error %)
+# Table II of Oyedotun et al. (USPS, 100-layer MLP): component -> (options, (train error %, test error %))
 ABLATION = {
-    "BN": (["--norm", "bn", "--activation", "relu"], (84.56, 83.21)),
-    "LReLU": (["--norm", "none", "--activation", "lrelu", "--negative-slope", "0.3"], (92.37, 92.03)),
-    "Max-norm": (["--norm", "none", "--activation", "relu", "--max-norm", "3"], (86.22, 86.85)),
-    "BN + LReLU": (["--norm", "bn", "--activation", "lrelu", "--negative-slope", "0.3"], (78.38, 79.52)),
-    "BN + max-norm": (["--norm", "bn", "--activation", "relu", "--max-norm", "3"], (82.90, 81.86)),
-    "LReLU + max-norm": (["--norm", "none", "--activation", "lrelu", "--negative-slope", "0.3", "--max-norm", "3"],
-                         (83.62, 82.11)),
+    "BN": (components(bn=True, lrelu=False, max_norm=False), (84.56, 83.21)),
+    "LReLU": (components(bn=False, lrelu=True, max_norm=False), (92.37, 92.03)),
+    "Max-norm": (components(bn=False, lrelu=False, max_norm=True), (86.22, 86.85)),
+    "BN + LReLU": (components(bn=True, lrelu=True, max_norm=False), (78.38, 79.52)),
+    "BN + max-norm": (components(bn=True, lrelu=False, max_norm=True), (82.90, 81.86)),
+    "LReLU + max-norm": (components(bn=False, lrelu=True, max_norm=True), (83.62, 82.11)),
     "BN + LReLU + max-norm": (VARIANTS["proposed"], (0.11, 5.48)),
 }
 
 
-def recipe_flags(lr: float | None = None, held_out: bool = False) -> list[str]:
-    """The preset's recipe as train.py flags, without the components the experiments vary."""
-    flags = []
-    for key, value in PRESETS[RECIPE_PRESET].items():
-        if key.startswith("_") or key in NOT_RECIPE:
-            continue
-        if key == "lr" and lr is not None:
-            value = lr
-        flags += [f"--{key.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return flags + ["--val-split", "0.1" if held_out else "0", "--diagnostics", "none"]
+def recipe_options(lr: float | None = None, held_out: bool = False) -> dict:
+    """The preset's recipe as options, without the components the experiments vary."""
+    options = {key: value for key, value in PRESETS[RECIPE_PRESET].items()
+               if not key.startswith("_") and key not in NOT_RECIPE}
+    if lr is not None:
+        options["lr"] = lr
+    return {**options, "val_split": HELD_OUT if held_out else 0, "diagnostics": "none"}
 
 
 def slug(name: str) -> str:
@@ -97,17 +107,18 @@ def lr_tag(lr: float) -> str:
     return f"lr{lr:g}"
 
 
-def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: int, extra: list[str],
+def train_variants(variants: dict, out: Path, dataset: str, depth: int, epochs: int, extra: dict,
                    lrs: list[float] | None = None, parallel: int = 1,
                    lr_per_row: dict[str, float] | None = None, train: bool = True) -> list[dict]:
-    """Train every variant: at every learning rate of ``lrs`` (on the held-out split), or once each at its
-    rate in ``lr_per_row`` (in that order, on the whole training split); returns the sweep's rows."""
+    """Train every variant (name -> options; ``extra``: the options given after ``--``): at every learning rate
+    of ``lrs`` (on the held-out split), or once each at its rate in ``lr_per_row`` (in that order, on the whole
+    training split); returns the sweep's rows."""
     if lr_per_row:
         grid = [(name, variants[name], lr) for name, lr in lr_per_row.items()]
     else:
-        grid = [(name, flags, lr) for name, flags in variants.items() for lr in (lrs or [None])]
+        grid = [(name, options, lr) for name, options in variants.items() for lr in (lrs or [None])]
     runs = [Run("plain", depth, 0, name if lr is None else f"{name}-{lr_tag(lr)}",
-                [*recipe_flags(lr, held_out=bool(lrs)), *flags, *extra]) for name, flags, lr in grid]
+                {**recipe_options(lr, held_out=bool(lrs)), **options, **extra}) for name, options, lr in grid]
     rows = run_grid_stoppable(runs, out, dataset, epochs, parallel) if train else collect(runs, out, dataset)
     by_id = {r["run_id"]: r for r in rows}
     for run, (name, _, lr) in zip(runs, grid):
@@ -291,9 +302,10 @@ def grid_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def experiment_variants(experiment: str) -> dict[str, list[str]]:
-    """The configurations an experiment compares: name (as run folders and --lr-per-row spell it) -> flags."""
-    return VARIANTS if experiment == "diagnostics" else {slug(name): flags for name, (flags, _) in ABLATION.items()}
+def experiment_variants(experiment: str) -> dict[str, dict]:
+    """The configurations an experiment compares: name (as run folders and --lr-per-row spell it) -> options."""
+    return VARIANTS if experiment == "diagnostics" else {slug(name): options
+                                                         for name, (options, _) in ABLATION.items()}
 
 
 def run_ablation(args, extra) -> int:
@@ -342,8 +354,7 @@ def main(argv=None) -> int:
     p = OneLineParser(prog="python -m deepplain.experiments", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("experiment", choices=["diagnostics", "ablation"])
-    p.add_argument("--dataset", default=PRESETS[RECIPE_PRESET]["dataset"], choices=["usps", "coil20", "mnist",
-                                                                                    "fashion-mnist"])
+    p.add_argument("--dataset", default=PRESETS[RECIPE_PRESET]["dataset"], choices=MLP_DATASETS)
     p.add_argument("--depth", type=int, default=PRESETS[RECIPE_PRESET]["depth"])
     p.add_argument("--epochs", type=int, required=True, help="the budget (the paper: 300)")
     p.add_argument("--lrs", type=_lrs, default=None, help="learning-rate grid, chosen per row on a held-out 10%%")
@@ -358,20 +369,20 @@ def main(argv=None) -> int:
     args = p.parse_args(own)
 
     def command() -> int:
-        check_experiment(args, extra)
-        return run_diagnostics(args, extra) if args.experiment == "diagnostics" else run_ablation(args, extra)
+        options = check_experiment(args, extra)
+        return run_diagnostics(args, options) if args.experiment == "diagnostics" else run_ablation(args, options)
     return exit_status(command)
 
 
-def check_experiment(args, extra: list[str]) -> None:
+def check_experiment(args, extra: list[str]) -> dict:
     """Everything about the command that can be wrong, before any variant trains: the numbers, the output
-    folder, flags after -- that the experiment sets itself, and the flags of every variant as train.py
-    checks them (without reading data)."""
+    folder, flags after -- that the experiment sets itself, and the options of every variant as train.py
+    checks them (without reading data). Returns the options given after --."""
     if args.epochs < 1 or args.depth < 1 or args.parallel < 1:
         raise ConfigError("--epochs, --depth and --parallel must be positive")
     if args.table_only and args.experiment != "ablation":
         raise ConfigError("--table-only tabulates the ablation; the diagnostics need every variant finished")
-    check_flags(extra, "after --")
+    extra = options_of(extra, "after --")
     variants = experiment_variants(args.experiment)
     if args.lr_per_row:
         if args.lrs:
@@ -383,21 +394,22 @@ def check_experiment(args, extra: list[str]) -> None:
                               + (f"unknown {', '.join(wrong)}; " if wrong else "")
                               + f"missing {', '.join(sorted(set(variants) - named)) or 'none'} "
                               f"(the configurations: {', '.join(variants)})")
-    compared = {"--norm", "--activation", "--negative-slope", "--max-norm", "--val-split"}
+    compared = {*COMPONENT_KEYS, "val_split"}
     if args.lrs or args.lr_per_row:
-        compared.add("--lr")  # the grid sets it; without --lrs a common --lr is the user's choice for every variant
-    varied = sorted({f.split("=", 1)[0] for f in extra} & compared)
+        compared.add("lr")  # the grid sets it; without --lrs a common --lr is the user's choice for every variant
+    varied = sorted(flag(name) for name in set(extra) & compared)
     if varied:
         raise ConfigError(f"{', '.join(varied)} after -- would change what the experiment compares; its variants "
                           "set them")
-    for name, flags in variants.items():
+    for name, options in variants.items():
         lr = args.lrs[0] if args.lrs else (args.lr_per_row or {}).get(name)
-        merge(parse_args(["--model", "plain", "--depth", str(args.depth), "--dataset", args.dataset, "--epochs",
-                          str(args.epochs), *recipe_flags(lr, held_out=bool(args.lrs)), *flags, *extra]))
+        merge({**recipe_options(lr, held_out=bool(args.lrs)), **options, **extra, "model": "plain",
+               "depth": args.depth, "dataset": args.dataset, "epochs": args.epochs})
     if args.table_only and not SweepFolder(args.out).runs.is_dir():  # a typo would tabulate an empty folder
         raise ConfigError(f"--table-only: {args.out} holds no runs of this experiment (no {SWEEP_RUNS}/ folder); "
                           "check --out")
     output_dir(args.out)  # last: bad flags leave nothing behind
+    return extra
 
 
 if __name__ == "__main__":

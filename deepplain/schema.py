@@ -301,10 +301,35 @@ DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(RunCon
 CHANGEABLE_ON_RESUME = frozenset(name for name, o in OPTIONS.items() if o.resumable)
 
 
+def spellings(name: str) -> tuple:
+    """The option's command-line spellings: its own ``flags``, else ``--name-with-dashes`` (the one rule)."""
+    own = OPTIONS[name].flags if name in OPTIONS else ()
+    return own or ("--" + name.replace("_", "-"),)
+
+
 def flag(name: str) -> str:
-    """The option's command-line spelling, for messages."""
-    return (OPTIONS[name].flags or ("--" + name.replace("_", "-"),))[0] if name in OPTIONS else \
-        "--" + name.replace("_", "-")
+    """The option's command-line spelling, for messages and argument lists."""
+    return spellings(name)[0]
+
+
+def to_argv(values: dict) -> list[str]:
+    """train.py's arguments for option values (name -> value), in the mapping's order: what parsing them gives
+    back. A switch appears when its value is the one its flag sets; None is left out; a list is comma-joined."""
+    unknown = sorted(name for name in values if name not in OPTIONS or not OPTIONS[name].on_command_line)
+    if unknown:
+        raise KeyError(f"not train.py options: {', '.join(unknown)}")
+    argv = []
+    for name, value in values.items():
+        o = OPTIONS[name]
+        if value is None:
+            continue
+        if o.switch:
+            if value == (o.switch == "on"):
+                argv.append(flag(name))
+            continue
+        # str() of a float is its shortest exact spelling, so the value parses back unchanged
+        argv += [flag(name), ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+    return argv
 
 
 def from_dict(values: dict) -> RunConfig:
@@ -327,7 +352,6 @@ def add_arguments(groups: dict) -> None:
     for name, o in OPTIONS.items():
         if not o.on_command_line:
             continue
-        flags = o.flags or ("--" + name.replace("_", "-"),)
         kwargs = dict(dest=name, help=o.help or None)
         if o.switch:
             kwargs["action"] = "store_true" if o.switch == "on" else "store_false"
@@ -338,4 +362,4 @@ def add_arguments(groups: dict) -> None:
                 kwargs["choices"] = list(o.choices)
             if o.metavar:
                 kwargs["metavar"] = o.metavar
-        groups[o.group].add_argument(*flags, **kwargs)
+        groups[o.group].add_argument(*spellings(name), **kwargs)

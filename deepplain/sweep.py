@@ -38,11 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .datamodules.paths import resolve_data_env
+from .cli import parse_options
 from .errors import ConfigError
 from .files import atomic_file
 from .inputs import FolderLock, OneLineParser, output_dir, read_results_csv
 from .resume import latest_summary, resumable_checkpoint, saved_epochs, stopped_from_outside
 from .rundir import RESULTS_FILE, RUN_RECORD, SUMMARY_FILE, SWEEP_RUNS, TRAIN_LOG, RunFolder, SweepFolder
+from .schema import flag, to_argv
 from .status import FINISHED, RunStatus, RunSummary
 
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
@@ -50,9 +52,11 @@ CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
 NOT_STARTED = "not started"  # no summary and no checkpoint yet
 UNFINISHED = "unfinished"  # a last.ckpt ahead of any summary: training now, or killed before it wrote one
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read at start-up
-# What the grid sets for each run, and where the run lives: never given after -- or in a variant.
-GRID_FLAGS = ("--model", "--depth", "--seed", "--dataset", "--epochs", "--logdir", "--name", "--resume", "--config",
-              "--print-config")
+# What the grid sets for each run, and where the run lives (options, and the config-file flags of train.py):
+# never given after -- or in a variant.
+GRID_OPTIONS = ("model", "depth", "seed", "dataset", "epochs", "logdir", "name", "resume", "config", "print_config")
+SET_BY_SWEEP = ("logdir", "name", "progress")  # on every training's command line, not part of its identity
+EXAMPLE_VARIANT = f"bn='{' '.join(to_argv({'norm': 'bn'}))}'"
 
 
 @dataclass
@@ -61,55 +65,71 @@ class Run:
     depth: int
     seed: int
     variant: str = ""
-    flags: list = field(default_factory=list)  # variant flags, then the sweep's common flags
+    options: dict = field(default_factory=dict)  # option name -> value: the variant's, then the sweep's common ones
 
     @property
     def run_id(self) -> str:
         return "-".join(p for p in (self.model, f"d{self.depth}", f"s{self.seed}", self.variant) if p)
 
+    @property
+    def flags(self) -> list[str]:
+        """The run's own options as train.py flags (``schema.to_argv``)."""
+        return to_argv(self.options)
+
+    def train_options(self, dataset: str, epochs: int) -> dict:
+        """The options that define this run: its identity first, then its own options (the place it logs to is
+        added apart)."""
+        identity = {"model": self.model, "depth": self.depth, "seed": self.seed, "dataset": dataset, "epochs": epochs}
+        return {**identity, **self.options, **identity}  # the grid's values win; the identity reads first
+
     def train_flags(self, dataset: str, epochs: int) -> list[str]:
-        """The train.py flags that define this run: its identity (the place it logs to is added apart)."""
-        return ["--model", self.model, "--depth", str(self.depth), "--seed", str(self.seed), "--dataset", dataset,
-                "--epochs", str(epochs), *self.flags]
+        return to_argv(self.train_options(dataset, epochs))
 
 
-def check_flags(flags: list[str], where: str) -> None:
-    """Refuse the grid's own flags (and the run's place) in ``flags``."""
-    taken = sorted({f.split("=", 1)[0] for f in flags if f.split("=", 1)[0] in GRID_FLAGS})
+def check_options(options: dict, where: str) -> None:
+    """Refuse the grid's own options (and the run's place) in ``options``."""
+    taken = [flag(name) for name in GRID_OPTIONS if name in options]
     if taken:
-        raise ConfigError(f"{', '.join(taken)} {where} would override what the sweep sets for each run (use "
+        raise ConfigError(f"{', '.join(sorted(taken))} {where} would override what the sweep sets for each run (use "
                           "--models/--depths/--seeds/--dataset/--epochs, or another --out)")
 
 
-def parse_variant(text: str) -> tuple[str, list[str]]:
-    """``NAME=--flag value --flag2`` -> (NAME, [flags]); ``NAME=`` is a variant with no flags."""
+def options_of(flags: list[str], where: str) -> dict:
+    """train.py flags as option values, checked by train.py's parser, without the grid's own options."""
+    options = parse_options(flags, where)
+    check_options(options, where)
+    return options
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=--flag value --flag2`` -> (NAME, {option: value}); ``NAME=`` is a variant with no flags."""
     if "=" not in text:
-        raise ConfigError(f"--variant must be NAME=FLAGS (e.g. bn='--norm bn'), got {text!r}")
+        raise ConfigError(f"--variant must be NAME=FLAGS (e.g. {EXAMPLE_VARIANT}), got {text!r}")
     name, flags = text.split("=", 1)
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"variant name must be letters, digits, - and _, got {name!r}")
-    return name, flags.split()
+    return name, options_of(flags.split(), f"in --variant {name}")
 
 
 def grid(models, depths, seeds, variants, common_flags) -> list[Run]:
-    check_flags(common_flags, "after --")
+    """Every (model, depth, seed, variant) run; ``variants`` are ``(name, options)``, ``common_flags`` the
+    train.py flags every run gets (after ``--``)."""
+    common = options_of(common_flags, "after --")
     names = [name for name, _ in variants]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"--variant names must be unique; {', '.join(repeated)} is given more than once")
-    for name, flags in variants:
-        check_flags(flags, f"in --variant {name}")
     for kind, values in (("--models", models), ("--depths", depths), ("--seeds", seeds)):
         if len(set(values)) != len(values):
             raise ConfigError(f"{kind} lists a value twice: {','.join(map(str, values))}")
-    variants = variants or [("", [])]
-    return [Run(m, d, s, v, [*vf, *common_flags])
-            for m, d, s, (v, vf) in itertools.product(models, depths, seeds, variants)]
+    variants = variants or [("", {})]
+    return [Run(m, d, s, v, {**options, **common})
+            for m, d, s, (v, options) in itertools.product(models, depths, seeds, variants)]
 
 
 def recorded_flags(root: Path) -> list[str] | None:
     """The train.py flags a run folder was trained with: ``run.json``, or for folders of earlier sweeps
-    the last command in ``train.log`` (without its place: --logdir, --name, --no-progress)."""
+    the last command in ``train.log`` (without the sweep's own: its place and progress bar)."""
     record = root / RUN_RECORD
     if record.is_file():
         try:
@@ -122,16 +142,11 @@ def recorded_flags(root: Path) -> list[str] | None:
     commands = [line[2:].split() for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")]
     if not commands or "deepplain" not in commands[-1]:
         return None
-    argv, out = commands[-1][commands[-1].index("deepplain") + 1:], []
-    skip = False
-    for token in argv:
-        if skip:
-            skip = False
-        elif token in ("--logdir", "--name"):
-            skip = True
-        elif token != "--no-progress":
-            out.append(token)
-    return out
+    try:
+        options = parse_options(commands[-1][commands[-1].index("deepplain") + 1:], str(log))
+    except ConfigError:  # flags this train.py no longer reads: not a configuration it can compare
+        return None
+    return to_argv({name: value for name, value in options.items() if name not in SET_BY_SWEEP})
 
 
 def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> None:
@@ -140,32 +155,27 @@ def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> N
         root = SweepFolder(out).run_root(run.run_id)
         if not root.is_dir():
             continue
-        before, now = recorded_flags(root), run.train_flags(dataset, epochs)
+        before = recorded_flags(root)
         if before is None:
             if any(root.glob(f"*/{SUMMARY_FILE}")):
                 raise ConfigError(f"{root} holds a run whose configuration is not recorded; move it away or use "
                                   "another --out")
             continue
-        if before != now:
-            was, asked = flag_values(before), flag_values(now)
-            changed = [f"{flag} {was.get(flag, '(not given)')} -> {asked.get(flag, '(not given)')}"
-                       for flag in sorted(set(was) | set(asked)) if was.get(flag) != asked.get(flag)]
-            if not changed:  # the same settings in another order: the same run
-                continue
+        # compared as option values: the same settings in another order or spelling (1e-4, 0.0001) are the same run
+        was = parse_options(before, f"{root / RUN_RECORD} (the flags that run was trained with)")
+        asked = parse_options(run.train_flags(dataset, epochs), run.run_id)
+        changed = [f"{flag(name)} {_shown(was, name)} -> {_shown(asked, name)}"
+                   for name in sorted(set(was) | set(asked)) if was.get(name) != asked.get(name)]
+        if changed:
             raise ConfigError(f"{root} was trained with other settings ({'; '.join(changed[:6])}); use another "
                               "--out or a --variant name for the new settings")
 
 
-def flag_values(argv: list[str]) -> dict[str, str]:
-    """``--flag value`` pairs of a train.py argument list as a mapping (a flag without a value: ""), so that
-    the same settings in another order compare equal."""
-    out, flag = {}, None
-    for token in argv:
-        if token.startswith("--"):
-            flag, out[token] = token, ""
-        elif flag is not None:
-            out[flag] = f"{out[flag]} {token}".strip()
-    return out
+def _shown(options: dict, name: str) -> str:
+    if name not in options:
+        return "(not given)"
+    value = options[name]
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 class Children:
@@ -255,10 +265,10 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
                                             f"use by pid {holder}; wait for that process to end, or stop it, then "
                                             "run the same command)"})
     if checkpoint is not None:  # continue the interrupted run where it stopped
-        cmd = [python, "-m", "deepplain", "--resume", str(checkpoint), "--no-progress"]
+        cmd = [python, "-m", "deepplain", *to_argv({"resume": str(checkpoint), "progress": False})]
     else:
-        cmd = [python, "-m", "deepplain", *flags, "--logdir", str(SweepFolder(out).runs), "--name", run.run_id,
-               "--no-progress"]
+        cmd = [python, "-m", "deepplain", *flags,
+               *to_argv({"logdir": str(SweepFolder(out).runs), "name": run.run_id, "progress": False})]
     env = dict(os.environ)
     env.pop("DEEPPLAIN_RUN_DIR", None)
     if gpu is not None:
@@ -418,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=csv_list(int), required=True, help="comma list, e.g. 1,2,4,8,16,30")
     p.add_argument("--seeds", type=csv_list(int), default=[0])
     p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--variant", action="append", default=[], help="NAME=FLAGS, repeatable (e.g. bn='--norm bn')")
+    p.add_argument("--variant", action="append", default=[], help=f"NAME=FLAGS, repeatable (e.g. {EXAMPLE_VARIANT})")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the CPU cores")
     p.add_argument("--threads-per-run", type=int, default=None, metavar="N",
                    help="CPU threads of each run (default: the cores / --parallel when --parallel > 1, unless "

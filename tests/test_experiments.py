@@ -13,6 +13,7 @@ from deepplain import curves, experiments, plots
 from deepplain import sweep as sweeps
 from deepplain.cli import main
 from deepplain.errors import ConfigError
+from deepplain.schema import to_argv
 from deepplain.sweep import CSV_FIELDS, Run, grid, parse_variant, read_csv
 from deepplain.sweep import main as sweep_main
 
@@ -176,14 +177,14 @@ def test_learning_rate_grid_picks_the_best_held_out_accuracy():
 
 
 def test_experiments_use_the_preset_recipe():
-    flags = experiments.recipe_flags()
+    flags = to_argv(experiments.recipe_options())
     pairs = dict(zip(flags[::2], flags[1::2]))
     assert pairs["--weight-decay"] == "0.0001" and pairs["--lr"] == "0.01" and pairs["--momentum"] == "0.9"
     assert pairs["--batch-size"] == "128" and pairs["--width"] == "300" and pairs["--init"] == "he-uniform"
     assert pairs["--schedule"] == "multistep" and pairs["--milestones"] == "0.5,0.75"
     assert pairs["--val-split"] == "0"  # the whole training split, as the paper
     assert not {"--norm", "--activation", "--max-norm", "--depth", "--epochs"} & set(pairs)
-    held = dict(zip(*[iter(experiments.recipe_flags(lr=0.1, held_out=True))] * 2))
+    held = dict(zip(*[iter(to_argv(experiments.recipe_options(lr=0.1, held_out=True)))] * 2))
     assert held["--lr"] == "0.1" and held["--val-split"] == "0.1"
 
 
@@ -295,7 +296,7 @@ def test_analyse_and_diagnostic_figures_on_a_tiny_run(tmp_path):
     for variant, flags in experiments.VARIANTS.items():
         assert main(["--model", "plain", "--depth", "4", "--width", "16", "--dataset", "usps", "--epochs", "1",
                      "--limit-train-batches", "3", "--limit-val-batches", "1", "--diagnostics", "none", "--logdir",
-                     str(tmp_path / "runs"), "--name", variant, "--no-progress", *flags]) == 0
+                     str(tmp_path / "runs"), "--name", variant, "--no-progress", *to_argv(flags)]) == 0
     results = {v: experiments.analyse(next((tmp_path / "runs" / v).glob("*/checkpoints/last.ckpt")), max_samples=500)
                for v in experiments.VARIANTS}
     for result in results.values():

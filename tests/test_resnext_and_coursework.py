@@ -156,7 +156,7 @@ def test_vgg38_vanishes_at_pytorchs_default_init_and_bn_or_skips_bring_the_gradi
 
 # -- the comparisons -----------------------------------------------------------------------------------
 def test_every_coursework_row_is_a_preset_and_every_row_differs():
-    runs = coursework_runs([])
+    runs = coursework_runs({})
     assert list(runs) == list(COURSEWORK)
     assert all(PRESETS[preset] for preset, *_ in COURSEWORK.values())
     assert len({run.run_id for run in runs.values()}) == len({tuple(run.flags) for run in runs.values()}) == 7
@@ -233,7 +233,7 @@ def test_a_run_without_a_folder_reads_as_no_samples(tmp_path, monkeypatch):
 def test_a_comparison_into_a_folder_with_other_settings_stops_in_one_line_and_keeps_it(tmp_path):
     """The same --out with another budget: the sweep runner's own refusal, as one line and exit 2, nothing lost."""
     out = tmp_path / "skips"
-    run = skips_runs(11, [])["ResNet"]
+    run = skips_runs(11, {})["ResNet"]
     folder = out / "runs" / run.run_id
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"flags": run.train_flags("mnist", 3)}))

@@ -18,7 +18,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import parse_args
 from ..config import depth_rule, merge
 from ..datamodules.paths import resolve_data_env
 from ..errors import ConfigError
@@ -32,7 +31,7 @@ def run_corpus(out: Path, groups: list[str], parallel: int, dry_run: bool) -> in
     for name in groups:  # every run's flags as train.py checks them, before anything trains
         group = GROUPS[name]
         for run in group_runs(group):
-            depth_rule(merge(parse_args(run.train_flags(group.dataset, group.epochs))))
+            depth_rule(merge(run.train_options(group.dataset, group.epochs)))
     total = sum(len(group_runs(GROUPS[n])) for n in groups)
     if dry_run:
         for name in groups:

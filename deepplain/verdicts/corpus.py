@@ -20,31 +20,31 @@ DEPTHS = (2, 5, 10, 20, 30, 50, 100)
 LEARNING_RATES = (1e-4, 1e-3, 1e-2, 0.1, 0.3)
 DRAWS_PER_VARIANT = 4  # (depth, lr) pairs per family variant and dataset
 
-# MLP variants: name -> (family, flags). The plain ones are the PlainNet paper's Table II rows (its
+# MLP variants: name -> (family, options). The plain ones are the PlainNet paper's Table II rows (its
 # components on top of a naive ReLU net without BN) and the recipe; the others are the skip families.
 MLP_VARIANTS = {
-    "naive": ("plain", ["--norm", "none", "--activation", "relu"]),
-    "bn": ("plain", ["--norm", "bn", "--activation", "relu"]),
-    "lrelu": ("plain", ["--norm", "none", "--activation", "lrelu"]),
-    "maxnorm": ("plain", ["--norm", "none", "--activation", "relu", "--max-norm", "3"]),
-    "bn-lrelu": ("plain", ["--norm", "bn", "--activation", "lrelu"]),
-    "bn-maxnorm": ("plain", ["--norm", "bn", "--activation", "relu", "--max-norm", "3"]),
-    "recipe": ("plain", ["--norm", "bn", "--activation", "lrelu", "--max-norm", "3"]),
-    "van": ("van", []),
-    "resnet": ("resnet", []),
-    "highway": ("highway", []),
-    "dirac": ("dirac", []),
+    "naive": ("plain", dict(norm="none", activation="relu")),
+    "bn": ("plain", dict(norm="bn", activation="relu")),
+    "lrelu": ("plain", dict(norm="none", activation="lrelu")),
+    "maxnorm": ("plain", dict(norm="none", activation="relu", max_norm=3.0)),
+    "bn-lrelu": ("plain", dict(norm="bn", activation="lrelu")),
+    "bn-maxnorm": ("plain", dict(norm="bn", activation="relu", max_norm=3.0)),
+    "recipe": ("plain", dict(norm="bn", activation="lrelu", max_norm=3.0)),
+    "van": ("van", {}),
+    "resnet": ("resnet", {}),
+    "highway": ("highway", {}),
+    "dirac": ("dirac", {}),
 }
-MLP_COMMON = ["--init", "he-uniform"]
-NARROW, WIDE = ["--width", "50"], ["--width", "300"]  # the PlainNet paper's 100-layer 300-unit nets, on USPS and COIL-20
+MLP_COMMON = dict(init="he-uniform")
+NARROW, WIDE = dict(width=50), dict(width=300)  # the PlainNet paper's 100-layer 300-unit nets, on USPS and COIL-20
 WIDE_VARIANTS = ("naive", "bn", "recipe")
 
-# Conv runs on COIL-20 (32x32): family -> (depths by its rule, flags)
+# Conv runs on COIL-20 (32x32): family -> (depths by its rule, options)
 CONV_VARIANTS = {
-    "plain-conv": ("plain", (5, 11, 20), ["--arch", "conv", "--norm", "none"]),
-    "plain-conv-bn": ("plain", (5, 11, 20), ["--arch", "conv", "--norm", "bn"]),
-    "resnet-conv": ("resnet", (8, 14, 20), ["--arch", "conv"]),
-    "van-conv": ("van", (10, 18, 26), ["--arch", "conv"]),
+    "plain-conv": ("plain", (5, 11, 20), dict(arch="conv", norm="none")),
+    "plain-conv-bn": ("plain", (5, 11, 20), dict(arch="conv", norm="bn")),
+    "resnet-conv": ("resnet", (8, 14, 20), dict(arch="conv")),
+    "van-conv": ("van", (10, 18, 26), dict(arch="conv")),
 }
 CONV_LEARNING_RATES = (1e-3, 1e-2, 0.1, 0.3)
 
@@ -55,19 +55,19 @@ class Group:
     name: str
     dataset: str
     epochs: int
-    flags: tuple  # every run's own flags, after its variant's
+    options: dict  # every run's own options, over its variant's
     form: str = "mlp"
 
 
 # Budgets: at least 20 epochs on the MLP datasets; MNIST and Fashion-MNIST epochs of 100 batches (12,800
 # images) so that a run is about a core-minute; COIL-20 has 8 batches an epoch, so 60 epochs.
+HUNDRED_BATCHES = dict(limit_train_batches=100, limit_val_batches=10)
 GROUPS = {
-    "mnist": Group("mnist", "mnist", 20, ("--limit-train-batches", "100", "--limit-val-batches", "10")),
-    "usps": Group("usps", "usps", 20, ()),
-    "fashion-mnist": Group("fashion-mnist", "fashion-mnist", 20, ("--limit-train-batches", "100",
-                                                                  "--limit-val-batches", "10")),
-    "coil20": Group("coil20", "coil20", 60, ()),
-    "coil20-conv": Group("coil20-conv", "coil20", 60, (), form="conv"),
+    "mnist": Group("mnist", "mnist", 20, HUNDRED_BATCHES),
+    "usps": Group("usps", "usps", 20, {}),
+    "fashion-mnist": Group("fashion-mnist", "fashion-mnist", 20, HUNDRED_BATCHES),
+    "coil20": Group("coil20", "coil20", 60, {}),
+    "coil20-conv": Group("coil20-conv", "coil20", 60, {}, form="conv"),
 }
 DESIGN = ("mnist", "usps")  # the rules are designed on these groups and scored on the others
 
@@ -91,22 +91,21 @@ def group_runs(group: Group) -> list[Run]:
     draw = random.Random(f"{SEED}-{group.name}")
     runs = []
     if group.form == "conv":
-        for name, (family, depths, flags) in CONV_VARIANTS.items():
+        for name, (family, depths, options) in CONV_VARIANTS.items():
             pairs = [(d, lr) for d in depths for lr in CONV_LEARNING_RATES]
             for depth, lr in draw.sample(pairs, DRAWS_PER_VARIANT):
-                runs.append(Run(family, depth, 0, f"{name}-{lr_name(lr)}",
-                                [*flags, "--lr", f"{lr:g}", *group.flags]))
+                runs.append(Run(family, depth, 0, f"{name}-{lr_name(lr)}", {**options, "lr": lr, **group.options}))
         return runs
     pairs = [(d, lr) for d in DEPTHS for lr in LEARNING_RATES]
-    for name, (family, flags) in MLP_VARIANTS.items():
+    for name, (family, options) in MLP_VARIANTS.items():
         for depth, lr in draw.sample(pairs, DRAWS_PER_VARIANT):
             runs.append(Run(family, depth, 0, f"{name}-{lr_name(lr)}",
-                            [*flags, *MLP_COMMON, *NARROW, "--lr", f"{lr:g}", *group.flags]))
+                            {**options, **MLP_COMMON, **NARROW, "lr": lr, **group.options}))
     if group.dataset in ("usps", "coil20"):
         for name in WIDE_VARIANTS:
-            family, flags = MLP_VARIANTS[name]
+            family, options = MLP_VARIANTS[name]
             runs.append(Run(family, 100, 0, f"{name}-w300-lr0.01",
-                            [*flags, *MLP_COMMON, *WIDE, "--lr", "0.01", *group.flags]))
+                            {**options, **MLP_COMMON, **WIDE, "lr": 0.01, **group.options}))
     return runs
 
 
