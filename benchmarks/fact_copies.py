@@ -37,7 +37,7 @@ RUN_FOLDER_NAMES = ("config.json", "summary.json", "checkpoints", "last.ckpt", "
                     "train.log")
 TOOLS = ("sweep.py", "experiments.py", "comparisons.py", "verdicts/")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-RESTATED_DEFAULT = re.compile(r"\(default [^:){]|\bdefault [0-9a-z<-]")
+RESTATED_DEFAULT = re.compile(r"\(default [^:){%]|\bdefault [0-9a-z<-]")
 
 
 def python_files():

@@ -66,7 +66,8 @@ from .tags import OverviewScalar, overview_values
 from .sampling import every_percent
 from .tensorboard import write_layout
 
-DEFAULT_PHASE_OUT = 120 / 165  # the VAN paper's Fig. 2: skips gone at about epoch 120 of 165
+PAPER_PHASE_OUT = (120, 165)  # the VAN paper's Fig. 2: skips gone at about epoch 120 of 165
+DEFAULT_PHASE_OUT = PAPER_PHASE_OUT[0] / PAPER_PHASE_OUT[1]
 PAPER_LAMBDA_LR_RATIO = {"conv": 0.1, "mlp": 0.5}  # eta'/eta: the paper's CIFAR networks and its MLPs
 
 

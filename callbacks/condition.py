@@ -34,7 +34,7 @@ from .probe_batch import ProbeBatch
 from .probing import LayerCapture, batch_inputs, layer_weight, weight_layers
 from .publish import DepthTimeSpec, Publisher
 from .records import ILL_CONDITIONED, SINGULAR_LOG10_KAPPA, log10_kappa
-from .sampling import SamplingCallback, _positive_int, planned_steps
+from .sampling import MAX_OVERHEAD, NUM_SAMPLES, SamplingCallback, _positive_int, planned_steps
 from .tags import OverviewScalar, overview_values
 
 __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition", "weight_conditions",
@@ -178,13 +178,15 @@ class ConditionNumberProbe(SamplingCallback):
                         OverviewScalar("worst_log10_kappa", "worst layer's log10 kappa"))
     overview_images = {"probe": ("log10_kappa",), "train": ("log10_kappa",)}
 
-    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, probe_size: Optional[int] = None,
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = NUM_SAMPLES,
+                 probe_size: Optional[int] = None,
                  probe_batch: Any = None, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
                  max_rows: int = 4096, near_zero_rtol: float = 1e-3,
                  heatmap_layers: Optional[list[Union[int, str]]] = None, weights: bool = True,
                  weight_norms: Sequence[Union[str, int, float]] = ("inf",),
                  figure_every_n_samples: Optional[int] = None,
-                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01, background: bool = False,
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = MAX_OVERHEAD,
+                 background: bool = False,
                  layer_types: Optional[Sequence[type]] = None, probe_fn: Optional[Callable[[Any, Any], Any]] = None,
                  per_layer_scalars: bool = False, layers_per_sample: Optional[int] = 8, min_samples: int = 2,
                  full_sample_share: Optional[float] = 0.05):

@@ -8,7 +8,7 @@ import torch
 from . import figures
 from .probing import gradient_layers, layer_gradient_tensors
 from .publish import DepthTimeSpec, Publisher
-from .sampling import SamplingCallback
+from .sampling import MAX_OVERHEAD, MIN_SAMPLES, NUM_SAMPLES, SamplingCallback
 from .outputs import add_image
 
 
@@ -39,10 +39,11 @@ class GradientFlowMonitor(SamplingCallback):
     prefix = "grad_flow"
     overview_images = {"train": ("norm",)}
 
-    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, include: Optional[list[str]] = None,
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = NUM_SAMPLES,
+                 include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, figure_every_n_samples: Optional[int] = None,
-                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
-                 per_layer_scalars: bool = False, min_samples: int = 10):
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = MAX_OVERHEAD,
+                 per_layer_scalars: bool = False, min_samples: int = MIN_SAMPLES):
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,

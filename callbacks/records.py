@@ -17,6 +17,8 @@ import numpy as np
 
 from .outputs import run_folder
 
+VANISHED_BELOW = 0.05     # PlainNet (Oyedotun et al.): mean |a| below this is a vanished activation
+EXPLODED_ABOVE = 50.0     # PlainNet: |a| above this is an exploded activation
 DEAD_SHARE = 0.5          # a layer is "dead" when more than this share of its units never fire on the batch
 ILL_CONDITIONED = 1e6     # representation kappa above this (and finite) is ill-conditioned
 # A singular representation (kappa = inf) is logged as log10 kappa = 17: above any finite float64
@@ -25,7 +27,7 @@ ILL_CONDITIONED = 1e6     # representation kappa above this (and finite) is ill-
 SINGULAR_LOG10_KAPPA = 17.0
 
 
-def finding_rules(low: float = 0.05, high: float = 50.0) -> dict[str, str]:
+def finding_rules(low: float = VANISHED_BELOW, high: float = EXPLODED_ABOVE) -> dict[str, str]:
     """Each finding of the trainability report and its rule, in the report's order."""
     return {"vanished": f"mean |a| < {low:g}", "exploded": f"max |a| > {high:g}",
             "dead": f"> {DEAD_SHARE:.0%} of units never fire", "singular": "representation kappa = inf",

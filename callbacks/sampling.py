@@ -59,6 +59,11 @@ from .records import DiagnosticsTable, FindingsLog
 from .tensorboard import write_layout
 from .verdict_step import early_steps, verdict_step
 
+# The sampling diagnostics' defaults, shared by all of them (and train.py's --diag-every help)
+NUM_SAMPLES = 20       # samples spread over the run
+MIN_SAMPLES = 10       # taken whatever the time budget
+MAX_OVERHEAD = 0.01    # share of the training time the optional samples may cost
+
 log = logging.getLogger("deepplain.callbacks")
 
 
@@ -90,8 +95,8 @@ class SamplingSchedule:
 
     FALLBACK_EVERY = 200  # when the run's length is unknown (an iterable without len, max_epochs=-1)
 
-    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, use_log_every_n_steps: bool = False,
-                 min_samples: int = 10):
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = NUM_SAMPLES,
+                 use_log_every_n_steps: bool = False, min_samples: int = MIN_SAMPLES):
         self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
         self.num_samples = _positive_int("num_samples", num_samples, allow_none=False)
         if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 0:
@@ -200,13 +205,13 @@ class SamplingCallback(Callback):
     overview_scalars: tuple = ()  # tags.OverviewScalar s this callback logs
     overview_images: dict = {}    # source -> statistics whose depth x time images go into overview.png
 
-    def __init__(self, *, every_n_steps: Optional[int] = None, num_samples: int = 20,
-                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = 0.01,
+    def __init__(self, *, every_n_steps: Optional[int] = None, num_samples: int = NUM_SAMPLES,
+                 use_log_every_n_steps: bool = False, max_overhead: Optional[float] = MAX_OVERHEAD,
                  figure_every_n_samples: Optional[int] = None, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, probe_size: Optional[int] = None, probe_batch=None,
                  probe_fn: Optional[Callable[[Any, Any], Any]] = None, wants_probe: bool = False,
                  layer_types: Optional[Sequence[type]] = None, per_layer_scalars: bool = False,
-                 min_samples: int = 10):
+                 min_samples: int = MIN_SAMPLES):
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable as probe_fn(pl_module, inputs), got {probe_fn!r}")
         self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps, min_samples)
@@ -414,8 +419,8 @@ class SamplingCallback(Callback):
         self.draw_at_end(trainer)
 
     def draw_at_end(self, trainer) -> None:
-        """The figures this callback kept and overview.png and the uploads (the last callback with a publisher does them),
-        however the run ended."""
+        """The figures this callback kept, and overview.png and the uploads (the last callback with a publisher
+        does them), however the run ended."""
         self.draw_figures(trainer)
         finish_run_files(trainer, self)
 

@@ -10,8 +10,8 @@ from .messages import warn
 from .outputs import add_image
 from .probing import LayerCapture
 from .publish import DepthTimeSpec, Publisher
-from .records import DEAD_SHARE
-from .sampling import SamplingCallback
+from .records import DEAD_SHARE, EXPLODED_ABOVE, VANISHED_BELOW, finding_rules
+from .sampling import MAX_OVERHEAD, MIN_SAMPLES, NUM_SAMPLES, SamplingCallback
 from .tags import OverviewScalar, overview_values
 from .tensorboard import add_histogram
 
@@ -95,13 +95,13 @@ class ActivationSaturationMonitor(SamplingCallback):
                              for kind in ("vanished", "exploded", "dead"))
     overview_images = {"train": ("mean_abs", "max_abs", "frac_dead")}
 
-    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = 20, low: float = 0.05,
-                 high: float = 50.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
+    def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = NUM_SAMPLES, low: float = VANISHED_BELOW,
+                 high: float = EXPLODED_ABOVE, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
                  layer_types: Optional[Sequence[type]] = None, probe: bool = True, probe_size: int = 256,
                  probe_batch: Any = None, histogram_layers: int = 8, figure_every_n_samples: Optional[int] = None,
-                 use_log_every_n_steps: bool = False, warn: bool = True, max_overhead: Optional[float] = 0.01,
+                 use_log_every_n_steps: bool = False, warn: bool = True, max_overhead: Optional[float] = MAX_OVERHEAD,
                  probe_fn: Optional[Callable[[Any, Any], Any]] = None, per_layer_scalars: bool = False,
-                 min_samples: int = 10):
+                 min_samples: int = MIN_SAMPLES):
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
@@ -296,7 +296,7 @@ class ActivationSaturationMonitor(SamplingCallback):
         if not contradicted:
             return found
         kept = {kind: [n for n in layers if n not in contradicted.get(kind, ())] for kind, layers in found.items()}
-        rules = {"vanished": f"mean |a| < {self.low:g}", "exploded": f"max |a| > {self.high:g}"}
+        rules = finding_rules(self.low, self.high)
         what = " and ".join(f"{len(layers)} layer(s) {kind} ({rules[kind]})" for kind, layers in contradicted.items())
         settling = trainer.current_epoch < 1
         if settling and "settling" not in self._warned:
@@ -317,8 +317,9 @@ class ActivationSaturationMonitor(SamplingCallback):
         return kept
 
     def _maybe_warn(self, trainer, step: int, found: dict) -> None:
-        for kind, rule in (("vanished", f"mean |a| < {self.low:g}"), ("exploded", f"max |a| > {self.high:g}")):
-            layers = found[kind]
+        rules = finding_rules(self.low, self.high)
+        for kind in ("vanished", "exploded"):
+            layers, rule = found[kind], rules[kind]
             if layers and kind not in self._warned:
                 self._warned.add(kind)
                 shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")

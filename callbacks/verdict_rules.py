@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 
 from .condition import ConditionNumberProbe
 from .grad_flow import GradientFlowMonitor
-from .records import DEAD_SHARE
+from .records import DEAD_SHARE, EXPLODED_ABOVE, VANISHED_BELOW
 from .saturation import ActivationSaturationMonitor
 
 # the diagnostics.csv rows the rules read: each callback's section
@@ -47,8 +47,10 @@ class Threshold:
 # exploding-gradient ratio, the layer share and the loss ratio were chosen on the design part of the corpus
 # (MNIST and USPS runs, docs/RESULTS.md section 12) and never tuned on the scoring part.
 THRESHOLDS = {
-    "vanished_mean_abs": Threshold(0.05, "PlainNet (Oyedotun et al.): |a| < 0.05 counts as a vanished activation"),
-    "exploded_max_abs": Threshold(50.0, "PlainNet: |a| > 50 counts as an exploded activation"),
+    "vanished_mean_abs": Threshold(VANISHED_BELOW, f"PlainNet (Oyedotun et al.): |a| < {VANISHED_BELOW:g} counts as a "
+                                                  "vanished activation"),
+    "exploded_max_abs": Threshold(EXPLODED_ABOVE, f"PlainNet: |a| > {EXPLODED_ABOVE:g} counts as an exploded "
+                                                  "activation"),
     "dead_share": Threshold(DEAD_SHARE, "a dead layer: more than half its units never fire on a batch"),
     "collapsed_share": Threshold(0.5, "PlainNet's singular representations, by degree: a layer has collapsed when "
                                       "at least half of its representation's singular values are near zero (one "

@@ -13,7 +13,7 @@ from .datamodules import DATASETS, get_dataset
 from .errors import ConfigError
 from .loggers import check_loggers
 from .presets import RECIPES, get_preset
-from .registry import get_family
+from .registry import families_taking, get_family
 from .schema import DEFAULTS, OPTIONS, RunConfig, flag, from_dict
 
 MAX_NAME_BYTES = 200
@@ -56,9 +56,10 @@ def check(values: dict, explicit: dict) -> None:
         raise ConfigError("--nesterov needs --optimizer sgd and a positive --momentum")
     if values.get("schedule") == "multistep" and not values.get("milestones"):
         raise ConfigError("--schedule multistep needs --milestones (e.g. 82,125, or 0.5,0.75 as shares of --epochs)")
-    for name, o in OPTIONS.items():
-        if o.families and values["model"] not in o.families and explicit.get(name) is not None:
-            raise ConfigError(f"{flag(name)} applies to --model {' or '.join(o.families)} only, got --model "
+    for name in OPTIONS:
+        families = families_taking(name)
+        if families and values["model"] not in families and explicit.get(name) is not None:
+            raise ConfigError(f"{flag(name)} applies to --model {' or '.join(families)} only, got --model "
                               f"{values['model']}")
     if values.get("max_norm_classifier") and not values.get("max_norm"):
         raise ConfigError("--max-norm-classifier needs --max-norm")

@@ -17,25 +17,17 @@ from .schema import ALPHA_MODES, DEFAULTS
 class PlainNetModule(ImageClassifier):
     """PlainNet; the proposed recipe's max-norm 3 comes in as MaxNormConstraint (``max_norm=3``)."""
 
-    family = "plain"
-
 
 class ResNetModule(ImageClassifier):
     """Pre-activation ResNet baseline."""
-
-    family = "resnet"
 
 
 class ResNeXtModule(ImageClassifier):
     """ResNeXt baseline (grouped bottleneck convolutions)."""
 
-    family = "resnext"
-
 
 class HighwayModule(ImageClassifier):
     """Highway network baseline."""
-
-    family = "highway"
 
 
 class VANModule(ImageClassifier):
@@ -45,8 +37,6 @@ class VANModule(ImageClassifier):
     networks; see ``AlphaScheduler``). ``phase_out`` is when the skips must be gone: a share of training
     (< 1) or an epoch (default 120/165, the paper's Fig. 2). ``alpha_mode="off"`` adds no scheduler.
     """
-
-    family = "van"
 
     def __init__(self, *args, alpha_mode: str = DEFAULTS["alpha_mode"], lambda_lr_ratio: float | None = None,
                  phase_out: float | None = None, **kwargs):
@@ -66,8 +56,6 @@ class VANModule(ImageClassifier):
 
 class DiracNetModule(ImageClassifier):
     """DiracNet: logs the mean of ``a`` and ``b`` per Dirac layer every epoch (the paper's Fig. 2)."""
-
-    family = "dirac"
 
     def on_train_epoch_end(self):
         super().on_train_epoch_end()

@@ -12,6 +12,9 @@ from .errors import ConfigError
 ACTIVATIONS = ("relu", "lrelu", "prelu")
 NORMS = ("bn", "none")
 INITS = ("he-uniform", "he-normal", "glorot-uniform", "orthogonal", "default")
+# The builders' defaults, said once (a family that differs, such as PlainNet's He-uniform init, says so itself)
+ACTIVATION, NORM, INIT = "relu", "bn", "he-normal"
+NEGATIVE_SLOPE = 0.3  # LeakyReLU's slope (PReLU's initial one): the PlainNet paper's
 
 
 def check_choice(what: str, value: str, choices) -> str:
@@ -20,7 +23,8 @@ def check_choice(what: str, value: str, choices) -> str:
     return value
 
 
-def make_activation(name: str = "relu", negative_slope: float = 0.3, num_parameters: int = 1) -> nn.Module:
+def make_activation(name: str = ACTIVATION, negative_slope: float = NEGATIVE_SLOPE,
+                    num_parameters: int = 1) -> nn.Module:
     """A fresh activation module (never shared, so hooks on it identify one layer)."""
     check_choice("activation", name, ACTIVATIONS)
     if name == "relu":
@@ -70,8 +74,8 @@ def make_norm(norm: str, num_features: int, dims: int) -> nn.Module:
     return BatchNorm1d(num_features) if dims == 1 else BatchNorm2d(num_features)
 
 
-def init_weights(model: nn.Module, scheme: str = "he-uniform", activation: str = "relu",
-                 negative_slope: float = 0.3) -> nn.Module:
+def init_weights(model: nn.Module, scheme: str = "he-uniform", activation: str = ACTIVATION,
+                 negative_slope: float = NEGATIVE_SLOPE) -> nn.Module:
     """Initialise every Linear/Conv weight of ``model`` and zero their biases.
 
     He initialisation uses the gain of the activation actually used (LeakyReLU's slope

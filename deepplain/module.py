@@ -11,8 +11,14 @@ from .callbacks import MaxNormConstraint
 from .errors import ConfigError
 from .layers import count_parameters
 from .optim import make_optimizer, make_scheduler
-from .registry import build_model
+from .presets import RECIPES
+from .registry import build_model, family_naming, get_family
 from .schema import DEFAULTS
+
+# Without a dataset, an ImageClassifier is an MLP on MNIST-sized inputs trained by the MLP recipe
+ARCH = "mlp"
+RECIPE = RECIPES[ARCH]
+DEPTH = get_family(DEFAULTS["model"]).form(ARCH).default_depth
 from .status import METRIC_TAGS, STEP_LOSS_TAG
 
 
@@ -27,10 +33,19 @@ class ImageClassifier(L.LightningModule):
     ``on_{train,validation,test}_epoch_end``, so a subclass that overrides one of those calls ``super()``.
     """
 
-    def __init__(self, model: str = DEFAULTS["model"], depth: int = 10, arch: str = "mlp", input_shape=(1, 28, 28),
+    family: str | None = None  # a family's own module takes only that family's models (set from its record)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        named = family_naming(f"{cls.__module__}:{cls.__qualname__}")  # the record that names this class
+        if named is not None:
+            cls.family = named
+
+    def __init__(self, model: str = DEFAULTS["model"], depth: int = DEPTH, arch: str = ARCH, input_shape=(1, 28, 28),
                  num_classes: int = 10, model_options: dict | None = None, optimizer: str = DEFAULTS["optimizer"],
-                 lr: float = 0.1, momentum: float = DEFAULTS["momentum"], nesterov: bool = DEFAULTS["nesterov"],
-                 weight_decay: float = 0.0, schedule: str = "none", milestones=(0.5, 0.75),
+                 lr: float = RECIPE["lr"], momentum: float = DEFAULTS["momentum"], nesterov: bool = DEFAULTS["nesterov"],
+                 weight_decay: float = RECIPE["weight_decay"], schedule: str = RECIPE["schedule"],
+                 milestones=tuple(RECIPE["milestones"]),
                  gamma: float = DEFAULTS["gamma"], max_norm: float | None = DEFAULTS["max_norm"],
                  max_norm_classifier: bool = DEFAULTS["max_norm_classifier"],
                  channels_last: bool = DEFAULTS["channels_last"], compile: bool = DEFAULTS["compile"],

@@ -6,6 +6,7 @@ A model file declares its family once with :func:`define_family` and registers e
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -105,6 +106,18 @@ class Family:
         path, name = self.module.split(":")
         return getattr(importlib.import_module(path), name)
 
+    def module_options(self) -> list[str]:
+        """The options the family's LightningModule adds to the common ones: its own ``__init__``'s keywords."""
+        init = vars(self.module_class()).get("__init__")
+        if init is None:
+            return []
+        return [p.name for p in inspect.signature(init).parameters.values()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self"]
+
+    def takes(self, option: str) -> bool:
+        """Whether a form's builder or the family's own LightningModule takes ``option``."""
+        return any(option in form.options() for form in self.forms.values()) or option in self.module_options()
+
 
 _FAMILIES: dict[str, Family] = {}
 
@@ -164,6 +177,21 @@ def build_model(name: str, depth: int, *, arch: str = "mlp", input_shape=(1, 28,
         raise ConfigError(f"width must be a positive integer, got {width!r}")
     form.check_depth(f"{name} {arch}", depth, options)
     return form.builder(depth, input_shape=tuple(input_shape), num_classes=num_classes, **options)
+
+
+def family_naming(module_path: str) -> Optional[str]:
+    """The family whose record names the LightningModule ``module_path`` (``package.module:Class``), if any."""
+    _ensure_loaded()
+    return next((f.name for f in _FAMILIES.values() if f.module == module_path), None)
+
+
+@functools.lru_cache(maxsize=None)
+def families_taking(option: str) -> Optional[tuple]:
+    """The families that take ``option`` (the one rule for which options apply to which family, read from the
+    family records); None for an option of every family (``lr``, ``width``, or one only some forms take)."""
+    _ensure_loaded()
+    takers = tuple(name for name, family in sorted(_FAMILIES.items()) if family.takes(option))
+    return takers if takers and len(takers) < len(_FAMILIES) else None
 
 
 def describe_depth_rules() -> str:

@@ -1,5 +1,6 @@
-"""The one description of a run: every option's type, default, valid values, help text, the
-families it applies to, where its value goes and whether ``--resume`` may change it.
+"""The one description of a run: every option's type, default, valid values, help text, where its
+value goes and whether ``--resume`` may change it (which families take it is theirs to say:
+``registry.families_taking``).
 
 ``RunConfig`` is that description as a frozen dataclass; everything else is derived from it:
 the command line (``cli.build_parser``), config files and ``--print-config``, the value checks
@@ -16,24 +17,33 @@ from typing import Any, Callable, Optional, Sequence
 
 from .callbacks import DIAGNOSTICS
 from .callbacks.alpha import MODES as SCHEDULER_MODES
-from .callbacks.alpha import PAPER_LAMBDA_LR_RATIO
+from .callbacks.alpha import PAPER_LAMBDA_LR_RATIO, PAPER_PHASE_OUT
+from .callbacks.sampling import NUM_SAMPLES
+from .callbacks.verdict_step import VERDICT_MAX_STEP, VERDICT_MIN_STEP, VERDICT_SHARE
 from .datamodules import DATASETS
 from .datamodules.splits import MAX_VAL_SPLIT
-from .layers import ACTIVATIONS, INITS, NORMS
+from .layers import ACTIVATIONS, INITS, NEGATIVE_SLOPE, NORMS
 from .loggers import LOGGERS
 from .models.dirac import DIRAC_LAYOUTS
 from .models.plain import CONV_LAYOUTS
 from .models.resnet import LAYOUTS as RESNET_LAYOUTS
 from .models.resnet import BLOCKS
 from .optim import OPTIMIZERS, SCHEDULES
-from .presets import PRESETS
-from .registry import describe_depth_rules, get_family, model_names
+from .presets import PRESETS, RECIPES
+from .registry import describe_depth_rules, families_taking, get_family, model_names
 from .rundir import LAST_IN_RUN
 
 FORMS = tuple(sorted({arch for name in model_names() for arch in get_family(name).forms}, reverse=True))  # mlp, conv
 ALPHA_MODES = SCHEDULER_MODES + ("off",)  # "off": a VAN without a scheduler (alpha stays a free parameter)
 MAX_SEED = 2 ** 32 - 1
 MAX_IMAGE_SIZE = 1024
+RUN_NAME = "{model}-{arch}-{depth}-{dataset}"  # a run's folder name when --name is not given
+RESIZABLE = {name: d.image_size for name, d in DATASETS.items() if d.image_size is not None}  # dataset -> default side
+
+
+def builder_default(family: str, arch: str, option: str):
+    """A model option's default: the builder's own (``Form.defaults``), never restated."""
+    return get_family(family).form(arch).defaults()[option]
 
 # Where an option's value goes (``options_for``).
 MODEL, MODULE, DATAMODULE, TRAINER, RUN = "model", "module", "datamodule", "trainer", "run"
@@ -124,7 +134,6 @@ class Option:
     parse: Optional[Callable] = None        # argparse ``type``
     choices: Optional[Sequence] = None
     valid: Any = None                       # an object with ``error(flag, value) -> message or None``
-    families: Optional[tuple] = None        # None: every family
     resumable: bool = False                 # ``--resume`` may change it
     switch: Optional[str] = None            # "on": --flag sets True; "off": --flag sets False
     flags: tuple = ()                       # command-line spellings (default ``--name-with-dashes``)
@@ -145,7 +154,7 @@ class RunConfig:
     preset: Optional[str] = option(None, "load a named recipe (listed below)", group="configuration",
                                    choices=tuple(PRESETS), metavar="NAME")
     # model
-    model: str = option("plain", "model family (default plain)", group="model", goes_to=MODULE,
+    model: str = option("plain", "model family", group="model", goes_to=MODULE,
                         choices=tuple(model_names()))
     depth: Optional[int] = option(None, "default: the family's; any depth for MLPs, else "
                                   + describe_depth_rules(),
@@ -158,7 +167,7 @@ class RunConfig:
                                  goes_to=MODULE, choices=FORMS)
     activation: Optional[str] = option(None, "plain family; resnet conv layout coursework", group="model",
                                        goes_to=MODEL, choices=ACTIVATIONS)
-    negative_slope: Optional[float] = option(None, "LeakyReLU slope / PReLU initial slope (default 0.3)",
+    negative_slope: Optional[float] = option(None, f"LeakyReLU slope / PReLU initial slope (default {NEGATIVE_SLOPE:g})",
                                              group="model", goes_to=MODEL, parse=float,
                                              valid=Range("in [0, 1)", 0, 1, high_open=True))
     norm: Optional[str] = option(None, group="model", goes_to=MODEL, choices=NORMS)
@@ -169,32 +178,35 @@ class RunConfig:
                                    choices=tuple(sorted(set(CONV_LAYOUTS) | set(RESNET_LAYOUTS) | set(DIRAC_LAYOUTS))))
     block: Optional[str] = option(None, "resnet conv block (default: by depth, see README)", group="model",
                                   goes_to=MODEL, choices=BLOCKS)
-    cardinality: Optional[int] = option(None, "resnext: groups of each 3x3 conv (default 8)", group="model",
-                                        goes_to=MODEL, parse=int, valid=POSITIVE_INT, families=("resnext",))
-    bottleneck_width: Optional[int] = option(None, "resnext: channels per group at the first stage (default 64)",
-                                             group="model", goes_to=MODEL, parse=int, valid=POSITIVE_INT,
-                                             families=("resnext",))
-    gate_bias: Optional[float] = option(None, "highway transform-gate bias init (default -2)", group="model",
+    cardinality: Optional[int] = option(None, "resnext: groups of each 3x3 conv (default "
+                                        f"{builder_default('resnext', 'conv', 'cardinality')})", group="model",
+                                        goes_to=MODEL, parse=int, valid=POSITIVE_INT)
+    bottleneck_width: Optional[int] = option(None, "resnext: channels per group at the first stage (default "
+                                             f"{builder_default('resnext', 'conv', 'bottleneck_width')})",
+                                             group="model", goes_to=MODEL, parse=int, valid=POSITIVE_INT)
+    gate_bias: Optional[float] = option(None, "highway transform-gate bias init (default "
+                                        f"{builder_default('highway', 'mlp', 'gate_bias'):g})", group="model",
                                         goes_to=MODEL, parse=float, valid=Range("a finite number"))
     max_norm: Optional[float] = option(None, "add MaxNormConstraint with this bound (PlainNet: 3)", group="model",
                                        goes_to=MODULE, parse=float,
                                        valid=Range("a positive finite number", 0, low_open=True))
-    max_norm_classifier: bool = option(False, "constrain the classifier too (default: not)", group="model",
+    max_norm_classifier: bool = option(False, "constrain the classifier too", group="model",
                                        goes_to=MODULE, switch="on")
     # VAN
-    alpha_mode: str = option("lagrangian", "default lagrangian (calibrated eq. 7-8)", group="van", goes_to=MODULE,
-                             choices=ALPHA_MODES, families=("van",))
+    alpha_mode: str = option("lagrangian", "how alpha is driven to 1 (lagrangian: the paper's eq. 7-8, calibrated)",
+                             group="van", goes_to=MODULE,
+                             choices=ALPHA_MODES)
     lambda_lr_ratio: Optional[float] = option(None, f"eta'/eta (default {PAPER_LAMBDA_LR_RATIO['mlp']:g} for MLPs, "
                                                     f"{PAPER_LAMBDA_LR_RATIO['conv']:g} for conv)", group="van",
-                                              goes_to=MODULE, parse=float, families=("van",),
+                                              goes_to=MODULE, parse=float,
                                               valid=Range("a finite number >= 0", 0))
     phase_out: Optional[float] = option(None, "when the skips must be gone: a share of training (< 1) or an epoch "
-                                              "(default 120/165)", group="van", goes_to=MODULE, parse=float,
-                                        families=("van",), flags=("--phase-out", "--phase-out-epochs"),
+                                              f"(default {PAPER_PHASE_OUT[0]}/{PAPER_PHASE_OUT[1]})", group="van", goes_to=MODULE, parse=float,
+                                        flags=("--phase-out", "--phase-out-epochs"),
                                         valid=Range("a share of training in (0, 1) or an epoch >= 1", 0,
                                                     low_open=True))
     # data
-    dataset: str = option("cifar10", "default cifar10", group="data", choices=tuple(DATASETS))
+    dataset: str = option("cifar10", "the dataset", group="data", choices=tuple(DATASETS))
     data_dir: Optional[str] = option(None, "data root, searched alone (default: $DEEPPLAIN_DATA, then ./data)",
                                      group="data", goes_to=DATAMODULE, resumable=True)
     download: bool = option(False, "download the dataset with torchvision if missing", group="data",
@@ -206,7 +218,8 @@ class RunConfig:
     verify_checksums: bool = option(True, "do not check files against published checksums and split sizes "
                                           "(re-packed or custom files)", group="data", goes_to=DATAMODULE,
                                     switch="off", flags=("--skip-checksums",), resumable=True)
-    image_size: Optional[int] = option(None, "COIL-20 / imagefolder image side (default 32 / 224)", group="data",
+    image_size: Optional[int] = option(None, "image side of " + " / ".join(RESIZABLE) + " (default "
+                                       + " / ".join(map(str, RESIZABLE.values())) + ")", group="data",
                                        goes_to=DATAMODULE, parse=int,
                                        valid=Range(f"an integer in [4, {MAX_IMAGE_SIZE}]", 4, MAX_IMAGE_SIZE,
                                                    integer=True))
@@ -229,9 +242,9 @@ class RunConfig:
     schedule: Optional[str] = option(None, group="optimisation", goes_to=MODULE, choices=SCHEDULES)
     milestones: Optional[list] = option(None, "comma-separated; values < 1 are fractions of --epochs",
                                         group="optimisation", goes_to=MODULE, parse=parse_numbers, valid=Milestones())
-    gamma: float = option(0.1, "multistep decay factor (default 0.1)", group="optimisation", goes_to=MODULE,
+    gamma: float = option(0.1, "multistep decay factor", group="optimisation", goes_to=MODULE,
                           parse=float, valid=Range("in (0, 1] (the multistep decay factor)", 0, 1, low_open=True))
-    label_smoothing: float = option(0.0, "cross-entropy label smoothing (default 0)", group="optimisation",
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", group="optimisation",
                                     goes_to=MODULE, parse=float, valid=Range("in [0, 1)", 0, 1, high_open=True))
     accumulate_grad_batches: int = option(1, group="optimisation", goes_to=TRAINER, parse=int, valid=POSITIVE_INT)
     # hardware
@@ -243,7 +256,7 @@ class RunConfig:
     strategy: str = option("auto", "auto | ddp | ddp_spawn | fsdp | ...", group="hardware", goes_to=TRAINER,
                            resumable=True)
     num_nodes: int = option(1, group="hardware", goes_to=TRAINER, parse=int, valid=POSITIVE_INT, resumable=True)
-    dist_timeout: int = option(1800, "seconds a DDP collective or rendezvous may wait (default 1800)",
+    dist_timeout: int = option(1800, "seconds a DDP collective or rendezvous may wait",
                                group="hardware", parse=int,
                                valid=Range("a number of seconds in [10, 86400]", 10, 24 * 3600, integer=True),
                                resumable=True)
@@ -253,21 +266,23 @@ class RunConfig:
     # run
     seed: int = option(0, group="run", goes_to=DATAMODULE, parse=int,
                        valid=Range(f"an integer in [0, {MAX_SEED}]", 0, MAX_SEED, integer=True))
-    logdir: str = option("runs", "default runs")
-    name: Optional[str] = option(None, "default <model>-<arch>-<depth>-<dataset>")
+    logdir: str = option("runs", "where run folders go")
+    name: Optional[str] = option(None, "the run's folder name (default " + RUN_NAME.replace("{", "<").replace("}", ">")
+                                 + ")")
     fast_dev_run: bool = option(False, "one batch of train/val/test, nothing logged", goes_to=TRAINER, switch="on")
     limit_train_batches: Any = option(None, goes_to=TRAINER, parse=parse_count_or_fraction, valid=CountOrFraction(),
                                       resumable=True)
     limit_val_batches: Any = option(None, goes_to=TRAINER, parse=parse_count_or_fraction, valid=CountOrFraction(),
                                     resumable=True)
     resume: Optional[str] = option(None, f"<run>/{LAST_IN_RUN}: continue that run", resumable=True)
-    diagnostics: str = option("all", f"all | none | comma list of {','.join(DIAGNOSTICS)} (default all)")
+    diagnostics: str = option("all", f"all | none | comma list of {','.join(DIAGNOSTICS)}")
     stop_if_fails: bool = option(False, "end the run at the early verdict step when the verdict is fails (status "
                                         "stopped-early, exit 5; needs the verdict diagnostic)", switch="on")
-    verdict_step: Optional[int] = option(None, "the early verdict's step (default: 2%% of the planned steps, 50 to 300)",
+    verdict_step: Optional[int] = option(None, f"the early verdict's step (default: {VERDICT_SHARE:.0%} of the planned "
+                                               f"steps, {VERDICT_MIN_STEP} to {VERDICT_MAX_STEP})",
                                          parse=int, valid=POSITIVE_INT)
-    diag_every: Optional[int] = option(None, "sampling interval in steps for every diagnostic (default: about 20 "
-                                             "samples spread over the run)", parse=int, valid=POSITIVE_INT,
+    diag_every: Optional[int] = option(None, "sampling interval in steps for every diagnostic (default: about "
+                                             f"{NUM_SAMPLES} samples spread over the run)", parse=int, valid=POSITIVE_INT,
                                        resumable=True)
     logger: Optional[str] = option(None, f"loggers besides TensorBoard (always written): a comma list of "
                                          f"{', '.join(LOGGERS)}", metavar="NAMES", resumable=True)
@@ -288,12 +303,12 @@ class RunConfig:
 
     def applies(self, name: str) -> bool:
         """Whether option ``name`` applies to this run's family."""
-        families = OPTIONS[name].families
+        families = families_taking(name)
         return families is None or self.model in families
 
     @property
     def default_name(self) -> str:
-        return self.name or f"{self.model}-{self.arch}-{self.depth}-{self.dataset}"
+        return self.name or RUN_NAME.format(model=self.model, arch=self.arch, depth=self.depth, dataset=self.dataset)
 
 
 OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(RunConfig)}
@@ -347,12 +362,31 @@ def argument_groups(parser: argparse.ArgumentParser) -> dict:
     return {key: parser.add_argument_group(title) for key, title in GROUPS.items()}
 
 
+def shown(value) -> str:
+    """A value as the command line writes it (a list comma-joined, a float in its short form)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(shown, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def help_text(name: str) -> str:
+    """The option's help, with its default from the field (a switch's default is off, or on for a --no- flag)."""
+    o, default = OPTIONS[name], DEFAULTS[name]
+    by_recipe = {arch: recipe[name] for arch, recipe in RECIPES.items() if name in recipe and name != "arch"}
+    if default is None and by_recipe:  # the dataset's recipe (presets.RECIPES) decides
+        recipes = ", ".join(f"{shown(value)} for {arch}" for arch, value in by_recipe.items())
+        return f"{o.help} (default: the dataset's recipe, {recipes})".lstrip()
+    if default is None or o.switch:
+        return o.help
+    return f"{o.help} (default {shown(default)})" if o.help else f"default {shown(default)}"
+
+
 def add_arguments(groups: dict) -> None:
     """One command-line flag per option, each in its group."""
     for name, o in OPTIONS.items():
         if not o.on_command_line:
             continue
-        kwargs = dict(dest=name, help=o.help or None)
+        kwargs = dict(dest=name, help=help_text(name) or None)
         if o.switch:
             kwargs["action"] = "store_true" if o.switch == "on" else "store_false"
         else:
@@ -362,4 +396,6 @@ def add_arguments(groups: dict) -> None:
                 kwargs["choices"] = list(o.choices)
             if o.metavar:
                 kwargs["metavar"] = o.metavar
+        if kwargs["help"]:
+            kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse formats help with %
         groups[o.group].add_argument(*spellings(name), **kwargs)

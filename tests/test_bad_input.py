@@ -102,7 +102,8 @@ BAD = [
      "plain conv layout oyedotun-50 has depth 50, got 49"),
     (["--layout", "unet"], "argument --layout: invalid choice: 'unet'"),
     (["--block", "tee"], "argument --block: invalid choice: 'tee'"),
-    (["--model", "van", "--dataset", "usps", "--activation", "lrelu"], "van mlp does not take option(s) activation"),
+    (["--model", "van", "--dataset", "usps", "--activation", "lrelu"],
+     "--activation applies to --model plain or resnet only, got --model van"),  # the family records' one rule
     (["--gate-bias", "nan"], "--gate-bias must be a finite number, got nan"),
     (["--alpha-mode", "linear"], "--alpha-mode applies to --model van only"),
     (["--phase-out", "0.5"], "--phase-out applies to --model van only"),

@@ -1,17 +1,22 @@
 """Facts declared once and everything derived from them: train.py argument lists from option values
 (``schema.to_argv``), the sweep's variants as option mappings, the run-folder record, and the callbacks'
 overview scalars and images. No training (``pytest -m fast``)."""
+import ast
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from deepplain.callbacks import DIAGNOSTICS, AlphaScheduler, MaxNormConstraint
 from deepplain.callbacks.tags import OVERVIEW, OverviewScalar, overview_charts, overview_values
-from deepplain.cli import parse_options
+from deepplain.cli import build_parser, parse_options
+from deepplain.config import merge
 from deepplain.errors import ConfigError
+from deepplain.registry import families_taking, get_family, model_names
 from deepplain.rundir import CHECKPOINT_FOLDER, LAST_CHECKPOINT, RunFolder, SweepFolder
-from deepplain.schema import OPTIONS, flag, parse_count_or_fraction, parse_devices, parse_numbers, spellings, to_argv
+from deepplain.schema import (OPTIONS, flag, options_for, parse_count_or_fraction, parse_devices, parse_numbers, spellings,
+                              to_argv)
 from deepplain.sweep import Run, check_identities, grid, parse_variant
 
 pytestmark = pytest.mark.fast
@@ -122,3 +127,38 @@ def test_every_diagnostic_section_is_its_prefix():
     assert all(cls.prefix == name for name, cls in DIAGNOSTICS.items() if hasattr(cls, "prefix"))
     assert {c.prefix for c in DECLARING if hasattr(c, "prefix")} >= {"saturation", "condition", "grad_flow", "alpha",
                                                                        "max_norm"}
+
+
+# -- messages name real flags ------------------------------------------------------------------------------
+def test_every_flag_a_message_names_is_one_train_py_or_a_tool_declares():
+    """Messages spell flags for the user to type ("--nesterov needs --optimizer sgd"): a renamed flag must not
+    leave one behind. Scans the code's string constants (docstrings left out)."""
+    root = Path(__file__).resolve().parents[1]
+    files = [p for folder in ("deepplain", "callbacks", "datamodules") for p in (root / folder).rglob("*.py")]
+    known = {s for action in build_parser()._actions for s in action.option_strings}
+    named, declared = [], set()
+    for path in files + [root / "train.py"]:
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                      and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                declared |= {a.value for a in node.args if isinstance(a, ast.Constant)}
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                named += [(f, f"{path.relative_to(root)}:{node.lineno}")
+                          for f in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value)]
+    assert len(named) > 50  # the scan sees the messages
+    assert [(f, where) for f, where in named if f not in known | declared] == []
+
+
+# -- which options apply to which family: the family records' one rule -------------------------------------
+def test_the_families_that_take_an_option_are_read_from_their_builders_and_modules():
+    assert families_taking("cardinality") == ("resnext",) and families_taking("gate_bias") == ("highway",)
+    assert families_taking("alpha_mode") == ("van",)  # VANModule's own keyword
+    assert families_taking("lr") is None and families_taking("width") is None  # every family's
+    assert set(families_taking("activation")) == {n for n in model_names() if any(
+        "activation" in form.options() for form in get_family(n).forms.values())}
+    with pytest.raises(ConfigError, match="^--gate-bias applies to --model highway only, got --model plain$"):
+        merge({"model": "plain", "dataset": "usps", "gate_bias": 1.0})
+    assert "norm" not in options_for(merge({"model": "van", "dataset": "usps"}), "model")

@@ -1,9 +1,10 @@
 """The README's tables of flags, families, presets and datasets against the code they describe.
 
 The README's flag table is written by hand (grouped, with the why); these tests make a flag, a
-choice, a family, a preset or a dataset that the code gains or loses show up as a failure here
-instead of a README that silently drifts.
+choice, a default, a range, a family, a preset or a dataset that the code gains, loses or changes show
+up as a failure here instead of a README that silently drifts.
 """
+import math
 import re
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import pytest
 
 from datamodules import DATASETS
 from deepplain.cli import build_parser
-from deepplain.presets import PRESETS
+from deepplain.presets import PRESETS, RECIPES
 from deepplain.registry import model_names
+from deepplain.schema import DEFAULTS, OPTIONS, Range, flag, spellings
 
 pytestmark = pytest.mark.fast
 
@@ -77,3 +79,41 @@ def test_the_readme_lists_every_model_family_preset_and_dataset():
     datasets = first_cell_names([r for r in README.splitlines() if r.startswith("| `") and
                                  any("`" + d + "`" in r.split("|")[1] for d in DATASETS)])
     assert datasets == set(DATASETS), f"dataset table: missing {set(DATASETS) - datasets}"
+
+
+NUMBER = r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])"
+
+
+def row_of(name: str) -> str:
+    """The README flag-table row whose first cell names option ``name`` (any of its spellings)."""
+    for row in table_rows("--"):
+        first_cell = re.split(r"(?<!\\)\|", row)[1]  # "\|" inside a cell is not a column
+        if any(re.search(re.escape(f) + r"(?![\w-])", first_cell) for f in spellings(name)):
+            return row
+    raise AssertionError(f"no README flag-table row names {flag(name)}")
+
+
+def states(row: str, value) -> bool:
+    """Whether a README row states ``value``: a number by value (1e-4 and 0.0001 alike), a word as a word."""
+    if isinstance(value, (list, tuple)):
+        return all(states(row, v) for v in value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return any(math.isclose(float(n), value) for n in re.findall(NUMBER, row))
+    return re.search(r"(?<![\w-])" + re.escape(str(value)) + r"(?![\w-])", row) is not None
+
+
+def test_the_readme_flag_table_states_every_default_and_range_of_the_schema():
+    """Each option's default (the schema's, or each recipe's when the dataset's recipe decides) and the ends
+    of its range are written in the option's README row."""
+    missing = []
+    for name, o in OPTIONS.items():
+        if not o.on_command_line or o.switch:
+            continue
+        row = row_of(name)
+        defaults = [DEFAULTS[name]] if DEFAULTS[name] is not None else [
+            recipe[name] for recipe in RECIPES.values() if name in recipe and name != "arch"]
+        missing += [f"{flag(name)} default {d}" for d in defaults if not states(row, d)]
+        if isinstance(o.valid, Range) and o.valid.low is not None and o.valid.high is not None:
+            missing += [f"{flag(name)} range end {end:g}" for end in (o.valid.low, o.valid.high)
+                        if not states(row, end)]
+    assert missing == [], f"the README's flag table does not state: {missing}"

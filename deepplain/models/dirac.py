@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import BatchNorm1d, BatchNorm2d, check_choice, conv3x3, flat_features, fold_batchnorm, init_weights
+from ..layers import INIT, BatchNorm1d, BatchNorm2d, check_choice, conv3x3, flat_features, fold_batchnorm, init_weights
 from ..registry import DepthRule, define_family, register
 
 define_family("dirac", "Dirac-parameterised plain convs, W = diag(a) I + diag(b) W_norm; folds to plain",
@@ -152,7 +152,7 @@ def dirac_cnn(input_shape, num_classes, stem: nn.Sequential, stem_channels: int,
 
 @register("dirac", "conv", default_depth=28, depth=CIFAR_DEPTHS,
           depth_by_option={("layout", "imagenet"): (DepthRule(fixed=tuple(IMAGENET_STAGES)),)})
-def dirac_conv(depth, *, input_shape, num_classes, width=1, layout="cifar", init="he-normal"):
+def dirac_conv(depth, *, input_shape, num_classes, width=1, layout="cifar", init=INIT):
     check_choice("dirac conv layout", layout, DIRAC_LAYOUTS)
     if layout == "imagenet":
         stem = nn.Sequential(nn.Conv2d(input_shape[0], 64 * width, 7, 2, 3, bias=False), BatchNorm2d(64 * width),
@@ -165,7 +165,7 @@ def dirac_conv(depth, *, input_shape, num_classes, width=1, layout="cifar", init
 
 
 @register("dirac", "mlp", default_depth=10)
-def dirac_mlp(depth, *, input_shape, num_classes, width=50, init="he-normal"):
+def dirac_mlp(depth, *, input_shape, num_classes, width=50, init=INIT):
     stem = nn.Sequential(nn.Flatten(), nn.Linear(flat_features(input_shape), width))
     blocks = [DiracBlock(DiracLinear(width, width), width) for _ in range(depth)]
     model = DiracNet(stem, blocks, _head(width, num_classes, spatial=False))

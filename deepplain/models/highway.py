@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..layers import flat_features, init_weights, make_norm
+from ..layers import INIT, NORM, flat_features, init_weights, make_norm
 from ..registry import define_family, register
 
 define_family("highway", "gated skip connections: y = H*T + x*(1-T)", "Srivastava et al., Training Very Deep Networks",
@@ -44,7 +44,7 @@ class HighwayLayer(nn.Module):
 
 @register("highway", "mlp", default_depth=10)
 class HighwayMLP(nn.Module):
-    def __init__(self, depth, input_shape, num_classes, width=50, norm="bn", gate_bias=-2.0, init="he-normal"):
+    def __init__(self, depth, input_shape, num_classes, width=50, norm=NORM, gate_bias=-2.0, init=INIT):
         super().__init__()
         gate_bias = float(gate_bias)
         self.stem = nn.Sequential(OrderedDict(flatten=nn.Flatten(),

@@ -20,7 +20,8 @@ from collections import OrderedDict
 from torch import nn
 
 from ..errors import ConfigError
-from ..layers import check_choice, flat_features, init_weights, make_activation, make_norm
+from ..layers import (ACTIVATION, NEGATIVE_SLOPE, NORM, check_choice, flat_features, init_weights, make_activation,
+                      make_norm)
 from ..registry import DepthRule, define_family, register
 from . import coursework
 from .resnet import BASIC_DEPTHS, BOTTLENECK_DEPTHS, resnet_conv
@@ -38,6 +39,7 @@ _G1 = [(16, 3), (16, 1), (16, 3)] + [(32, 1), (16, 1), (16, 3)] * 4 + [(32, 1), 
 _G2 = [(48, 1), (64, 3), (64, 1)] + [(48, 1), (48, 3), (64, 1)] * 5 + [(80, 3)]
 _G3 = [(80, 1), (80, 3), (96, 1)] * 4 + [(96, 3), (128, 3)]
 OYEDOTUN_50 = _G1 + ["M2"] + _G2 + ["M3"] + _G3
+PLAINNET_INIT = "he-uniform"  # the PlainNet paper's init (the other families: layers.INIT)
 CONV_LAYOUTS = ("vgg", "oyedotun-50", "coursework", "resnet")
 
 
@@ -62,8 +64,8 @@ def conv_layer(in_channels: int, out_channels: int, kernel: int, norm: str, acti
 
 @register("plain", "mlp", default_depth=10)
 class PlainMLP(nn.Module):
-    def __init__(self, depth: int, input_shape, num_classes: int, width: int = 300, activation: str = "relu",
-                 negative_slope: float = 0.3, norm: str = "bn", init: str = "he-uniform"):
+    def __init__(self, depth: int, input_shape, num_classes: int, width: int = 300, activation: str = ACTIVATION,
+                 negative_slope: float = NEGATIVE_SLOPE, norm: str = NORM, init: str = PLAINNET_INIT):
         super().__init__()
         layers, in_features = [nn.Flatten()], flat_features(input_shape)
         for _ in range(depth):
@@ -80,8 +82,9 @@ class PlainMLP(nn.Module):
 class PlainConvNet(nn.Module):
     """A chain of conv layers and max-pools, then global average pool and a linear classifier."""
 
-    def __init__(self, spec, input_shape, num_classes: int, activation: str = "relu", negative_slope: float = 0.3,
-                 norm: str = "bn", init: str = "he-uniform"):
+    def __init__(self, spec, input_shape, num_classes: int, activation: str = ACTIVATION,
+                 negative_slope: float = NEGATIVE_SLOPE,
+                 norm: str = NORM, init: str = PLAINNET_INIT):
         super().__init__()
         layers, channels = [], input_shape[0]
         for item in spec:
@@ -116,8 +119,9 @@ def vgg_spec(depth: int, width: int) -> list:
           depth_by_option={("layout", "oyedotun-50"): (DepthRule(fixed=(50,)),),
                            ("layout", "coursework"): (coursework.DEPTHS,),
                            ("layout", "resnet"): (BASIC_DEPTHS, BOTTLENECK_DEPTHS)})
-def plain_conv(depth, *, input_shape, num_classes, width=1, activation="relu", negative_slope=0.3, norm="bn",
-               init="he-uniform", layout="vgg"):
+def plain_conv(depth, *, input_shape, num_classes, width=1, activation=ACTIVATION, negative_slope=NEGATIVE_SLOPE,
+               norm=NORM,
+               init=PLAINNET_INIT, layout="vgg"):
     check_choice("plain conv layout", layout, CONV_LAYOUTS)
     if layout == "coursework":
         return coursework.CourseworkVGG(depth, input_shape, num_classes, width, norm, activation, negative_slope,

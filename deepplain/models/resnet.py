@@ -11,7 +11,7 @@ is basic below 164 (ResNet-20, -56, -110) and bottleneck from 164 on (ResNet-164
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..layers import check_choice
+from ..layers import ACTIVATION, INIT, NEGATIVE_SLOPE, NORM, check_choice
 from ..registry import DepthRule, define_family, register
 from . import coursework
 from .residual import residual_cnn, residual_mlp
@@ -44,7 +44,7 @@ def _block_by_depth(depth: int, options: dict) -> dict:
 
 
 @register("resnet", "mlp", default_depth=10)
-def resnet_mlp(depth, *, input_shape, num_classes, width=50, init="he-normal"):
+def resnet_mlp(depth, *, input_shape, num_classes, width=50, init=INIT):
     return residual_mlp(depth, input_shape, num_classes, width, gated=False, init=init)
 
 
@@ -52,8 +52,8 @@ def resnet_mlp(depth, *, input_shape, num_classes, width=50, init="he-normal"):
           depth_by_option={("layout", "coursework"): (coursework.DEPTHS,),
                            ("block", "basic"): (BASIC_DEPTHS,), ("block", "bottleneck"): (BOTTLENECK_DEPTHS,)},
           pick_options=_block_by_depth)
-def resnet_conv(depth, *, input_shape, num_classes, width=1, block=None, init="he-normal", layout="preact",
-                norm="bn", activation="relu", negative_slope=0.3):
+def resnet_conv(depth, *, input_shape, num_classes, width=1, block=None, init=INIT, layout="preact",
+                norm=NORM, activation=ACTIVATION, negative_slope=NEGATIVE_SLOPE):
     check_choice("resnet conv layout", layout, LAYOUTS)
     if layout == "coursework":
         if block is not None:

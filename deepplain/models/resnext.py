@@ -12,6 +12,7 @@ grouped convolution (the parameter count is the same up to the BN layers).
 """
 from __future__ import annotations
 
+from ..layers import INIT
 from ..registry import define_family, register
 from .residual import residual_cnn
 from .resnet import BOTTLENECK_DEPTHS
@@ -22,7 +23,7 @@ define_family("resnext", "pre-activation ResNet with grouped bottleneck convs (c
 
 
 @register("resnext", "conv", default_depth=29, depth=BOTTLENECK_DEPTHS)
-def resnext_conv(depth, *, input_shape, num_classes, width=4, cardinality=8, bottleneck_width=64, init="he-normal"):
+def resnext_conv(depth, *, input_shape, num_classes, width=4, cardinality=8, bottleneck_width=64, init=INIT):
     inner = [cardinality * bottleneck_width * 2 ** stage for stage in range(3)]
     return residual_cnn(input_shape, num_classes, [16 * width, 32 * width, 64 * width], BOTTLENECK_DEPTHS.blocks(depth),
                         bottleneck=True, gated=False, init=init, inner_widths=inner, groups=cardinality)

@@ -15,6 +15,7 @@ the start of groups 2-4 (with a 1x1 projection skip, gated like the others), dep
 """
 from __future__ import annotations
 
+from ..layers import INIT
 from ..registry import DepthRule, define_family, register
 from .residual import residual_cnn, residual_mlp
 
@@ -25,12 +26,12 @@ CONV_DEPTHS = DepthRule(8, 2, examples="10, 18, 26, 34, ...; VAN-26 is n=3")  # 
 
 
 @register("van", "mlp", default_depth=10)
-def van_mlp(depth, *, input_shape, num_classes, width=50, init="he-normal"):
+def van_mlp(depth, *, input_shape, num_classes, width=50, init=INIT):
     return residual_mlp(depth, input_shape, num_classes, width, gated=True, init=init)
 
 
 @register("van", "conv", default_depth=26, depth=CONV_DEPTHS)
-def van_conv(depth, *, input_shape, num_classes, width=1, init="he-normal"):
+def van_conv(depth, *, input_shape, num_classes, width=1, init=INIT):
     n = CONV_DEPTHS.blocks(depth)
     return residual_cnn(input_shape, num_classes, [16 * width, 32 * width, 64 * width, 128 * width], n,
                         bottleneck=False, gated=True, init=init)
