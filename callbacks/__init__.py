@@ -9,6 +9,7 @@ sampling ones measured and gives an early verdict (``overview/verdict``). The sa
 blocks for looking inside a model are public in ``deepplain.callbacks.probing``.
 """
 from .alpha import AlphaScheduler
+from .arguments import check_int, check_number
 from .condition import ConditionNumberProbe
 from .grad_flow import GradientFlowMonitor
 from .linalg import condition_number, infinity_norm_condition, weight_conditions
@@ -29,4 +30,4 @@ DIAGNOSTICS = {
 
 __all__ = ["ActivationSaturationMonitor", "ConditionNumberProbe", "MaxNormConstraint", "AlphaScheduler",
            "GradientFlowMonitor", "TrainabilityVerdict", "SamplingCallback", "condition_number", "infinity_norm_condition",
-           "weight_conditions", "apply_max_norm", "DiagnosticWarning", "DIAGNOSTICS"]
+           "weight_conditions", "apply_max_norm", "DiagnosticWarning", "DIAGNOSTICS", "check_int", "check_number"]

@@ -51,19 +51,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
 
 from . import outputs
+from .arguments import check_int, check_number
 from .probing import glob_list, skip_gates
 from .publish import DepthTimeSpec, Publisher, finish_run_files
 from .records import DiagnosticsTable
-from .tags import OverviewScalar, overview_values
 from .sampling import every_percent
+from .tags import OverviewScalar, overview_values
 from .tensorboard import write_layout
 
 PAPER_PHASE_OUT = (120, 165)  # the VAN paper's Fig. 2: skips gone at about epoch 120 of 165
@@ -102,6 +107,7 @@ UPDATE_RULES = {"lagrangian": UpdateRule(calibrated=True, constrained=True),
 SCHEDULES = {"linear": AlphaSchedule(lambda p: p),
              "cosine": AlphaSchedule(lambda p: 0.5 * (1.0 - math.cos(math.pi * p)))}
 MODES = tuple(UPDATE_RULES) + tuple(SCHEDULES)
+DEFAULT_MODE = "lagrangian"  # the paper's eq. 7-8, calibrated
 
 
 def calibrated_step_sizes(target_steps: int, lambda_lr_ratio: float) -> tuple[float, float]:
@@ -181,26 +187,18 @@ class AlphaScheduler(Callback):
                         OverviewScalar("alpha_share_removed", "VAN skips: alpha residual and share removed"))
     overview_images = {"train": ("mean",)}
 
-    def __init__(self, mode: str = "lagrangian", lambda_lr_ratio: Optional[float] = None,
+    def __init__(self, mode: str = DEFAULT_MODE, lambda_lr_ratio: Optional[float] = None,
                  phase_out: Optional[float] = None,
                  alpha_lr: Optional[float] = None, include: Optional[list[str]] = None,
                  exclude: Optional[list[str]] = None, every_n_steps: Optional[int] = None,
                  per_layer_scalars: bool = False):
         if mode not in MODES:
             raise ValueError(f"AlphaScheduler mode must be one of {', '.join(MODES)}, got {mode!r}")
-        for name, value in (("lambda_lr_ratio", lambda_lr_ratio), ("phase_out", phase_out), ("alpha_lr", alpha_lr)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if lambda_lr_ratio is not None and lambda_lr_ratio < 0:
-            raise ValueError(f"lambda_lr_ratio must be >= 0, got {lambda_lr_ratio}")
-        if phase_out is not None and phase_out <= 0:
-            raise ValueError(f"phase_out must be a share of training in (0, 1) or an epoch >= 1, got {phase_out}")
-        if alpha_lr is not None and alpha_lr <= 0:
-            raise ValueError(f"alpha_lr must be positive, got {alpha_lr}")
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool)
-                                          or every_n_steps < 1):
-            raise ValueError(f"every_n_steps must be a positive integer or None, got {every_n_steps!r}")
+        check_number("lambda_lr_ratio", lambda_lr_ratio, 0, allow_none=True, what="a finite number >= 0")
+        check_number("phase_out", phase_out, 0, low_open=True, allow_none=True,
+                     what="a share of training in (0, 1) or an epoch >= 1")
+        check_number("alpha_lr", alpha_lr, 0, low_open=True, allow_none=True, what="a positive finite number")
+        check_int("every_n_steps", every_n_steps, allow_none=True)
         self.mode = mode
         self.rule, self.schedule = UPDATE_RULES.get(mode), SCHEDULES.get(mode)  # exactly one of them
         self.lambda_lr_ratio = float(lambda_lr_ratio) if lambda_lr_ratio is not None else None
@@ -223,16 +221,9 @@ class AlphaScheduler(Callback):
         self._logged_step: Optional[int] = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(include=self.include, exclude=self.exclude)
-
-    def tensorboard_layout(self) -> dict:
-        p = self.prefix
-        charts = {"alpha residual": self.residual_tag, "share of units removed": f"{p}/share_removed",
-                  "mean lambda": f"{p}/lambda$"}
-        if self.publisher.per_layer_scalars:
-            charts.update({"mean alpha per gate": f"{p}/mean/.*", "lambda per gate": f"{p}/lambda/.*"})
-        return {p: charts}
 
     @property
     def gates(self) -> list:
@@ -247,8 +238,8 @@ class AlphaScheduler(Callback):
         step = int(self._removed_at)
         return step if step >= 0 else None
 
-    # -- setup -----------------------------------------------------------------------------------------
-    def setup(self, trainer, pl_module, stage):
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._gates = skip_gates(pl_module, self.include, self.exclude)
         if not self._gates:
             raise ValueError(f"AlphaScheduler found no VAN skip gates in {type(pl_module).__name__}: it needs modules "
@@ -260,13 +251,15 @@ class AlphaScheduler(Callback):
         if self.alpha_lr is not None and self.lambda_lr is None:
             self.lambda_lr = self.lambda_lr_ratio * self.alpha_lr
 
-    def on_fit_start(self, trainer, pl_module):
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.rule is not None and not self.rule.constrained:
             with torch.no_grad():
                 for _, gate in self._gates:
                     gate.lagrange_lambda.zero_()
 
-    def on_train_start(self, trainer, pl_module):
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         write_layout(trainer, self)
         outputs.announce(trainer)  # where the run's files go, said once
         total = float(trainer.estimated_stepping_batches)
@@ -287,35 +280,15 @@ class AlphaScheduler(Callback):
             self.log_every = every_percent(trainer, 50)
         self._log(trainer)
 
-    def _target_steps(self, total: float) -> int:
-        if not math.isfinite(total):
-            raise ValueError("AlphaScheduler needs a run of known length (max_epochs or max_steps) to place phase_out")
-        if self.phase_out < 1:
-            steps = self.phase_out * total
-        elif self.steps_per_epoch is None:
-            raise ValueError(f"phase_out={self.phase_out:g} is an epoch, but the trainer has no max_epochs; give a "
-                             "share of training (< 1) instead")
-        else:
-            steps = self.phase_out * self.steps_per_epoch
-        return int(min(total, max(1, round(steps))))
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.schedule is not None:
+            self._set_scheduled(trainer.global_step)
 
-    # -- the update --------------------------------------------------------------------------------------
-    def _optimizer_lr(self, optimizer) -> float:
-        alpha_ids = {id(gate.alpha) for _, gate in self._gates}
-        for group in optimizer.param_groups:
-            if any(id(p) in alpha_ids for p in group["params"]):
-                return float(group["lr"])
-        return float(optimizer.param_groups[0]["lr"])
-
-    @staticmethod
-    def _unscale(trainer, optimizer, gate) -> float:
-        """1 / loss scale when alpha's gradient was not unscaled (16-mixed, alpha outside the optimizer)."""
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None or any(p is gate.alpha for g in optimizer.param_groups for p in g["params"]):
-            return 1.0
-        return 1.0 / float(scaler.get_scale())
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Optimizer) -> None:
         step = trainer.global_step
         if step == self._last_update_step:  # one update per optimizer step
             return
@@ -341,65 +314,62 @@ class AlphaScheduler(Callback):
         alphas = lagrangian_steps(stepped, grads, eta_alpha, eta_lambda, self.rule.constrained) if stepped else None
         self._note_removal(step + 1, alphas if len(stepped) == len(self._gates) else None)
 
-    def _enforce_constraint(self, step: int) -> None:
-        with torch.no_grad():
-            if self.closed_at_target is None:  # the first time: record what the projection changes
-                alphas = torch.cat([g.alpha.detach().flatten().float() for _, g in self._gates])
-                self.closed_at_target = {"step": step, "units": int((alphas < 1).sum()),
-                                         "residual": float((1 - alphas).pow(2).mean())}
-            for _, gate in self._gates:
-                gate.alpha.fill_(1.0)
-                gate.alpha.grad = None
-            self._note_removal(step)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.schedule is not None:
-            self._set_scheduled(trainer.global_step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
         if trainer.global_step % self.log_every == 0:
             self._log(trainer)
 
-    def on_train_epoch_end(self, trainer, pl_module):
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer)
         self.publisher.draw(trainer, trainer.global_step)  # the image grows epoch by epoch
 
-    def on_train_end(self, trainer, pl_module):
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer)
         self.draw_at_end(trainer)
         report = self.report(trainer.global_step)
         if report:
             rank_zero_info(report)
 
-    def on_exception(self, trainer, pl_module, exception):
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.draw_at_end(trainer)  # a run that diverged or was stopped gets its pictures too
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        DiagnosticsTable.close_for(trainer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "lambda_lr_ratio": self.lambda_lr_ratio, "phase_out": self.phase_out,
+                "alpha_lr": self.alpha_lr, "lambda_lr": self.lambda_lr, "target_step": self.target_step,
+                "removed_step": self.removed_step, "closed_at_target": self.closed_at_target}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("mode", self.mode) != self.mode:
+            raise ValueError(f"the checkpoint was trained with alpha mode {state_dict['mode']!r}, not {self.mode!r}")
+        # The step sizes fixed when training started are kept, so a resumed run follows the same trajectory.
+        for key in ("lambda_lr_ratio", "alpha_lr", "lambda_lr", "target_step", "closed_at_target"):
+            if state_dict.get(key) is not None:
+                setattr(self, key, state_dict[key])
+        self._removed_step_saved = state_dict.get("removed_step")
+
+    def tensorboard_layout(self) -> dict:
+        p = self.prefix
+        charts = {"alpha residual": self.residual_tag, "share of units removed": f"{p}/share_removed",
+                  "mean lambda": f"{p}/lambda$"}
+        if self.publisher.per_layer_scalars:
+            charts.update({"mean alpha per gate": f"{p}/mean/.*", "lambda per gate": f"{p}/lambda/.*"})
+        return {p: charts}
 
     def draw_at_end(self, trainer) -> None:
         """The image at the run's last step, overview.png and the uploads, however the run ended."""
         self.publisher.draw(trainer, trainer.global_step)
         finish_run_files(trainer, self)
 
-    def teardown(self, trainer, pl_module, stage):
-        DiagnosticsTable.close_for(trainer)
-
-    def _note_removal(self, step: int, alphas: Optional[torch.Tensor] = None) -> None:
-        """Record, on the device and without a host sync, the first step after which every alpha is 1
-        (``alphas``: every gate's alpha concatenated, when at hand)."""
-        if alphas is None:
-            alphas = torch.cat([gate.alpha.detach().flatten() for _, gate in self._gates])
-        closed = alphas.min() >= 1
-        self._removed_at = torch.where(closed & (self._removed_at < 0), torch.full_like(self._removed_at, step),
-                                       self._removed_at)
-
-    def _set_scheduled(self, step: int) -> None:
-        value = self.schedule.alpha(step, self.target_step or 1)
-        with torch.no_grad():
-            for _, gate in self._gates:
-                gate.alpha.fill_(value)
-        if value >= 1.0:
-            self._note_removal(step)
-
-    # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> dict:
         """``residual`` (mean over gates of mean (1 - alpha)^2), ``share_removed`` (units with
         alpha = 1), ``lambda`` (mean), ``removed_step`` (first step with every alpha = 1, or None),
@@ -419,20 +389,6 @@ class AlphaScheduler(Callback):
             out[f"mean/{name}"] = alpha
             out[f"lambda/{name}"] = lam
         return out
-
-    def _log(self, trainer):
-        """The summary scalars and overview, and each gate's mean alpha and lambda (table, image; per-gate
-        scalars if asked), once per step at most."""
-        if not self._gates or trainer.global_rank != 0 or self._logged_step == trainer.global_step:
-            return
-        self._logged_step = trainer.global_step
-        s = self.summary()
-        gates = {name: {"mean": s[f"mean/{name}"], "lambda": s[f"lambda/{name}"]} for name, _ in self._gates}
-        scalars = {self.residual_tag: s["residual"], f"{self.prefix}/share_removed": s["share_removed"],
-                   f"{self.prefix}/lambda": s["lambda"],
-                   **overview_values(self.overview_scalars, {"alpha_residual": s["residual"],
-                                                             "alpha_share_removed": s["share_removed"]})}
-        self.publisher.publish(trainer, trainer.global_step, "train", gates, extra_scalars=scalars)
 
     def report(self, step: int) -> str:
         """One line: when every skip was gone, or how far the alphas are from 1."""
@@ -456,17 +412,71 @@ class AlphaScheduler(Callback):
                 f"(max 1 - alpha = {float((1 - alphas).max()):.3g}, residual {s['residual']:.3g}): skip connections "
                 "remain, and deepplain.fold needs every alpha == 1")
 
-    # -- checkpointing ---------------------------------------------------------------------------------
-    def state_dict(self):
-        return {"mode": self.mode, "lambda_lr_ratio": self.lambda_lr_ratio, "phase_out": self.phase_out,
-                "alpha_lr": self.alpha_lr, "lambda_lr": self.lambda_lr, "target_step": self.target_step,
-                "removed_step": self.removed_step, "closed_at_target": self.closed_at_target}
+    def _target_steps(self, total: float) -> int:
+        if not math.isfinite(total):
+            raise ValueError("AlphaScheduler needs a run of known length (max_epochs or max_steps) to place phase_out")
+        if self.phase_out < 1:
+            steps = self.phase_out * total
+        elif self.steps_per_epoch is None:
+            raise ValueError(f"phase_out={self.phase_out:g} is an epoch, but the trainer has no max_epochs; give a "
+                             "share of training (< 1) instead")
+        else:
+            steps = self.phase_out * self.steps_per_epoch
+        return int(min(total, max(1, round(steps))))
 
-    def load_state_dict(self, state_dict):
-        if state_dict.get("mode", self.mode) != self.mode:
-            raise ValueError(f"the checkpoint was trained with alpha mode {state_dict['mode']!r}, not {self.mode!r}")
-        # The step sizes fixed when training started are kept, so a resumed run follows the same trajectory.
-        for key in ("lambda_lr_ratio", "alpha_lr", "lambda_lr", "target_step", "closed_at_target"):
-            if state_dict.get(key) is not None:
-                setattr(self, key, state_dict[key])
-        self._removed_step_saved = state_dict.get("removed_step")
+    def _optimizer_lr(self, optimizer) -> float:
+        alpha_ids = {id(gate.alpha) for _, gate in self._gates}
+        for group in optimizer.param_groups:
+            if any(id(p) in alpha_ids for p in group["params"]):
+                return float(group["lr"])
+        return float(optimizer.param_groups[0]["lr"])
+
+    @staticmethod
+    def _unscale(trainer, optimizer, gate) -> float:
+        """1 / loss scale when alpha's gradient was not unscaled (16-mixed, alpha outside the optimizer)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or any(p is gate.alpha for g in optimizer.param_groups for p in g["params"]):
+            return 1.0
+        return 1.0 / float(scaler.get_scale())
+
+    def _enforce_constraint(self, step: int) -> None:
+        with torch.no_grad():
+            if self.closed_at_target is None:  # the first time: record what the projection changes
+                alphas = torch.cat([g.alpha.detach().flatten().float() for _, g in self._gates])
+                self.closed_at_target = {"step": step, "units": int((alphas < 1).sum()),
+                                         "residual": float((1 - alphas).pow(2).mean())}
+            for _, gate in self._gates:
+                gate.alpha.fill_(1.0)
+                gate.alpha.grad = None
+            self._note_removal(step)
+
+    def _note_removal(self, step: int, alphas: Optional[torch.Tensor] = None) -> None:
+        """Record, on the device and without a host sync, the first step after which every alpha is 1
+        (``alphas``: every gate's alpha concatenated, when at hand)."""
+        if alphas is None:
+            alphas = torch.cat([gate.alpha.detach().flatten() for _, gate in self._gates])
+        closed = alphas.min() >= 1
+        self._removed_at = torch.where(closed & (self._removed_at < 0), torch.full_like(self._removed_at, step),
+                                       self._removed_at)
+
+    def _set_scheduled(self, step: int) -> None:
+        value = self.schedule.alpha(step, self.target_step or 1)
+        with torch.no_grad():
+            for _, gate in self._gates:
+                gate.alpha.fill_(value)
+        if value >= 1.0:
+            self._note_removal(step)
+
+    def _log(self, trainer):
+        """The summary scalars and overview, and each gate's mean alpha and lambda (table, image; per-gate
+        scalars if asked), once per step at most."""
+        if not self._gates or trainer.global_rank != 0 or self._logged_step == trainer.global_step:
+            return
+        self._logged_step = trainer.global_step
+        s = self.summary()
+        gates = {name: {"mean": s[f"mean/{name}"], "lambda": s[f"lambda/{name}"]} for name, _ in self._gates}
+        scalars = {self.residual_tag: s["residual"], f"{self.prefix}/share_removed": s["share_removed"],
+                   f"{self.prefix}/lambda": s["lambda"],
+                   **overview_values(self.overview_scalars, {"alpha_residual": s["residual"],
+                                                             "alpha_share_removed": s["share_removed"]})}
+        self.publisher.publish(trainer, trainer.global_step, "train", gates, extra_scalars=scalars)

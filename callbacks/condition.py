@@ -6,10 +6,14 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence, Union
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from typing_extensions import override
 
 from . import costs, figures
+from .arguments import check_int, check_number
 from .costs import (
     FORWARD_BACKWARD,
     MIN_ALLOWANCE,
@@ -30,11 +34,11 @@ from .linalg import (
 )
 from .messages import warn
 from .outputs import add_image
-from .probe_batch import ProbeBatch
+from .probe_batch import ProbeBatch, ProbeMode
 from .probing import LayerCapture, batch_inputs, layer_weight, weight_layers
 from .publish import DepthTimeSpec, Publisher
 from .records import ILL_CONDITIONED, SINGULAR_LOG10_KAPPA, log10_kappa
-from .sampling import MAX_OVERHEAD, NUM_SAMPLES, SamplingCallback, _positive_int, planned_steps
+from .sampling import MAX_OVERHEAD, NUM_SAMPLES, SamplingCallback, planned_steps
 from .tags import OverviewScalar, overview_values
 
 __all__ = ["ConditionNumberProbe", "condition_number", "infinity_norm_condition", "weight_conditions",
@@ -190,26 +194,18 @@ class ConditionNumberProbe(SamplingCallback):
                  layer_types: Optional[Sequence[type]] = None, probe_fn: Optional[Callable[[Any, Any], Any]] = None,
                  per_layer_scalars: bool = False, layers_per_sample: Optional[int] = 8, min_samples: int = 2,
                  full_sample_share: Optional[float] = 0.05):
-        if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int)
-                                       or probe_size < 2):
-            raise ValueError(f"probe_size must be an integer >= 2 or None (automatic), got {probe_size!r}")
+        check_int("probe_size", probe_size, low=2, allow_none=True, what="an integer >= 2 or None (automatic)")
         super().__init__(every_n_steps=every_n_steps, num_samples=num_samples,
                          use_log_every_n_steps=use_log_every_n_steps, max_overhead=max_overhead,
                          figure_every_n_samples=figure_every_n_samples, include=include, exclude=exclude,
                          probe_size=probe_size or MIN_PROBE, probe_batch=probe_batch, probe_fn=probe_fn,
                          wants_probe=True, layer_types=layer_types, per_layer_scalars=per_layer_scalars,
                          min_samples=min_samples)
-        self.layers_per_sample = _positive_int("layers_per_sample", layers_per_sample)
-        if full_sample_share is not None and (isinstance(full_sample_share, bool)
-                                              or not isinstance(full_sample_share, (int, float))
-                                              or not 0 < full_sample_share <= 1):
-            raise ValueError(f"full_sample_share must be a number in (0, 1] or None, got {full_sample_share!r}")
-        self.full_sample_share = None if full_sample_share is None else float(full_sample_share)
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
-            raise ValueError(f"max_rows must be an integer >= 2, got {max_rows!r}")
-        if isinstance(near_zero_rtol, bool) or not isinstance(near_zero_rtol, (int, float)) \
-                or not 0 < near_zero_rtol < 1:
-            raise ValueError(f"near_zero_rtol must be a number in (0, 1), got {near_zero_rtol!r}")
+        self.layers_per_sample = check_int("layers_per_sample", layers_per_sample, allow_none=True)
+        self.full_sample_share = check_number("full_sample_share", full_sample_share, 0, 1, low_open=True,
+                                              allow_none=True)
+        check_int("max_rows", max_rows, low=2)
+        check_number("near_zero_rtol", near_zero_rtol, 0, 1, low_open=True, high_open=True)
         if isinstance(weight_norms, (str, int, float)):  # one norm given alone: "inf", not ["i", "n", "f"]
             weight_norms = [weight_norms]
         weight_norms = [_norm_name(n) for n in weight_norms]
@@ -226,6 +222,87 @@ class ConditionNumberProbe(SamplingCallback):
         self._watched, self._watched_weights = [], []
         self._executor: Optional[ThreadPoolExecutor] = None
         self.reset_for_fit()
+
+    def __getstate__(self):  # a thread pool does not pickle (ddp_spawn pickles callbacks)
+        state = self.__dict__.copy()
+        state["_executor"], state["_futures"] = None, []
+        return state
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._watched = self._layers = self.watched_layers(pl_module, "hidden layers")
+        self._check_heatmap_layers()
+        self._watched_weights = self._weights = weight_layers(pl_module, self.include, self.exclude) \
+            if self.weights else []
+        if self.plan is not None:  # restored from a checkpoint: the same layers as before the resume
+            self._apply(self.plan)
+        self.setup_probe(trainer, pl_module, self._rows_needed)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Sampled before the step, so global step 0 shows the network as initialised; the last
+        # sample is the one after the final update (on_train_end).
+        if trainer.global_rank != 0:
+            return
+        self._raise_worker_error()
+        in_training = self.probe_mode is ProbeMode.TRAINING  # no forward(): measured on the training step
+        if not in_training:
+            drawn = self.probe is not None and self.probe.inputs is not None
+            if self.ensure_probe(trainer, pl_module, batch) is not None and not drawn:
+                self._check_probe_rows()
+        if self.schedule.is_last(trainer.global_step) and self.samples_taken and not in_training:
+            return
+        if not (self._layers or self._weights):  # the plan measures nothing in this run (said at setup)
+            return
+        if in_training:
+            if self._capture is None and self.decide(trainer):
+                self._start_training_capture(trainer)
+        elif self.probe is not None and self.probe.inputs is not None and self.decide(trainer):
+            self.sample(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
+        self.finish_sample(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == 0 and self.probe_mode is not ProbeMode.TRAINING and self.probe is not None \
+                and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step \
+                and (self._layers or self._weights):
+            self.sample(trainer, pl_module, final=True)
+        self.wait()
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._capture is not None:  # never leave hooks behind
+            self._capture[0].__exit__(None, None, None)
+            self._capture = None
+        self._stop_worker()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.wait()
+        self._stop_worker()
+        super().teardown(trainer, pl_module, stage)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "max_rows": self.max_rows,
+                "plan": self.plan.state_dict() if self.plan is not None else None}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.max_rows = state_dict.get("max_rows", self.max_rows)
+        if state_dict.get("plan") is not None:
+            self.plan = Plan.from_state(state_dict["plan"])
+            if self._watched:  # Lightning restores callbacks after setup: the resumed run measures what it did
+                self._apply(self.plan)
 
     def reset_for_fit(self) -> None:
         super().reset_for_fit()
@@ -269,6 +346,87 @@ class ConditionNumberProbe(SamplingCallback):
         """The first and last samples, and the first after a resume (which starts with no latest values)."""
         return super().is_full(step) or not (self._latest or self._latest_weights)
 
+    def finish_sample(self, trainer) -> None:
+        self.wait()  # a background analysis of this step's probe sample
+        if self._capture is None:
+            return
+        (capture, step, weights, mandatory, full), self._capture = self._capture, None
+        capture.__exit__(None, None, None)
+        self.record(step)
+        self._analyse(trainer, step, capture.results, weights, mandatory, 0.0, source="train", full=full)
+
+    def sample(self, trainer, pl_module, final: bool = False) -> None:
+        """Take a sample now: capture the representations and weights, then analyse and log them
+        (on the worker thread with ``background=True``; :meth:`wait` for the results)."""
+        step = trainer.global_step
+        mandatory = True if final else self._mandatory
+        full = final or self.is_full(step)
+        start = time.perf_counter()
+        with self.budget.charge(optional=not mandatory), torch.no_grad():
+            layers, stop_after = self._probe_subset(full)
+            capture = LayerCapture(layers, lambda name, out: representation_matrix(out, self.max_rows), self.unit_dims,
+                                   stop_after=stop_after)
+            matrices = self.run_probe(trainer, pl_module, capture)
+            # copies: the coming optimizer step changes the weights in place while the worker reads them
+            weights = [(n, weight_matrix(m).clone()) for n, m in self._subset(self._weights, full)]
+        if matrices is None:
+            return  # the model cannot take the probe: training-batch samples from the next step on
+        self._check_probe_reach(matrices, layers)
+        captured = time.perf_counter() - start
+        self.record(step)
+        if self.background:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ConditionNumberProbe")
+            self._futures.append(self._executor.submit(self._analyse, trainer, step, matrices, weights, mandatory,
+                                                       captured, "probe", full))
+        else:
+            self._analyse(trainer, step, matrices, weights, mandatory, captured, "probe", full)
+
+    def expected_seconds(self) -> float:
+        """An intermediate sample covers a subset of the layers: its cost is that of the last such
+        sample, or before there was one, the full sample's share for that many layers."""
+        if self._partial_seconds:
+            return self._partial_seconds[-1]
+        full = self.sample_seconds[-1] if self.sample_seconds else 0.0
+        layers = max(1, len(self._layers))
+        return full * min(layers, self.layers_per_sample or layers) / layers
+
+    def wait(self) -> None:
+        """Wait for the samples being analysed; raises the worker's error, if any."""
+        futures, self._futures = self._futures, []
+        for future in futures:
+            future.result()
+
+    def draw(self, trainer, key: str, samples: list) -> None:
+        layers = [n for n, _ in self._layers] + [n for n, _ in self._weights]
+
+        def series(stat, rows_of):  # one value per layer, NaN (a gap) where a rotating sample did not measure
+            out = {}
+            for step, payload in samples:
+                rows = rows_of(payload)
+                names = [n for n in layers if n in rows_of(samples[-1][1]) and stat in rows_of(samples[-1][1])[n]]
+                values = [rows[n][stat] if n in rows and stat in rows[n] else math.nan for n in names]
+                if any(not math.isnan(v) for v in values):
+                    out[f"step {step}" + ("" if len(rows) >= len(names) else " (measured layers)")] = values
+            return out
+        # collinearity has its depth x time image (each panel costs ~80 ms to draw)
+        panels = [(series("kappa", lambda p: p[0]), "representation kappa", True, {"ill-conditioned": ILL_CONDITIONED})]
+        for stat, label in (("weight_kappa_inf", "weight kappa (inf-norm)"), ("weight_kappa", "weight kappa (2-norm)")):
+            weights = series(stat, lambda p: p[1])
+            if weights:
+                panels.append((weights, label, True, None))
+        where = "" if key == "probe" else "train/"
+        what = "probe" if key == "probe" else "training batch"
+        last_step, (_, _, heatmaps) = samples[-1]
+        fig = figures.depth_profiles(panels, f"conditioning by depth ({what}), first, middle and last samples")
+        add_image(trainer, f"{self.prefix}/{where}profile", figures.to_image(fig), last_step)
+        for name, matrix in heatmaps.items():
+            image = figures.unit_heatmap(matrix.numpy(), f"units' responses at {name} (step {last_step})")
+            add_image(trainer, f"{self.prefix}/{where}heatmap/{name}", image, last_step)
+
+    def probe_rows(self) -> Optional[int]:
+        return self.plan.probe_size if self.plan is not None else None
+
     def _probe_subset(self, full: bool) -> tuple[list, Optional[list[str]]]:
         """The hidden layers a probe sample captures, and the names after which its forward may stop.
 
@@ -292,16 +450,6 @@ class ConditionNumberProbe(SamplingCallback):
             return layers
         k = math.ceil(len(layers) / self.layers_per_sample)
         return [item for i, item in enumerate(layers) if i % k == self._rotation % k]
-
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        self._watched = self._layers = self.watched_layers(pl_module, "hidden layers")
-        self._check_heatmap_layers()
-        self._watched_weights = self._weights = weight_layers(pl_module, self.include, self.exclude) \
-            if self.weights else []
-        if self.plan is not None:  # restored from a checkpoint: the same layers as before the resume
-            self._apply(self.plan)
-        self.setup_probe(trainer, pl_module, self._rows_needed)
 
     def _rows_needed(self, trainer, pl_module, batch) -> int:
         """The probe size, asked when the shared probe is drawn: the layers' widths come from a 2-sample probe
@@ -379,26 +527,6 @@ class ConditionNumberProbe(SamplingCallback):
                        f"{' and '.join(left) or 'nothing'}. To measure every layer: full_sample_share=0.2 or more, "
                        "max_overhead=None, or every_n_steps=N")
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        # Sampled before the step, so global step 0 shows the network as initialised; the last
-        # sample is the one after the final update (on_train_end).
-        if trainer.global_rank != 0:
-            return
-        self._raise_worker_error()
-        if self.probe_mode != "training":
-            drawn = self.probe is not None and self.probe.inputs is not None
-            if self.ensure_probe(trainer, pl_module, batch) is not None and not drawn:
-                self._check_probe_rows()
-        if self.schedule.is_last(trainer.global_step) and self.samples_taken and self.probe_mode != "training":
-            return
-        if not (self._layers or self._weights):  # the plan measures nothing in this run (said at setup)
-            return
-        if self.probe_mode == "training":
-            if self._capture is None and self.decide(trainer):
-                self._start_training_capture(trainer)
-        elif self.probe is not None and self.probe.inputs is not None and self.decide(trainer):
-            self.sample(trainer, pl_module)
-
     def _start_training_capture(self, trainer) -> None:
         """Hooks for the training step's own forward (a module without forward()); weights copied now,
         before the update."""
@@ -409,38 +537,6 @@ class ConditionNumberProbe(SamplingCallback):
             lambda name, out: representation_matrix(out, self.max_rows), optional=not self._mandatory),
             self.unit_dims)
         self._capture = (capture.__enter__(), trainer.global_step, weights, self._mandatory, full)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.finish_sample(trainer)
-
-    def finish_sample(self, trainer) -> None:
-        self.wait()  # a background analysis of this step's probe sample
-        if self._capture is None:
-            return
-        (capture, step, weights, mandatory, full), self._capture = self._capture, None
-        capture.__exit__(None, None, None)
-        self.record(step)
-        self._analyse(trainer, step, capture.results, weights, mandatory, 0.0, source="train", full=full)
-
-    def on_train_end(self, trainer, pl_module):
-        if trainer.global_rank == 0 and self.probe_mode != "training" and self.probe is not None \
-                and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step \
-                and (self._layers or self._weights):
-            self.sample(trainer, pl_module, final=True)
-        self.wait()
-        super().on_train_end(trainer, pl_module)
-
-    def on_exception(self, trainer, pl_module, exception):
-        if self._capture is not None:  # never leave hooks behind
-            self._capture[0].__exit__(None, None, None)
-            self._capture = None
-        self._stop_worker()
-        super().on_exception(trainer, pl_module, exception)
-
-    def teardown(self, trainer, pl_module, stage):
-        self.wait()
-        self._stop_worker()
-        super().teardown(trainer, pl_module, stage)
 
     def _check_probe_reach(self, matrices: dict, layers: list) -> None:
         """Said once each: a probe that reached none of the layers it should have (a ``probe_fn`` that does not
@@ -465,33 +561,6 @@ class ConditionNumberProbe(SamplingCallback):
                            f"the training data gave), fewer than the {self.probe.size} the widest layer needs for "
                            "full unit rank; the condition numbers of wider layers are infinite by construction")
 
-    def sample(self, trainer, pl_module, final: bool = False) -> None:
-        """Take a sample now: capture the representations and weights, then analyse and log them
-        (on the worker thread with ``background=True``; :meth:`wait` for the results)."""
-        step = trainer.global_step
-        mandatory = True if final else self._mandatory
-        full = final or self.is_full(step)
-        start = time.perf_counter()
-        with self.budget.charge(optional=not mandatory), torch.no_grad():
-            layers, stop_after = self._probe_subset(full)
-            capture = LayerCapture(layers, lambda name, out: representation_matrix(out, self.max_rows), self.unit_dims,
-                                   stop_after=stop_after)
-            matrices = self.run_probe(trainer, pl_module, capture)
-            # copies: the coming optimizer step changes the weights in place while the worker reads them
-            weights = [(n, weight_matrix(m).clone()) for n, m in self._subset(self._weights, full)]
-        if matrices is None:
-            return  # the model cannot take the probe: training-batch samples from the next step on
-        self._check_probe_reach(matrices, layers)
-        captured = time.perf_counter() - start
-        self.record(step)
-        if self.background:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ConditionNumberProbe")
-            self._futures.append(self._executor.submit(self._analyse, trainer, step, matrices, weights, mandatory,
-                                                       captured, "probe", full))
-        else:
-            self._analyse(trainer, step, matrices, weights, mandatory, captured, "probe", full)
-
     def _analyse(self, trainer, step: int, matrices: dict, weights: list, mandatory: bool, captured: float,
                  source: str = "probe", full: bool = True) -> None:
         """Spectra and statistics of one sample (``weights``: ``[(name, matrix)]``), published as
@@ -499,62 +568,66 @@ class ConditionNumberProbe(SamplingCallback):
         start = time.perf_counter()
         with self.budget.charge(optional=not mandatory):
             names = list(matrices)
-            estimated = [n.split("#")[0] in self._estimated for n in names]
-            stats = dict(zip(names, representation_stats_many([matrices[n] for n in names], self.near_zero_rtol,
-                                                              estimated)))
-            rows = weight_condition_stats([w for _, w in weights], self.weight_norms) if weights else []
-            weight_stats = {name: row for (name, _), row in zip(weights, rows)}
-            for row in stats.values():
-                row["log10_kappa"] = log10_kappa(row["kappa"])
-            for row in weight_stats.values():
-                row.update({f"weight_log10_{k[len('weight_'):]}": log10_kappa(v) for k, v in list(row.items())})
-            self._rotation += 0 if full else 1
-            if full and source == "probe":
-                order = [n.split("#")[0] for n in names]  # names fire in forward order; "#2": a module called twice
-                self._fire_order = order if len(set(order)) == len(order) == len(self._layers) else None
-            self._latest.update(stats)
-            self._latest_weights.update(weight_stats)
-            self.last_stats = {n: self._latest[n] for n, _ in self._layers if n in self._latest}
-            self.last_stats.update({n: row for n, row in self._latest.items() if n not in self.last_stats})  # n#2
-            self.last_weight_stats = {n: self._latest_weights[n] for n, _ in self._weights if n in self._latest_weights}
-            measured, latest = _merge(stats, weight_stats), _merge(self.last_stats, self.last_weight_stats)
-            found = self.find(self.last_stats)
-            worst = max((row["log10_kappa"] for row in self.last_stats.values()
-                         if not math.isnan(row["log10_kappa"])), default=None)
-            counts = {"layers_singular": len(found["singular"])}
-            if worst is not None:
-                counts["worst_log10_kappa"] = worst
-            overview = overview_values(self.overview_scalars, counts)
-            note = "bn_batch_statistics" if source == "probe" and self.probe is not None \
-                and self.probe.used_batch_stats else ""
-            shown = {n: {k: (math.inf if k in ("log10_kappa", "weight_log10_kappa_inf") and v == SINGULAR_LOG10_KAPPA
-                             else v) for k, v in row.items()} for n, row in latest.items()}
-            self.publisher.publish(trainer, step, source, measured, note, self.overview_tags(overview), record=shown)
-            self.findings.update(step, "probe" if source == "probe" else "training batch", found)
-            heatmaps = {name: matrices[name].detach().cpu() for name in self._heatmap_names(names)} \
-                if names and len(names) == len(self._layers) else {}
-            # a rotating sample's profile shows the layers it measured, not values held from other steps
-            kept = (self.last_stats, self.last_weight_stats) if full else (stats, weight_stats)
-            self.keep_for_figures(trainer, source, step, (dict(kept[0]), dict(kept[1]), heatmaps))
+            stats, weight_stats = self._measure(matrices, names, weights)
+            self._remember(stats, weight_stats, names, source, full)
+            self._publish_sample(trainer, step, source, stats, weight_stats)
+            self._keep_figures(trainer, step, source, matrices, names, stats, weight_stats, full)
         self.sample_seconds.append(captured + time.perf_counter() - start)
         self.maybe_refresh(trainer, step)
         if not full:
             self._partial_seconds.append(self.sample_seconds[-1])
 
-    def expected_seconds(self) -> float:
-        """An intermediate sample covers a subset of the layers: its cost is that of the last such
-        sample, or before there was one, the full sample's share for that many layers."""
-        if self._partial_seconds:
-            return self._partial_seconds[-1]
-        full = self.sample_seconds[-1] if self.sample_seconds else 0.0
-        layers = max(1, len(self._layers))
-        return full * min(layers, self.layers_per_sample or layers) / layers
+    def _measure(self, matrices: dict, names: list, weights: list) -> tuple[dict, dict]:
+        """Each representation's spectrum statistics and each weight's condition numbers, with their log10."""
+        estimated = [n.split("#")[0] in self._estimated for n in names]
+        stats = dict(zip(names, representation_stats_many([matrices[n] for n in names], self.near_zero_rtol,
+                                                          estimated)))
+        rows = weight_condition_stats([w for _, w in weights], self.weight_norms) if weights else []
+        weight_stats = {name: row for (name, _), row in zip(weights, rows)}
+        for row in stats.values():
+            row["log10_kappa"] = log10_kappa(row["kappa"])
+        for row in weight_stats.values():
+            row.update({f"weight_log10_{k[len('weight_'):]}": log10_kappa(v) for k, v in list(row.items())})
+        return stats, weight_stats
 
-    def wait(self) -> None:
-        """Wait for the samples being analysed; raises the worker's error, if any."""
-        futures, self._futures = self._futures, []
-        for future in futures:
-            future.result()
+    def _remember(self, stats: dict, weight_stats: dict, names: list, source: str, full: bool) -> None:
+        """Every layer's latest values (a rotating sample measures some layers), in the model's order."""
+        self._rotation += 0 if full else 1
+        if full and source == "probe":
+            order = [n.split("#")[0] for n in names]  # names fire in forward order; "#2": a module called twice
+            self._fire_order = order if len(set(order)) == len(order) == len(self._layers) else None
+        self._latest.update(stats)
+        self._latest_weights.update(weight_stats)
+        self.last_stats = {n: self._latest[n] for n, _ in self._layers if n in self._latest}
+        self.last_stats.update({n: row for n, row in self._latest.items() if n not in self.last_stats})  # n#2
+        self.last_weight_stats = {n: self._latest_weights[n] for n, _ in self._weights if n in self._latest_weights}
+
+    def _publish_sample(self, trainer, step: int, source: str, stats: dict, weight_stats: dict) -> None:
+        """The table (what was measured), the images (every layer's latest), the overview scalars and the findings."""
+        measured, latest = _merge(stats, weight_stats), _merge(self.last_stats, self.last_weight_stats)
+        found = self.find(self.last_stats)
+        worst = max((row["log10_kappa"] for row in self.last_stats.values()
+                     if not math.isnan(row["log10_kappa"])), default=None)
+        counts = {"layers_singular": len(found["singular"])}
+        if worst is not None:
+            counts["worst_log10_kappa"] = worst
+        overview = overview_values(self.overview_scalars, counts)
+        note = "bn_batch_statistics" if source == "probe" and self.probe is not None \
+            and self.probe.used_batch_stats else ""
+        # the images draw a singular layer as inf (black), not as the finite stand-in the scalars carry
+        shown = {n: {k: (math.inf if k in ("log10_kappa", "weight_log10_kappa_inf") and v == SINGULAR_LOG10_KAPPA
+                         else v) for k, v in row.items()} for n, row in latest.items()}
+        self.publisher.publish(trainer, step, source, measured, note, self.overview_tags(overview), record=shown)
+        self.findings.update(step, "probe" if source == "probe" else "training batch", found)
+
+    def _keep_figures(self, trainer, step: int, source: str, matrices: dict, names: list, stats: dict,
+                      weight_stats: dict, full: bool) -> None:
+        """What the end-of-run figures need from this sample: the profiles' values and the units' heat maps."""
+        heatmaps = {name: matrices[name].detach().cpu() for name in self._heatmap_names(names)} \
+            if names and len(names) == len(self._layers) else {}
+        # a rotating sample's profile shows the layers it measured, not values held from other steps
+        kept = (self.last_stats, self.last_weight_stats) if full else (stats, weight_stats)
+        self.keep_for_figures(trainer, source, step, (dict(kept[0]), dict(kept[1]), heatmaps))
 
     def _raise_worker_error(self) -> None:
         for future in self._futures:
@@ -566,38 +639,6 @@ class ConditionNumberProbe(SamplingCallback):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
-
-    def __getstate__(self):  # a thread pool does not pickle (ddp_spawn pickles callbacks)
-        state = self.__dict__.copy()
-        state["_executor"], state["_futures"] = None, []
-        return state
-
-    def draw(self, trainer, key: str, samples: list) -> None:
-        layers = [n for n, _ in self._layers] + [n for n, _ in self._weights]
-
-        def series(stat, rows_of):  # one value per layer, NaN (a gap) where a rotating sample did not measure
-            out = {}
-            for step, payload in samples:
-                rows = rows_of(payload)
-                names = [n for n in layers if n in rows_of(samples[-1][1]) and stat in rows_of(samples[-1][1])[n]]
-                values = [rows[n][stat] if n in rows and stat in rows[n] else math.nan for n in names]
-                if any(not math.isnan(v) for v in values):
-                    out[f"step {step}" + ("" if len(rows) >= len(names) else " (measured layers)")] = values
-            return out
-        # collinearity has its depth x time image (each panel costs ~80 ms to draw)
-        panels = [(series("kappa", lambda p: p[0]), "representation kappa", True, {"ill-conditioned": ILL_CONDITIONED})]
-        for stat, label in (("weight_kappa_inf", "weight kappa (inf-norm)"), ("weight_kappa", "weight kappa (2-norm)")):
-            weights = series(stat, lambda p: p[1])
-            if weights:
-                panels.append((weights, label, True, None))
-        where = "" if key == "probe" else "train/"
-        what = "probe" if key == "probe" else "training batch"
-        last_step, (_, _, heatmaps) = samples[-1]
-        fig = figures.depth_profiles(panels, f"conditioning by depth ({what}), first, middle and last samples")
-        add_image(trainer, f"{self.prefix}/{where}profile", figures.to_image(fig), last_step)
-        for name, matrix in heatmaps.items():
-            image = figures.unit_heatmap(matrix.numpy(), f"units' responses at {name} (step {last_step})")
-            add_image(trainer, f"{self.prefix}/{where}heatmap/{name}", image, last_step)
 
     def _check_heatmap_layers(self) -> None:
         """``heatmap_layers`` must name watched layers (an index into them, or a name): said at setup."""
@@ -612,18 +653,3 @@ class ConditionNumberProbe(SamplingCallback):
         if self.heatmap_layers is None:
             return sorted({names[len(names) // 2], names[-1]}, key=names.index)
         return [name for name in (_heatmap_layer(item, names) for item in self.heatmap_layers) if name is not None]
-
-    def probe_rows(self) -> Optional[int]:
-        return self.plan.probe_size if self.plan is not None else None
-
-    def state_dict(self):
-        return {**super().state_dict(), "max_rows": self.max_rows,
-                "plan": self.plan.state_dict() if self.plan is not None else None}
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self.max_rows = state_dict.get("max_rows", self.max_rows)
-        if state_dict.get("plan") is not None:
-            self.plan = Plan.from_state(state_dict["plan"])
-            if self._watched:  # Lightning restores callbacks after setup: the resumed run measures what it did
-                self._apply(self.plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -111,6 +112,25 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
     """
     data = np.asarray(data, dtype=float).reshape(len(row_labels), len(column_labels))
     measured = ~np.isnan(data) if measured is None else np.asarray(measured, dtype=bool)
+    colours = colormaps[cmap]
+    lo, hi, unit = _colour_scale(data, scale, vmin, vmax)
+    rgb, held = _cell_colours(data, measured, colours, unit)
+    legend = _legend_entries(data, measured, held, inf_label, marked, marker_label, events)
+    frame = _Frame.for_rows(data.shape[0])
+    lines = _legend_lines(legend, frame.small, frame.width - 20)
+    canvas = Image.new("RGB", (frame.width, frame.top + frame.plot_h + 52 + 24 * len(lines)), "white")
+    if data.size:
+        canvas.paste(Image.fromarray(rgb).resize((frame.plot_w, frame.plot_h), Image.NEAREST), (frame.left, frame.top))
+    draw = ImageDraw.Draw(canvas)
+    _draw_axes(draw, frame, title, row_labels, column_labels, row_title, column_title)
+    _draw_marks(draw, frame, len(column_labels), marked, events)
+    _draw_colour_bar(canvas, draw, frame, colours, lo, hi, unit, scale, colorbar_label, thresholds)
+    _draw_legend(draw, frame, lines, frame.top + frame.plot_h + 60)
+    return np.asarray(canvas)
+
+
+def _colour_scale(data: np.ndarray, scale: str, vmin: Optional[float], vmax: Optional[float]):
+    """``(lo, hi, unit)``: the colour scale's ends and the map of a value onto [0, 1] (linear or log10)."""
     finite = data[np.isfinite(data)]
     if scale == "log":
         positive = finite[finite > 0]
@@ -121,41 +141,72 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
         def unit(v):
             with np.errstate(divide="ignore", invalid="ignore"):
                 return (np.log10(np.where(v > 0, v, lo)) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
-    else:
-        lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
-        hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
-        hi = hi if hi > lo else lo + 1.0
+        return lo, hi, unit
+    lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    hi = hi if hi > lo else lo + 1.0
 
-        def unit(v):
-            return (v - lo) / (hi - lo)
-    colours = colormaps[cmap]
+    def unit(v):
+        return (v - lo) / (hi - lo)
+    return lo, hi, unit
+
+
+def _cell_colours(data: np.ndarray, measured: np.ndarray, colours, unit) -> tuple[np.ndarray, np.ndarray]:
+    """Each cell's colour (+inf black, a measured NaN magenta, a held value faded, nothing white), and which
+    cells hold a value measured at an earlier sample."""
     rgb = (colours(np.clip(np.nan_to_num(unit(data), nan=0.0), 0, 1))[..., :3] * 255).astype(np.uint8)
-    held = ~measured & np.isfinite(data)  # a value measured at an earlier sample: drawn faded
+    held = ~measured & np.isfinite(data)
     rgb[held] = (0.35 * rgb[held] + 0.65 * 255).astype(np.uint8)
     rgb[~measured & ~held] = 255
     rgb[np.isnan(data) & measured] = (230, 0, 230)
     rgb[np.isposinf(data)] = 0
+    return rgb, held
 
-    # Sized for a TensorBoard card (its image is about 330 px wide): 490 px with 16-17 px type stays
-    # legible there; rows are labelled by index (layer 0 is the one nearest the input).
-    rows, cols = data.shape
-    plot_w, plot_h = 280, int(min(420, max(150, rows * max(3, min(12, 360 // max(1, rows))))))
-    left, top, right = 58, 56, 152
-    small, normal = _font(16), _font(17)
+
+def _legend_entries(data, measured, held, inf_label: str, marked, marker_label: str, events) -> list:
+    """``(colour, label)`` of what the image shows: only the kinds of cell and mark it has."""
     legend = [((0, 0, 0), inf_label)] if np.isposinf(data).any() else []
     legend += [((230, 0, 230), "NaN")] if (np.isnan(data) & measured).any() else []
     legend += [((255, 127, 14), marker_label)] if marked and any(marked) and marker_label else []
     legend += [((31, 119, 180), label) for _, label in events or []]
     legend += [((205, 205, 205), "held: measured earlier")] if held.any() else []
     legend += [((255, 255, 255), "not measured")] if (~measured & ~held).any() else []
-    width = left + plot_w + right
-    lines = _legend_lines(legend, small, width - 20)
-    canvas = Image.new("RGB", (width, top + plot_h + 52 + 24 * len(lines)), "white")
-    if rows and cols:
-        canvas.paste(Image.fromarray(rgb).resize((plot_w, plot_h), Image.NEAREST), (left, top))
-    draw = ImageDraw.Draw(canvas)
+    return legend
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """Where the plot sits on the canvas. Sized for a TensorBoard card (its image is about 330 px wide): 490 px
+    with 16-17 px type stays legible there."""
+    plot_h: int
+    plot_w: int = 280
+    left: int = 58
+    top: int = 56
+    right: int = 152
+
+    @classmethod
+    def for_rows(cls, rows: int) -> "_Frame":
+        return cls(plot_h=int(min(420, max(150, rows * max(3, min(12, 360 // max(1, rows)))))))
+
+    @property
+    def width(self) -> int:
+        return self.left + self.plot_w + self.right
+
+    @property
+    def small(self):
+        return _font(16)
+
+    @property
+    def normal(self):
+        return _font(17)
+
+
+def _draw_axes(draw, frame: _Frame, title: str, row_labels, column_labels, row_title: str, column_title: str):
+    """The plot's frame, title, tick labels (rows by index: layer 0 is the one nearest the input) and axis titles."""
+    left, top, plot_w, plot_h, small = frame.left, frame.top, frame.plot_w, frame.plot_h, frame.small
+    rows, cols = len(row_labels), len(column_labels)
     draw.rectangle((left - 1, top - 1, left + plot_w, top + plot_h), outline="black")
-    draw.text((width // 2, 6), title, fill="black", font=normal, anchor="mt")
+    draw.text((frame.width // 2, 6), title, fill="black", font=frame.normal, anchor="mt")
     for r in _tick_positions(rows, 8):
         y = top + (r + 0.5) * plot_h / rows
         draw.line((left - 4, y, left - 1, y), fill="black")
@@ -166,6 +217,11 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
         draw.text((x, top + plot_h + 6), column_labels[c], fill="black", font=small, anchor="mt")
     draw.text((left + plot_w // 2, top + plot_h + 26), column_title, fill="black", font=small, anchor="mt")
     draw.text((6, top - 8), row_title, fill="black", font=small, anchor="ls")
+
+
+def _draw_marks(draw, frame: _Frame, cols: int, marked, events) -> None:
+    """An orange triangle above each marked column; a dashed blue line through each event's column."""
+    left, top, plot_w, plot_h = frame.left, frame.top, frame.plot_w, frame.plot_h
     for c, flag in enumerate(marked or []):
         if flag:
             x = left + (c + 0.5) * plot_w / cols
@@ -174,13 +230,18 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
         x = int(left + (c + 0.5) * plot_w / max(cols, 1))
         for y in range(top - 14, top + plot_h + 4, 8):
             draw.line((x, y, x, min(y + 4, top + plot_h + 4)), fill=(31, 119, 180), width=3)
-    # the colour bar, with its ticks and the thresholds
-    bar_x, bar_w = left + plot_w + 12, 14
+
+
+def _draw_colour_bar(canvas, draw, frame: _Frame, colours, lo: float, hi: float, unit, scale: str, label: str,
+                     thresholds: Optional[dict[str, float]]) -> None:
+    """The colour bar right of the plot, with its ticks, its label and the thresholds as red lines."""
+    top, plot_h, small = frame.top, frame.plot_h, frame.small
+    bar_x, bar_w = frame.left + frame.plot_w + 12, 14
     ramp = colours(np.linspace(1, 0, plot_h))[:, :3]
     canvas.paste(Image.fromarray((np.repeat(ramp[:, None, :], bar_w, axis=1) * 255).astype(np.uint8)),
                  (bar_x, top))
     draw.rectangle((bar_x - 1, top - 1, bar_x + bar_w, top + plot_h), outline="black")
-    draw.text((bar_x, top - 6), colorbar_label, fill="black", font=small, anchor="ls")
+    draw.text((bar_x, top - 6), label, fill="black", font=small, anchor="ls")
     for value in _bar_ticks(lo, hi, scale):
         y = top + (1 - float(unit(np.array(value)))) * (plot_h - 1)
         draw.line((bar_x + bar_w, y, bar_x + bar_w + 3, y), fill="black")
@@ -190,15 +251,17 @@ def heat_image(data: np.ndarray, row_labels: list[str], column_labels: list[str]
             y = top + (1 - float(unit(np.array(value)))) * (plot_h - 1)
             draw.line((bar_x - 4, y, bar_x + bar_w + 4, y), fill=(220, 0, 0), width=3)
             draw.text((bar_x + bar_w + 58, y), name, fill=(220, 0, 0), font=small, anchor="lm")
-    y = top + plot_h + 60
+
+
+def _draw_legend(draw, frame: _Frame, lines: list, y: int) -> None:
+    """The legend's lines of ``(colour, label)`` swatches, from height ``y`` down."""
     for line in lines:
         x = 10
         for colour, label in line:
             draw.rectangle((x, y - 6, x + 12, y + 6), fill=colour, outline="black")
-            draw.text((x + 17, y), label, fill="black", font=small, anchor="lm")
-            x += 32 + int(draw.textlength(label, font=small))
+            draw.text((x + 17, y), label, fill="black", font=frame.small, anchor="lm")
+            x += 32 + int(draw.textlength(label, font=frame.small))
         y += 24
-    return np.asarray(canvas)
 
 
 def _legend_lines(entries: list, font, width: int) -> list[list]:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+import lightning.pytorch as pl
 import torch
+from torch.optim import Optimizer
+from typing_extensions import override
 
 from . import figures
+from .outputs import add_image
 from .probing import gradient_layers, layer_gradient_tensors
 from .publish import DepthTimeSpec, Publisher
 from .sampling import MAX_OVERHEAD, MIN_SAMPLES, NUM_SAMPLES, SamplingCallback
-from .outputs import add_image
 
 
 class GradientFlowMonitor(SamplingCallback):
@@ -50,17 +53,15 @@ class GradientFlowMonitor(SamplingCallback):
                          per_layer_scalars=per_layer_scalars, min_samples=min_samples)
         self._layers = []
 
-    def make_publisher(self) -> Publisher:
-        specs = {"norm": DepthTimeSpec("gradient norm per layer", scale="log", label="||grad||")}
-        return Publisher(self.prefix, specs, {"norm": ("min", "median", "max")},
-                         per_layer_scalars=self.per_layer_scalars)
-
-    def setup(self, trainer, pl_module, stage):
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._layers = self.select_layers(pl_module, gradient_layers(pl_module, self.include, self.exclude),
                                           "Linear, Conv, recurrent, attention or embedding layer")
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Optimizer) -> None:
         if trainer.global_rank != 0 or not self.decide(trainer):
             return
         step = trainer.global_step
@@ -68,6 +69,17 @@ class GradientFlowMonitor(SamplingCallback):
             self._sample(trainer, step)
         self.record(step, cost[0])
         self.maybe_refresh(trainer, step)
+
+    def make_publisher(self) -> Publisher:
+        specs = {"norm": DepthTimeSpec("gradient norm per layer", scale="log", label="||grad||")}
+        return Publisher(self.prefix, specs, {"norm": ("min", "median", "max")},
+                         per_layer_scalars=self.per_layer_scalars)
+
+    def draw(self, trainer, key: str, samples: list) -> None:
+        norms = {f"step {step}": [v[0] for v in values] for step, values in samples}
+        fig = figures.depth_profiles([(norms, "gradient norm", True, None)],
+                                     "gradient flow by depth, first, middle and last samples")
+        add_image(trainer, f"{self.prefix}/profile", figures.to_image(fig), samples[-1][0])
 
     def _sample(self, trainer, step: int) -> None:
         names, rows = [], []
@@ -85,9 +97,3 @@ class GradientFlowMonitor(SamplingCallback):
         self.last_stats = {n: {"norm": v[0], "mean_abs": v[1]} for n, v in zip(names, values)}
         self.publish(trainer, step, "train", self.last_stats)
         self.keep_for_figures(trainer, "profile", step, values)
-
-    def draw(self, trainer, key: str, samples: list) -> None:
-        norms = {f"step {step}": [v[0] for v in values] for step, values in samples}
-        fig = figures.depth_profiles([(norms, "gradient norm", True, None)],
-                                     "gradient flow by depth, first, middle and last samples")
-        add_image(trainer, f"{self.prefix}/profile", figures.to_image(fig), samples[-1][0])

@@ -1,18 +1,21 @@
 """MaxNormConstraint: cap the norm of every unit's incoming weight vector after each optimizer step."""
 from __future__ import annotations
 
-import math
-from typing import Optional
+from typing import Any, Optional
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from typing_extensions import override
 
 from . import outputs
+from .arguments import check_int, check_number
 from .probing import glob_list, weight_layers
 from .publish import DepthTimeSpec, Publisher, finish_run_files
 from .records import DiagnosticsTable
+from .sampling import every_percent
 from .tags import OverviewScalar, overview_values
-from .sampling import _positive_int, every_percent
 from .tensorboard import write_layout
 
 
@@ -60,13 +63,10 @@ class MaxNormConstraint(Callback):
     def __init__(self, max_norm: float = 3.0, include: Optional[list[str]] = None, exclude: Optional[list[str]] = None,
                  skip_classifier: bool = False, log_every_n_steps: Optional[int] = None,
                  per_layer_scalars: bool = False):
-        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) \
-                or max_norm <= 0:
-            raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
-        self.max_norm = float(max_norm)
+        self.max_norm = check_number("max_norm", max_norm, 0, low_open=True, what="a positive finite number")
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.skip_classifier = bool(skip_classifier)
-        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
+        self.log_every_n_steps = check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         self._layers = []
         self._last_step: Optional[int] = None
         self._every = 1
@@ -75,18 +75,18 @@ class MaxNormConstraint(Callback):
                                                                           label="share")},
                                    {}, per_layer_scalars=per_layer_scalars)
 
-    def tensorboard_layout(self) -> dict:
-        charts = {"share of units rescaled": f"{self.prefix}/rescaled$"}
-        if self.publisher.per_layer_scalars:
-            charts["share rescaled per layer"] = f"{self.prefix}/rescaled/.*"
-        return {self.prefix: charts}
-
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(max_norm=self.max_norm, include=self.include, exclude=self.exclude,
                                         skip_classifier=self.skip_classifier)
 
-    def setup(self, trainer, pl_module, stage):
+    @property
+    def layer_names(self) -> list[str]:
+        return [name for name, _ in self._layers]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._layers = [(n, m) for n, m in weight_layers(pl_module, self.include, self.exclude, self.skip_classifier)
                         if not callable(getattr(m, "effective_weight", None))]
         if not self._layers:
@@ -94,17 +94,16 @@ class MaxNormConstraint(Callback):
                              f"{type(pl_module).__name__} (include={self.include}, exclude={self.exclude}, "
                              f"skip_classifier={self.skip_classifier})")
 
-    @property
-    def layer_names(self) -> list[str]:
-        return [name for name, _ in self._layers]
-
-    def on_train_start(self, trainer, pl_module):
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         write_layout(trainer, self)
         outputs.announce(trainer)  # where the run's files go, said once
         self._last_step = trainer.global_step
         self._every = self.log_every_n_steps or every_percent(trainer, trainer.log_every_n_steps)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
         if trainer.global_step == self._last_step:  # accumulating: no optimizer step happened
             return
         self._last_step = trainer.global_step
@@ -121,22 +120,33 @@ class MaxNormConstraint(Callback):
                                    extra_scalars={f"{self.prefix}/rescaled": total, **overview_values(
                                        self.overview_scalars, {"max_norm_rescaled": total})})
 
-    def on_train_epoch_end(self, trainer, pl_module):
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.publisher.draw(trainer, trainer.global_step)  # the image grows epoch by epoch
 
-    def on_train_end(self, trainer, pl_module):
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.draw_at_end(trainer)
 
-    def on_exception(self, trainer, pl_module, exception):
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.draw_at_end(trainer)  # a run that diverged or was stopped gets its pictures too
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        DiagnosticsTable.close_for(trainer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm}
+
+    def tensorboard_layout(self) -> dict:
+        charts = {"share of units rescaled": f"{self.prefix}/rescaled$"}
+        if self.publisher.per_layer_scalars:
+            charts["share rescaled per layer"] = f"{self.prefix}/rescaled/.*"
+        return {self.prefix: charts}
 
     def draw_at_end(self, trainer) -> None:
         """The image at the run's last step, overview.png and the uploads, however the run ended."""
         self.publisher.draw(trainer, trainer.global_step)
         finish_run_files(trainer, self)
-
-    def teardown(self, trainer, pl_module, stage):
-        DiagnosticsTable.close_for(trainer)
-
-    def state_dict(self):
-        return {"max_norm": self.max_norm}

@@ -27,6 +27,7 @@ import contextlib
 import copy
 import random
 import weakref
+from enum import Enum
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -39,6 +40,16 @@ from torch.utils.data import DataLoader, IterableDataset
 from .probing import _RUNNING_PROBE, LayerCapture, ProbeComplete, batch_inputs, eval_mode
 
 ProbeFn = Callable[[nn.Module, Any], Any]  # (pl_module, inputs) -> output
+
+
+class ProbeMode(str, Enum):
+    """How a diagnostic runs the probe batch through the model in this fit (``SamplingCallback.setup_probe``)."""
+    FORWARD = "forward"     # the LightningModule's forward()
+    PROBE_FN = "probe_fn"   # the user's probe_fn(pl_module, inputs)
+    TRAINING = "training"   # no forward(): layer outputs are captured during training steps instead
+
+    __str__ = str.__str__
+    __format__ = str.__format__
 
 
 @contextlib.contextmanager
@@ -179,7 +190,7 @@ class ProbeBatch:
         if self.inputs is None:
             return None
         self.size = size
-        route = {"probe_fn": "probe_fn(pl_module, inputs)"}
+        route = {ProbeMode.PROBE_FN: "probe_fn(pl_module, inputs)"}
         users = ", ".join(f"{type(cb).__name__} through "
                           f"{route.get(getattr(cb, 'probe_mode', None), f'{type(pl_module).__name__}.forward()')}"
                           for cb in self.members) or "a diagnostic"

@@ -46,13 +46,16 @@ import math
 import time
 from typing import Any, Callable, Optional, Sequence
 
+import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from . import outputs
+from .arguments import check_int, check_number
 from .layer_outputs import unit_dims
 from .messages import warn
-from .probe_batch import ProbeBatch
+from .probe_batch import ProbeBatch, ProbeMode
 from .probing import check_selection, glob_list, has_forward, hidden_layers, select_modules
 from .publish import Publisher, finish_run_files
 from .records import DiagnosticsTable, FindingsLog
@@ -65,14 +68,6 @@ MIN_SAMPLES = 10       # taken whatever the time budget
 MAX_OVERHEAD = 0.01    # share of the training time the optional samples may cost
 
 log = logging.getLogger("deepplain.callbacks")
-
-
-def _positive_int(name: str, value, allow_none: bool = True):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
-    return value
 
 
 def planned_steps(trainer) -> Optional[int]:
@@ -97,10 +92,9 @@ class SamplingSchedule:
 
     def __init__(self, every_n_steps: Optional[int] = None, num_samples: int = NUM_SAMPLES,
                  use_log_every_n_steps: bool = False, min_samples: int = MIN_SAMPLES):
-        self.every_n_steps = _positive_int("every_n_steps", every_n_steps)
-        self.num_samples = _positive_int("num_samples", num_samples, allow_none=False)
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 0:
-            raise ValueError(f"min_samples must be an integer >= 0, got {min_samples!r}")
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, allow_none=True)
+        self.num_samples = check_int("num_samples", num_samples)
+        check_int("min_samples", min_samples, low=0)
         self.min_samples = min(min_samples, self.num_samples)
         self.use_log_every_n_steps = bool(use_log_every_n_steps)
         self.total_steps: Optional[int] = None
@@ -154,9 +148,8 @@ class OverheadBudget:
     """
 
     def __init__(self, fraction: Optional[float], clock: Callable[[], float] = time.perf_counter):
-        if fraction is not None and (isinstance(fraction, bool) or not 0 < float(fraction) < 1):
-            raise ValueError(f"max_overhead must be in (0, 1) or None, got {fraction!r}")
-        self.fraction = None if fraction is None else float(fraction)
+        self.fraction = check_number("max_overhead", fraction, 0, 1, low_open=True, high_open=True, allow_none=True,
+                                     what="in (0, 1) or None")
         self.clock = clock  # seconds; a test passes its own
         self.spent, self.spent_optional, self.started = 0.0, 0.0, None
 
@@ -217,7 +210,7 @@ class SamplingCallback(Callback):
         self.schedule = SamplingSchedule(every_n_steps, num_samples, use_log_every_n_steps, min_samples)
         OverheadBudget(max_overhead)  # checked now; each fit gets its own (reset_for_fit)
         self.max_overhead = max_overhead
-        self.figure_every = _positive_int("figure_every_n_samples", figure_every_n_samples)
+        self.figure_every = check_int("figure_every_n_samples", figure_every_n_samples, allow_none=True)
         self.include, self.exclude = glob_list("include", include), glob_list("exclude", exclude)
         self.layer_types = tuple(layer_types) if layer_types else None
         self.wants_probe = bool(wants_probe or probe_batch is not None)
@@ -228,12 +221,82 @@ class SamplingCallback(Callback):
         self.unit_dims: dict = {}
         self.reset_for_fit()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_fields())
+
+    @property
+    def publisher(self) -> Publisher:
+        if self._publisher is None:  # built on first use: a subclass's settings (thresholds) exist by then
+            self._publisher = self.make_publisher()
+        return self._publisher
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.reset_for_fit()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule.start(trainer)
+        self.budget.start()
+        twins = [cb for cb in trainer.callbacks if type(cb) is type(self)]
+        if len(twins) > 1 and twins.index(self) > 0:  # a second monitor on other layers: its own tags
+            self.publisher.prefix = f"{self.prefix}#{twins.index(self) + 1}"
+            self.publisher.stems = {k: v.replace(self.prefix, self.publisher.prefix, 1)
+                                    for k, v in self.publisher.stems.items()}
+        write_layout(trainer, self)
+        outputs.announce(trainer)  # where the run's files go, said once
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.draw_at_end(trainer)
+        if trainer.global_rank == 0 and self.samples_taken:
+            shown = self.sampled_steps if len(self.sampled_steps) <= 12 else (
+                self.sampled_steps[:6] + ["..."] + self.sampled_steps[-5:])
+            log.info("%s: %d samples at steps %s; %d due points postponed by the time budget; %.2f s spent (%.2f%% of "
+                     "training; %.2f s on optional samples)", type(self).__name__, self.samples_taken,
+                     ", ".join(map(str, shown)), self.postponed, self.budget.spent,
+                     100 * self.budget.spent / max(self.budget.elapsed, 1e-9), self.budget.spent_optional)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a run that diverged or was stopped is the one most in need of its pictures
+        self.draw_at_end(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
+        DiagnosticsTable.close_for(trainer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = {"samples_taken": self.samples_taken, "last_sampled_step": self.last_sampled_step,
+                 "postponed": self.postponed, "pending": self._pending, "findings": self.findings.state_dict()}
+        if self.probe is not None:
+            state["probe"] = self.probe.state_dict(self)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.samples_taken = state_dict.get("samples_taken", 0)
+        self.last_sampled_step = state_dict.get("last_sampled_step", -1)
+        self.postponed = state_dict.get("postponed", 0)
+        self._pending = state_dict.get("pending")
+        self.findings.load_state_dict(state_dict.get("findings"))
+        probe_state = state_dict.get("probe") or {}
+        if self.probe is None and self.wants_probe and probe_state.get("inputs") is not None:
+            self.probe = ProbeBatch(0)  # loaded before setup, which hands the inputs to the run's shared probe
+        if self.probe is not None:
+            self.probe.load_state_dict(probe_state)
+
     def reset_for_fit(self) -> None:
         """Everything one fit measures, fresh: a second ``fit`` with the same callback objects samples and logs
         as the first did (a resume then restores what it continues from; subclasses add their own)."""
         self.budget = OverheadBudget(self.max_overhead)
         self.probe: Optional[ProbeBatch] = self._own_probe  # the run's shared probe once set up
-        self.probe_mode: Optional[str] = None  # "forward", "probe_fn" or "training" (see setup_probe)
+        self.probe_mode: Optional[ProbeMode] = None  # see setup_probe
         self.samples_taken = 0
         self.last_sampled_step = -1
         self.postponed = 0
@@ -250,27 +313,12 @@ class SamplingCallback(Callback):
         self._mandatory = True                # whether the sample being taken may not be postponed
         self._refused: Optional[int] = None   # the due step whose postponement was counted
 
-    def setup(self, trainer, pl_module, stage):
-        if stage == "fit":
-            self.reset_for_fit()
-
-    # -- identity and TensorBoard ------------------------------------------------------------------
     def state_key_fields(self) -> dict:
         """What tells two instances of this callback apart (their state is stored under it)."""
         return {"include": self.include, "exclude": self.exclude}
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(**self.state_key_fields())
-
     def tensorboard_layout(self) -> dict:
         return {self.prefix: self.publisher.layout()}
-
-    @property
-    def publisher(self) -> Publisher:
-        if self._publisher is None:  # built on first use: a subclass's settings (thresholds) exist by then
-            self._publisher = self.make_publisher()
-        return self._publisher
 
     def make_publisher(self) -> Publisher:
         """Where this callback's per-layer statistics go (subclasses say what they draw and summarise)."""
@@ -309,18 +357,6 @@ class SamplingCallback(Callback):
             self._refreshed_at = self.samples_taken
             with self.budget.charge():
                 self.publisher.draw(trainer, step)
-
-    # -- deciding when -------------------------------------------------------------------------------
-    def on_train_start(self, trainer, pl_module):
-        self.schedule.start(trainer)
-        self.budget.start()
-        twins = [cb for cb in trainer.callbacks if type(cb) is type(self)]
-        if len(twins) > 1 and twins.index(self) > 0:  # a second monitor on other layers: its own tags
-            self.publisher.prefix = f"{self.prefix}#{twins.index(self) + 1}"
-            self.publisher.stems = {k: v.replace(self.prefix, self.publisher.prefix, 1)
-                                    for k, v in self.publisher.stems.items()}
-        write_layout(trainer, self)
-        outputs.announce(trainer)  # where the run's files go, said once
 
     def is_full(self, step: int) -> bool:
         """The first and the last samples of a run: never postponed, never partial."""
@@ -414,19 +450,11 @@ class SamplingCallback(Callback):
         """Draw the depth profiles of the kept samples, ``[(step, payload)]`` in step order, as one
         image at the last one's step (subclasses)."""
 
-    def on_exception(self, trainer, pl_module, exception):
-        # a run that diverged or was stopped is the one most in need of its pictures
-        self.draw_at_end(trainer)
-
     def draw_at_end(self, trainer) -> None:
         """The figures this callback kept, and overview.png and the uploads (the last callback with a publisher
         does them), however the run ended."""
         self.draw_figures(trainer)
         finish_run_files(trainer, self)
-
-    def teardown(self, trainer, pl_module, stage):
-        self.draw_figures(trainer)  # a run that stopped early still gets the figures it kept
-        DiagnosticsTable.close_for(trainer)
 
     def record(self, step: int, seconds: float | None = None) -> None:
         self.samples_taken += 1
@@ -446,17 +474,6 @@ class SamplingCallback(Callback):
             yield cost
         cost.append(time.perf_counter() - start)
 
-    def on_train_end(self, trainer, pl_module):
-        self.draw_at_end(trainer)
-        if trainer.global_rank == 0 and self.samples_taken:
-            shown = self.sampled_steps if len(self.sampled_steps) <= 12 else (
-                self.sampled_steps[:6] + ["..."] + self.sampled_steps[-5:])
-            log.info("%s: %d samples at steps %s; %d due points postponed by the time budget; %.2f s spent (%.2f%% of "
-                     "training; %.2f s on optional samples)", type(self).__name__, self.samples_taken,
-                     ", ".join(map(str, shown)), self.postponed, self.budget.spent,
-                     100 * self.budget.spent / max(self.budget.elapsed, 1e-9), self.budget.spent_optional)
-
-    # -- layers and the probe batch ----------------------------------------------------------------------
     def watched_layers(self, pl_module, what: str) -> list:
         """The layers whose outputs this callback watches: of ``layer_types`` if given, else
         ``probing.hidden_layers``; checked once (see :meth:`select_layers`)."""
@@ -479,11 +496,11 @@ class SamplingCallback(Callback):
             return
         name, model = type(self).__name__, type(pl_module).__name__
         if self.probe_fn is not None:
-            self.probe_mode = "probe_fn"
+            self.probe_mode = ProbeMode.PROBE_FN
         elif has_forward(pl_module):
-            self.probe_mode = "forward"
+            self.probe_mode = ProbeMode.FORWARD
         else:
-            self.probe_mode = "training"
+            self.probe_mode = ProbeMode.TRAINING
             self.probe = None
             rank_zero_info(f"{name}: {model} has no forward(), so layer outputs are captured during the training "
                            "step's own forward at sampled steps (training-batch statistics); pass "
@@ -528,24 +545,4 @@ class SamplingCallback(Callback):
                        "(training-batch statistics). Pass probe_fn=lambda module, x: ... to say how to run the probe")
         if self.probe is not None:
             self.probe.leave(self)
-        self.probe, self.probe_mode = None, "training"
-
-    # -- checkpointing -----------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = {"samples_taken": self.samples_taken, "last_sampled_step": self.last_sampled_step,
-                 "postponed": self.postponed, "pending": self._pending, "findings": self.findings.state_dict()}
-        if self.probe is not None:
-            state["probe"] = self.probe.state_dict(self)
-        return state
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.samples_taken = state_dict.get("samples_taken", 0)
-        self.last_sampled_step = state_dict.get("last_sampled_step", -1)
-        self.postponed = state_dict.get("postponed", 0)
-        self._pending = state_dict.get("pending")
-        self.findings.load_state_dict(state_dict.get("findings"))
-        probe_state = state_dict.get("probe") or {}
-        if self.probe is None and self.wants_probe and probe_state.get("inputs") is not None:
-            self.probe = ProbeBatch(0)  # loaded before setup, which hands the inputs to the run's shared probe
-        if self.probe is not None:
-            self.probe.load_state_dict(probe_state)
+        self.probe, self.probe_mode = None, ProbeMode.TRAINING

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, Sequence
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from typing_extensions import override
 
 from . import figures
+from .arguments import check_int
 from .messages import warn
 from .outputs import add_image
 from .probing import LayerCapture
@@ -108,17 +112,79 @@ class ActivationSaturationMonitor(SamplingCallback):
                          probe_size=probe_size, probe_batch=probe_batch if probe else None,
                          probe_fn=probe_fn, wants_probe=bool(probe), layer_types=layer_types,
                          per_layer_scalars=per_layer_scalars, min_samples=min_samples)
-        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
-            raise ValueError(f"probe_size must be a positive integer, got {probe_size!r}")
+        check_int("probe_size", probe_size)
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in (low, high)) \
                 or not 0 <= float(low) < float(high) < float("inf"):
             raise ValueError(f"need 0 <= low < high, both finite numbers, got low={low!r}, high={high!r}")
         self.low, self.high = float(low), float(high)
-        if isinstance(histogram_layers, bool) or not isinstance(histogram_layers, int) or histogram_layers < 0:
-            raise ValueError(f"histogram_layers must be an integer >= 0, got {histogram_layers!r}")
+        check_int("histogram_layers", histogram_layers, low=0)
         self.histogram_layers, self.warn = histogram_layers, bool(warn)
         self._histogram_names: set[str] = set()
         self._layers = []
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._layers = self.watched_layers(pl_module, "layers to watch")
+        self.setup_probe(trainer, pl_module, self.probe_size)
+        names = [n for n, _ in self._layers]
+        count = min(self.histogram_layers, len(names))
+        self._histogram_names = {names[round(i * (len(names) - 1) / max(1, count - 1))] for i in range(count)}
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_rank == 0:
+            self.ensure_probe(trainer, pl_module, batch)
+        if self._capture is None and self.decide(trainer, collective=True):
+            step = trainer.global_step
+            reduce = self.budget.timed(self._reduce(), optional=not self._mandatory)
+            self._capture = (LayerCapture(self._layers, reduce, self.unit_dims), step)
+            self._capture[0].__enter__()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
+        self.finish_sample(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.probe is None or trainer.global_rank != 0 or trainer.state.fn != "fit":
+            return
+        step = trainer.global_step
+        if step == self.last_probe_step or self.ensure_probe(trainer, pl_module) is None:
+            return
+        final = self.schedule.total_steps is not None and step >= self.schedule.total_steps
+        expected = self.probe_seconds[-1] if self.probe_seconds else 0.0
+        if not (self.probes_taken == 0 or final or self.budget.allows(expected)):
+            self.note_postponed(trainer, "the probe", step)
+            return
+        self._probe_now(trainer, pl_module, step, final)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The final state is always probed, also when no validation ran after the last step.
+        if self.probe is not None and trainer.global_rank == 0 and self.last_probe_step != trainer.global_step \
+                and self.ensure_probe(trainer, pl_module) is not None:
+            self._probe_now(trainer, pl_module, trainer.global_step, final=True)
+        super().on_train_end(trainer, pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._capture is not None:  # never leave hooks behind
+            self._capture[0].__exit__(None, None, None)
+            self._capture = None
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "probes_taken": self.probes_taken, "last_probe_step": self.last_probe_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.probes_taken = state_dict.get("probes_taken", 0)
+        self.last_probe_step = state_dict.get("last_probe_step", -1)
 
     def reset_for_fit(self) -> None:
         super().reset_for_fit()
@@ -156,37 +222,6 @@ class ActivationSaturationMonitor(SamplingCallback):
                 "exploded": [n for n, s in stats.items() if s["max_abs"] > self.high],
                 "dead": [n for n, s in stats.items() if s["frac_dead"] > DEAD_SHARE]}
 
-    def setup(self, trainer, pl_module, stage):
-        super().setup(trainer, pl_module, stage)
-        self._layers = self.watched_layers(pl_module, "layers to watch")
-        self.setup_probe(trainer, pl_module, self.probe_size)
-        names = [n for n, _ in self._layers]
-        count = min(self.histogram_layers, len(names))
-        self._histogram_names = {names[round(i * (len(names) - 1) / max(1, count - 1))] for i in range(count)}
-
-    def _reduce(self):
-        def reduce(name, output):
-            sums, alive = activation_stats(output, self.low, self.high)
-            sample = None
-            if name in self._histogram_names:
-                flat = output.flatten()
-                sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
-            return sums, alive, sample
-        return reduce
-
-    # -- training-batch samples ------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == 0:
-            self.ensure_probe(trainer, pl_module, batch)
-        if self._capture is None and self.decide(trainer, collective=True):
-            step = trainer.global_step
-            reduce = self.budget.timed(self._reduce(), optional=not self._mandatory)
-            self._capture = (LayerCapture(self._layers, reduce, self.unit_dims), step)
-            self._capture[0].__enter__()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.finish_sample(trainer)
-
     def finish_sample(self, trainer) -> None:
         if self._capture is None:
             return
@@ -199,32 +234,31 @@ class ActivationSaturationMonitor(SamplingCallback):
         self.record(step, cost[0])
         self.maybe_refresh(trainer, step)
 
-    def on_exception(self, trainer, pl_module, exception):
-        if self._capture is not None:  # never leave hooks behind
-            self._capture[0].__exit__(None, None, None)
-            self._capture = None
-        super().on_exception(trainer, pl_module, exception)
+    def draw(self, trainer, source: str, samples: list) -> None:
+        if source == "train" and self.probes_taken:
+            return  # the probe's profile is the paper's figure; the training batches are in the depth x time images
+        def series(stat):
+            return {f"step {step}": [stats[n][stat] for n in stats] for step, (stats, _) in samples}
+        thresholds = {f"low {self.low:g}": self.low, f"high {self.high:g}": self.high}
+        # two panels: the shares have their depth x time images (each panel costs ~80 ms to draw)
+        fig = figures.depth_profiles([(series("mean_abs"), "mean |a|", True, thresholds),
+                                      (series("max_abs"), "max |a|", True, thresholds)],
+                                     f"activations by depth ({source}), first, middle and last samples")
+        add_image(trainer, f"{self.prefix}/{source}/profile", figures.to_image(fig), samples[-1][0])
+        for step, (_, histograms) in samples:  # first, middle, last: TensorBoard's Distributions has a time axis
+            for name, sample in histograms.items():
+                if sample.numel():
+                    add_histogram(trainer, f"{self.prefix}/{source}/hist/{name}", sample, step)
 
-    # -- probe samples ---------------------------------------------------------------------------------
-    def on_validation_end(self, trainer, pl_module):
-        if trainer.sanity_checking or self.probe is None or trainer.global_rank != 0 or trainer.state.fn != "fit":
-            return
-        step = trainer.global_step
-        if step == self.last_probe_step or self.ensure_probe(trainer, pl_module) is None:
-            return
-        final = self.schedule.total_steps is not None and step >= self.schedule.total_steps
-        expected = self.probe_seconds[-1] if self.probe_seconds else 0.0
-        if not (self.probes_taken == 0 or final or self.budget.allows(expected)):
-            self.note_postponed(trainer, "the probe", step)
-            return
-        self._probe_now(trainer, pl_module, step, final)
-
-    def on_train_end(self, trainer, pl_module):
-        # The final state is always probed, also when no validation ran after the last step.
-        if self.probe is not None and trainer.global_rank == 0 and self.last_probe_step != trainer.global_step \
-                and self.ensure_probe(trainer, pl_module) is not None:
-            self._probe_now(trainer, pl_module, trainer.global_step, final=True)
-        super().on_train_end(trainer, pl_module)
+    def _reduce(self):
+        def reduce(name, output):
+            sums, alive = activation_stats(output, self.low, self.high)
+            sample = None
+            if name in self._histogram_names:
+                flat = output.flatten()
+                sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+            return sums, alive, sample
+        return reduce
 
     def _probe_now(self, trainer, pl_module, step: int, final: bool):
         with self.timed_sample(mandatory=final or self.probes_taken == 0) as cost:
@@ -265,22 +299,6 @@ class ActivationSaturationMonitor(SamplingCallback):
         if self.warn:
             self._maybe_warn(trainer, step, found)
         return stats
-
-    def draw(self, trainer, source: str, samples: list) -> None:
-        if source == "train" and self.probes_taken:
-            return  # the probe's profile is the paper's figure; the training batches are in the depth x time images
-        def series(stat):
-            return {f"step {step}": [stats[n][stat] for n in stats] for step, (stats, _) in samples}
-        thresholds = {f"low {self.low:g}": self.low, f"high {self.high:g}": self.high}
-        # two panels: the shares have their depth x time images (each panel costs ~80 ms to draw)
-        fig = figures.depth_profiles([(series("mean_abs"), "mean |a|", True, thresholds),
-                                      (series("max_abs"), "max |a|", True, thresholds)],
-                                     f"activations by depth ({source}), first, middle and last samples")
-        add_image(trainer, f"{self.prefix}/{source}/profile", figures.to_image(fig), samples[-1][0])
-        for step, (_, histograms) in samples:  # first, middle, last: TensorBoard's Distributions has a time axis
-            for name, sample in histograms.items():
-                if sample.numel():
-                    add_histogram(trainer, f"{self.prefix}/{source}/hist/{name}", sample, step)
 
     def _check_against_training(self, trainer, step: int, found: dict) -> dict:
         """The probe's findings (eval mode) less what the latest training batch contradicts. In the first epoch
@@ -326,13 +344,4 @@ class ActivationSaturationMonitor(SamplingCallback):
                 message = f"activations {kind} ({rule}) in {len(layers)} layer(s) at step {step}: {shown}"
                 self.findings.say(step, f"ActivationSaturationMonitor: {message}")
                 warn(f"ActivationSaturationMonitor: {message}")
-
-    # -- checkpointing ---------------------------------------------------------------------------------
-    def state_dict(self):
-        return {**super().state_dict(), "probes_taken": self.probes_taken, "last_probe_step": self.last_probe_step}
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        self.probes_taken = state_dict.get("probes_taken", 0)
-        self.last_probe_step = state_dict.get("last_probe_step", -1)
 

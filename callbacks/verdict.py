@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
 from .outputs import log_scalars
@@ -70,18 +72,8 @@ class TrainabilityVerdict(Callback):
         self.stop_if_fails = bool(stop_if_fails)
         self.reset_for_fit()
 
-    def reset_for_fit(self) -> None:
-        self.step: Optional[int] = None
-        self.verdict: Optional[Verdict] = None
-        self.stopped = False
-        self._loss_sum: Optional[torch.Tensor] = None
-        self._loss_count = 0
-        self._pending: list[int] = []  # the early steps whose loss is not written yet
-        self._readers: list = []  # the sampling diagnostics it reads
-
-    # -- setup -----------------------------------------------------------------------------------------
     @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self.reset_for_fit()  # a resume restores its verdict after this (load_state_dict)
@@ -94,14 +86,14 @@ class TrainabilityVerdict(Callback):
         self._readers = readers
 
     @override
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.step = verdict_step(planned_steps(trainer), self.at_step)
         self._pending = [s for s in early_steps(self.step) if s >= trainer.global_step]
         DiagnosticsTable.keep_early(trainer, self.step)
 
-    # -- the loss, and the decision ----------------------------------------------------------------------
     @override
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
         if self.verdict is not None or self.step is None:
             return
         loss = step_loss(outputs)
@@ -115,12 +107,34 @@ class TrainabilityVerdict(Callback):
             self._decide(trainer)
 
     @override
-    def on_train_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.verdict is None and self.step is not None and trainer.global_step > 0:
             self.step = min(self.step, trainer.global_step - 1)  # a run shorter than planned: decide on what it has
             while self._pending and self._pending[0] <= self.step:
                 self._write_loss(trainer, self._pending.pop(0))
             self._decide(trainer, stop=False)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict.to_dict() if self.verdict is not None else None}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("verdict")
+        self.verdict = None if saved is None else Verdict(saved["word"], saved["step"], saved["reasons"],
+                                                          saved.get("signals", {}))
+
+    def reset_for_fit(self) -> None:
+        self.step: Optional[int] = None
+        self.verdict: Optional[Verdict] = None
+        self.stopped = False
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_count = 0
+        self._pending: list[int] = []  # the early steps whose loss is not written yet
+        self._readers: list = []  # the sampling diagnostics it reads
+
+    def tensorboard_layout(self) -> dict:
+        return {}
 
     def _write_loss(self, trainer, step: int) -> None:
         if self._loss_sum is None or trainer.global_rank != 0:
@@ -169,17 +183,3 @@ class TrainabilityVerdict(Callback):
             bar.print(message)  # above the progress bar (rich and tqdm keep it there)
         else:
             rank_zero_info(message)
-
-    # -- TensorBoard and checkpoints --------------------------------------------------------------------
-    def tensorboard_layout(self) -> dict:
-        return {}
-
-    @override
-    def state_dict(self) -> dict:
-        return {"verdict": self.verdict.to_dict() if self.verdict is not None else None}
-
-    @override
-    def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("verdict")
-        self.verdict = None if saved is None else Verdict(saved["word"], saved["step"], saved["reasons"],
-                                                          saved.get("signals", {}))

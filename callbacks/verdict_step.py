@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from .arguments import check_int
+
 VERDICT_SHARE = 0.02   # of the planned steps: early enough to save most of a doomed run
 VERDICT_MIN_STEP = 50  # the signals need some steps to separate (RESULTS section 12)
 VERDICT_MAX_STEP = 300  # a long run still hears within minutes
@@ -36,7 +38,6 @@ def early_steps(step: int) -> list[int]:
 
 def check_step(at_step) -> Optional[int]:
     """A verdict step given by the user: None (the rule) or an integer >= 1."""
-    if at_step is not None and (isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 1):
-        raise ValueError(f"verdict step must be a positive integer or None (2% of the planned steps, "
-                         f"{VERDICT_MIN_STEP} to {VERDICT_MAX_STEP}), got {at_step!r}")
-    return at_step
+    return check_int("verdict step", at_step, allow_none=True,
+                     what=f"a positive integer or None ({VERDICT_SHARE:.0%} of the planned steps, {VERDICT_MIN_STEP} "
+                          f"to {VERDICT_MAX_STEP})")

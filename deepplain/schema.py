@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from .callbacks import DIAGNOSTICS
+from .callbacks.alpha import DEFAULT_MODE as DEFAULT_ALPHA_MODE
 from .callbacks.alpha import MODES as SCHEDULER_MODES
 from .callbacks.alpha import PAPER_LAMBDA_LR_RATIO, PAPER_PHASE_OUT
 from .callbacks.sampling import NUM_SAMPLES
@@ -193,7 +194,7 @@ class RunConfig:
     max_norm_classifier: bool = option(False, "constrain the classifier too", group="model",
                                        goes_to=MODULE, switch="on")
     # VAN
-    alpha_mode: str = option("lagrangian", "how alpha is driven to 1 (lagrangian: the paper's eq. 7-8, calibrated)",
+    alpha_mode: str = option(DEFAULT_ALPHA_MODE, "how alpha is driven to 1 (lagrangian: the paper's eq. 7-8, calibrated)",
                              group="van", goes_to=MODULE,
                              choices=ALPHA_MODES)
     lambda_lr_ratio: Optional[float] = option(None, f"eta'/eta (default {PAPER_LAMBDA_LR_RATIO['mlp']:g} for MLPs, "

@@ -22,7 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
 
 from . import hparams_table
-from .callbacks import DIAGNOSTICS, AlphaScheduler, TrainabilityVerdict
+from .callbacks import DIAGNOSTICS, AlphaScheduler, SamplingCallback, TrainabilityVerdict
 from .checkpoints import AtomicCheckpointIO, RunCheckpoint, remove_stale_temporaries
 from .config import check_diagnostics, model_options
 from .datamodules.splits import ValidationSource
@@ -42,6 +42,8 @@ from .status import METRIC_TAGS, RunStatus, RunSummary
 # The share of training time each diagnostic may spend on optional samples (beyond the ten saturation and
 # gradient flow take anyway, and the condition probe's first and last): 1% together, most where a sample is cheap.
 DIAGNOSTICS_BUDGET = {"saturation": 0.004, "condition": 0.004, "grad_flow": 0.002}
+OTHER_DIAGNOSTIC_BUDGET = 0.002  # a sampling diagnostic of DIAGNOSTICS that has no share above
+
 
 def make_module(config: RunConfig, input_shape, num_classes: int):
     """The family's LightningModule with every option that goes to it (``schema.MODULE``)."""
@@ -58,9 +60,9 @@ def make_diagnostics(config: RunConfig) -> list:
     """The diagnostics ``--diagnostics`` names, the sampling ones each with its share of :data:`DIAGNOSTICS_BUDGET`,
     the verdict (which reads them) last."""
     names = check_diagnostics(config.diagnostics)
-    made = [DIAGNOSTICS[name](every_n_steps=config.diag_every, max_overhead=DIAGNOSTICS_BUDGET[name],
-                              per_layer_scalars=config.per_layer_scalars)
-            for name in names if name in DIAGNOSTICS_BUDGET]
+    made = [DIAGNOSTICS[name](every_n_steps=config.diag_every, per_layer_scalars=config.per_layer_scalars,
+                              max_overhead=DIAGNOSTICS_BUDGET.get(name, OTHER_DIAGNOSTIC_BUDGET))
+            for name in names if issubclass(DIAGNOSTICS[name], SamplingCallback)]
     if "verdict" in names:
         made.append(TrainabilityVerdict(at_step=config.verdict_step, stop_if_fails=config.stop_if_fails))
     return made

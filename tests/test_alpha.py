@@ -28,6 +28,7 @@ def simulate(eta_alpha, eta_lambda, limit=10 ** 6):
     return None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ratio", [0.5, 0.1, 0.0])
 @pytest.mark.parametrize("target", [20, 97, 5000])
 def test_calibrated_step_sizes_close_the_skips_at_the_target(ratio, target):

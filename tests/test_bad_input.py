@@ -157,6 +157,7 @@ def run_cli(argv, capsys):
     return code, [line for line in err.splitlines() if line.strip()], err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("flags,message", BAD, ids=[" ".join(f)[:60] for f, _ in BAD])
 def test_bad_input_is_one_line_nonzero_and_writes_nothing(flags, message, capsys, tmp_path):
     runs = tmp_path / "runs"
@@ -169,11 +170,13 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(flags, message, capsys
     assert not runs.exists(), "a folder was written before the input was checked"
 
 
+@pytest.mark.fast
 def test_there_are_over_sixty_wrong_inputs():
     assert len(BAD) + len(DAMAGED) + len(CONFIG_FILES) >= 60
 
 
 # -- a log folder that is a file -------------------------------------------------------------------
+@pytest.mark.fast
 def test_logdir_that_is_a_file(tmp_path, capsys):
     file = tmp_path / "runs"
     file.write_text("not a folder")
@@ -194,6 +197,7 @@ CONFIG_FILES = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name,text,message", CONFIG_FILES, ids=[c[0] for c in CONFIG_FILES])
 def test_bad_config_file(name, text, message, tmp_path, capsys):
     path = tmp_path / name

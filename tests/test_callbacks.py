@@ -32,6 +32,7 @@ from tests.foreign import ForeignCNN, ForeignMLP, FunctionalMLP, loaders
 
 
 # -- statistics --------------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_condition_number_matches_numpy_svd():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(40, 7)) @ np.diag([1, 2, 3, 5, 8, 13, 1e-3])
@@ -46,6 +47,7 @@ def known_spectrum(rng, m, n, kappa):
     return (u * np.logspace(0, -np.log10(kappa), n)) @ v.T
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("shape", [(600, 300), (300, 300), (256, 50), (4096, 16)])
 def test_batched_float32_spectra_agree_with_numpy_float64(shape):
     """Within the float32 tiers the documented accuracy holds; above the limit float64 recomputes exactly."""
@@ -64,6 +66,7 @@ def test_batched_float32_spectra_agree_with_numpy_float64(shape):
             assert got == pytest.approx(reference[0] / reference[-1], rel=1e-2), kappa
 
 
+@pytest.mark.fast
 def test_statistics_from_the_gram_matrix_equal_the_direct_ones():
     """representation_stats_many shares one float64 Gram matrix between spectrum and collinearity; it agrees
     with representation_stats on ordinary, wide, rank-deficient and nearly constant matrices."""
@@ -80,6 +83,7 @@ def test_statistics_from_the_gram_matrix_equal_the_direct_ones():
         assert got["collinearity"] == pytest.approx(expected["collinearity"], rel=1e-4, nan_ok=True)
 
 
+@pytest.mark.fast
 def test_singular_matrix_gives_inf_and_rank_deficiency():
     a = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [0.5, 1.0, 1.5], [1.0, 0.0, 1.0]])
     a[:, 2] = a[:, 0] + a[:, 1]  # columns dependent
@@ -91,6 +95,7 @@ def test_singular_matrix_gives_inf_and_rank_deficiency():
     assert representation_stats(torch.tensor(a, dtype=torch.float32))["kappa"] == math.inf  # float32 input too
 
 
+@pytest.mark.fast
 def test_infinity_norm_condition_matches_numpy():
     rng = np.random.default_rng(1)
     w = rng.normal(size=(6, 6))
@@ -98,6 +103,7 @@ def test_infinity_norm_condition_matches_numpy():
     assert infinity_norm_condition(np.ones((3, 3))) == math.inf
 
 
+@pytest.mark.fast
 def test_infinity_norm_condition_of_non_square_uses_pseudo_inverse():
     rng = np.random.default_rng(3)
     w = rng.normal(size=(5, 8))
@@ -105,6 +111,7 @@ def test_infinity_norm_condition_of_non_square_uses_pseudo_inverse():
     assert infinity_norm_condition(w) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.fast
 def test_batched_weight_conditions_match_numpy():
     rng = np.random.default_rng(4)
     weights = [rng.normal(size=(30, 30)), known_spectrum(rng, 30, 30, 1e7), rng.normal(size=(20, 30)),
@@ -121,6 +128,7 @@ def test_batched_weight_conditions_match_numpy():
         assert row["weight_kappa"] == pytest.approx(s[0] / s[-1], rel=1e-3)
 
 
+@pytest.mark.fast
 def test_collinearity_of_hand_built_units():
     rng = np.random.default_rng(2)
     base = rng.normal(size=200)
@@ -131,6 +139,7 @@ def test_collinearity_of_hand_built_units():
     assert stats["collinearity"] == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.fast
 def test_conv_representation_is_positions_by_channels():
     out = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
     m = representation_matrix(out)
@@ -138,6 +147,7 @@ def test_conv_representation_is_positions_by_channels():
     assert torch.equal(m[0], torch.tensor([0.0, 4.0, 8.0]))
 
 
+@pytest.mark.fast
 def test_probe_size_covers_the_widest_layer():
     assert probe_size_for([(300, 1)] * 3) == 600           # an MLP of 300 units: 2 x 300 samples
     assert probe_size_for([(50, 1)]) == 256                # at least 256
@@ -145,6 +155,7 @@ def test_probe_size_covers_the_widest_layer():
     assert probe_size_for([(3000, 1)]) == 4096              # capped
 
 
+@pytest.mark.fast
 def test_saturation_shares_on_hand_built_activations():
     a = torch.tensor([[0.0, 0.01, 60.0, 1.0],
                       [0.0, -0.02, 2.0, -100.0],
@@ -166,6 +177,7 @@ def test_saturation_shares_on_hand_built_activations():
     assert merged["frac_dead"] == 0.0
 
 
+@pytest.mark.fast
 def test_non_finite_matrices_give_nan_not_a_crash():
     a = np.ones((4, 3))
     a[1, 2] = np.nan
@@ -173,6 +185,7 @@ def test_non_finite_matrices_give_nan_not_a_crash():
     assert all(math.isnan(v) for v in representation_stats(torch.tensor(a)).values())
 
 
+@pytest.mark.fast
 def test_max_norm_bounds_rows_and_leaves_others_untouched():
     torch.manual_seed(0)
     w = torch.randn(10, 6) * torch.linspace(0.1, 3, 10)[:, None]
@@ -323,6 +336,7 @@ def test_one_callbacks_probe_is_not_seen_by_anothers_training_capture(tmp_path):
     assert list(saturation.last_stats) == ["body.1", "body.3", "body.5", "body.7"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("make,message", [
     (lambda: ActivationSaturationMonitor(every_n_steps=0), "every_n_steps must be a positive integer"),
     (lambda: ActivationSaturationMonitor(low=60, high=50), "need 0 <= low < high"),

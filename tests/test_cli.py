@@ -105,6 +105,7 @@ def test_fast_dev_run_conv_forms_on_cifar10(model, depth, extra, runs, tiny_cifa
                  *extra]) == 0
 
 
+@pytest.mark.fast
 def test_default_recipe_is_van26_on_cifar10():
     config = merge({"model": "van", "depth": 26})
     assert (config.dataset, config.arch, config.optimizer, config.lr, config.momentum) == (
@@ -116,6 +117,7 @@ def test_default_recipe_is_van26_on_cifar10():
     assert (highway.arch, highway.dataset, highway.depth) == ("mlp", "cifar10", 10)
 
 
+@pytest.mark.fast
 def test_preset_loads_and_flags_override():
     config = merge({"preset": "oyedotun-mlp-100", "depth": 20})
     assert config.depth == 20 and config.width == 300 and config.activation == "lrelu"
@@ -124,6 +126,7 @@ def test_preset_loads_and_flags_override():
     assert merge({"preset": "dirac-28-10-cifar10"}).width == 10
 
 
+@pytest.mark.fast
 def test_help_lists_presets(capsys):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["--help"])
@@ -133,6 +136,7 @@ def test_help_lists_presets(capsys):
         assert name in out
 
 
+@pytest.mark.fast
 def test_print_config_round_trips_through_config(tmp_path, capsys):
     """--print-config writes the merged configuration; --config replays it, and flags win over it."""
     assert main(["--preset", "oyedotun-mlp-100", "--depth", "7", "--epochs", "2", "--print-config"]) == 0
@@ -178,6 +182,7 @@ def test_a_warning_reaches_the_user_as_one_clean_line():
     assert proc.stderr == "warning: ActivationSaturationMonitor: activations exploded in 51 layer(s) at step 57\n"
 
 
+@pytest.mark.fast
 def test_config_check_rejects_van_flags_elsewhere():
     with pytest.raises(ConfigError, match="--lambda-lr-ratio applies to --model van only"):
         merge({"model": "plain", "dataset": "usps", "lambda_lr_ratio": 0.5})

@@ -26,6 +26,7 @@ def representation(units, rows, estimated):
     return RATES.gram * rows * units ** 2 + (RATES.estimate if estimated else RATES.eigh) * units ** 3
 
 
+@pytest.mark.fast
 def test_the_plan_takes_layers_cheapest_first_exactly_then_estimated_then_not_at_all():
     layers = [LayerShape("wide", 2048), LayerShape("narrow", 50), LayerShape("mid", 300), LayerShape("wider", 4096)]
     weights = [WeightShape("w.big", 2048, 2048), WeightShape("w.small", 50, 300)]
@@ -49,11 +50,13 @@ def test_the_plan_takes_layers_cheapest_first_exactly_then_estimated_then_not_at
     assert full.exact == ["wide", "narrow", "mid", "wider"] and full.probe_size == 4096 and not full.left_out
 
 
+@pytest.mark.fast
 def test_a_probe_size_given_by_the_user_is_kept():
     plan = plan_full_samples([LayerShape("a", 300), LayerShape("b", 40)], [], 1e-5, 1.0, RATES, fixed_probe=100)
     assert plan.probe_size == 100 and plan.exact == ["a", "b"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kappa", [3.0, 1e2, 1e4, 1e6])
 def test_the_estimate_equals_the_exact_kappa_of_a_hand_built_matrix(kappa):
     """H = U diag(s) V^T with 400 singular values from 1 to 1/kappa: the estimate is numpy's kappa within 1e-4."""
@@ -66,6 +69,7 @@ def test_the_estimate_equals_the_exact_kappa_of_a_hand_built_matrix(kappa):
     assert estimate_gram_kappa(gram(h)) == pytest.approx(exact, rel=1e-4)
 
 
+@pytest.mark.fast
 def test_the_estimate_on_relu_representations_and_singular_layers():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1200, 300, generator=g)

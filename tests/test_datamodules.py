@@ -26,6 +26,7 @@ def all_labels(dm, split):
     return dm._splits[split][1]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name,shape,train_total,test,mean", [
     ("mnist", (1, 28, 28), 60000, 10000, 0.1307), ("fashion-mnist", (1, 28, 28), 60000, 10000, 0.2860),
     ("usps", (1, 16, 16), 7291, 2007, None), ("coil20", (1, 32, 32), 1000, 440, None)])
@@ -47,6 +48,7 @@ def test_real_datasets_splits_shapes_and_ranges(name, shape, train_total, test, 
     assert abs(float(x.mean())) < 0.3 and 0.7 < float(x.std()) < 1.3  # per-dataset normalisation
 
 
+@pytest.mark.fast
 def test_mnist_class_counts_and_stratified_validation():
     dm = MNISTDataModule(val_split=0.1, seed=3)
     dm.setup()
@@ -56,12 +58,14 @@ def test_mnist_class_counts_and_stratified_validation():
     assert torch.equal(val_counts, torch.tensor([round(0.1 * c) for c in MNIST_TRAIN_COUNTS]))
 
 
+@pytest.mark.fast
 def test_usps_class_counts():
     dm = get_datamodule("usps", val_split=0.0)
     dm.setup()
     assert torch.bincount(all_labels(dm, "test"), minlength=10).tolist() == USPS_TEST_COUNTS
 
 
+@pytest.mark.fast
 def test_coil20_split_is_per_object_stratified_and_seeded(data_root):
     a, b, c = (COIL20DataModule(val_split=0.0, seed=s) for s in (0, 0, 1))
     for dm in (a, b, c):
@@ -75,6 +79,7 @@ def test_coil20_split_is_per_object_stratified_and_seeded(data_root):
     assert big.input_shape == (1, 64, 64)
 
 
+@pytest.mark.fast
 def test_val_split_zero_validates_on_test_and_says_so(caplog):
     dm = get_datamodule("usps", val_split=0.0)
     with caplog.at_level("WARNING"):
@@ -87,6 +92,7 @@ def test_val_split_zero_validates_on_test_and_says_so(caplog):
     assert dm.split_sizes == {"train": 7291, "val": 2007, "test": 2007}
 
 
+@pytest.mark.fast
 def test_missing_data_folder_names_paths_and_files(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPPLAIN_DATA", str(tmp_path / "empty"))
     monkeypatch.chdir(tmp_path)
@@ -98,6 +104,7 @@ def test_missing_data_folder_names_paths_and_files(tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+@pytest.mark.fast
 def test_the_message_says_where_the_folders_searched_came_from(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DEEPPLAIN_DATA", raising=False)
@@ -108,12 +115,14 @@ def test_the_message_says_where_the_folders_searched_came_from(tmp_path, monkeyp
         MNISTDataModule().setup()
 
 
+@pytest.mark.fast
 def test_explicit_data_dir_is_the_only_folder_searched(tmp_path, monkeypatch, data_root):
     monkeypatch.setenv("DEEPPLAIN_DATA", str(data_root))  # holds a complete MNIST, which must not be used
     with pytest.raises(DatasetError, match=f"MNIST not found: searched {tmp_path / 'typo'} \\(from --data-dir\\)"):
         MNISTDataModule(data_dir=tmp_path / "typo").setup()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dataset,remove", [("mnist", "MNIST/raw/t10k-labels-idx1-ubyte.gz"),
                                             ("usps", "usps/usps.h5"), ("coil20", "coil20/coil-20-proc/obj7__31.png")])
 def test_incomplete_data_folder_is_an_error_not_a_fallback(dataset, remove, tmp_path, monkeypatch, data_root):
@@ -136,6 +145,7 @@ def _write_idx(path, array):
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
+@pytest.mark.fast
 def test_label_count_and_range_are_checked(tmp_path, data_root):
     root = tmp_path / "data" / "MNIST" / "raw"
     root.mkdir(parents=True)
@@ -155,6 +165,7 @@ def test_label_count_and_range_are_checked(tmp_path, data_root):
     assert MNISTDataModule(data_dir=tmp_path / "data", val_split=0).setup() is None  # intact again
 
 
+@pytest.mark.fast
 def test_coil20_sha256sums_are_checked(tmp_path, data_root):
     shutil.copytree(data_root / "coil20", tmp_path / "coil20")
     png = tmp_path / "coil20" / "coil-20-proc" / "obj3__5.png"
@@ -165,12 +176,14 @@ def test_coil20_sha256sums_are_checked(tmp_path, data_root):
         COIL20DataModule(data_dir=tmp_path).setup()
 
 
+@pytest.mark.fast
 def test_validation_share_that_empties_a_class_is_refused():
     dm = FakeDataModule(input_shape=(1, 4, 4), num_classes=4, train_size=8, test_size=4, val_split=0.9)
     with pytest.raises(ConfigError, match="holds out every training sample of some class"):
         dm.setup()
 
 
+@pytest.mark.fast
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("DEEPPLAIN_DATA", str(tmp_path / "empty"))
 
@@ -191,6 +204,7 @@ def mnist_copy(tmp_path, data_root):
     return root
 
 
+@pytest.mark.fast
 def test_truncated_gz_named_in_error(mnist_copy):
     path = mnist_copy / "MNIST/raw/t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:2000])
@@ -200,6 +214,7 @@ def test_truncated_gz_named_in_error(mnist_copy):
         MNISTDataModule(data_dir=mnist_copy, verify_checksums=False).setup()
 
 
+@pytest.mark.fast
 def test_truncated_idx_payload_named_in_error(mnist_copy):
     path = mnist_copy / "MNIST/raw/t10k-labels-idx1-ubyte.gz"
     data = gzip.decompress(path.read_bytes())
@@ -209,6 +224,7 @@ def test_truncated_idx_payload_named_in_error(mnist_copy):
         MNISTDataModule(data_dir=mnist_copy).setup()
 
 
+@pytest.mark.fast
 def test_tiny_cifar_folders_load(tiny_cifar):
     for cls, classes, n_train, n_test in [(CIFAR10DataModule, 10, 200, 40), (CIFAR100DataModule, 100, 200, 200)]:
         dm = cls(data_dir=tiny_cifar, val_split=0.0, batch_size=16, verify_checksums=False)
@@ -219,6 +235,7 @@ def test_tiny_cifar_folders_load(tiny_cifar):
         assert x.shape == (16, 3, 32, 32)
 
 
+@pytest.mark.fast
 def test_cifar_checksums_and_corrupt_pickle(tiny_cifar):
     with pytest.raises(DatasetError, match="checksum mismatch for .*data_batch_1"):
         CIFAR10DataModule(data_dir=tiny_cifar).setup()
@@ -228,6 +245,7 @@ def test_cifar_checksums_and_corrupt_pickle(tiny_cifar):
         CIFAR10DataModule(data_dir=tiny_cifar, verify_checksums=False).setup()
 
 
+@pytest.mark.fast
 def test_cifar_training_batches_are_cropped_and_flipped(tiny_cifar):
     dm = CIFAR10DataModule(data_dir=tiny_cifar, val_split=0.0, batch_size=200, verify_checksums=False)
     dm.setup()
@@ -240,6 +258,7 @@ def test_cifar_training_batches_are_cropped_and_flipped(tiny_cifar):
     assert torch.allclose(test, (dm._splits["test"][0].float() / 255 - dm.mean) / dm.std, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_random_crop_flip_matches_a_crop_of_the_padded_image():
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(64, 3, 8, 8)
@@ -257,6 +276,7 @@ def test_random_crop_flip_matches_a_crop_of_the_padded_image():
     del generator
 
 
+@pytest.mark.fast
 def test_loader_is_seeded_per_epoch_and_shards_for_ddp():
     dm = FakeDataModule(batch_size=50, val_split=0.0, train_size=200, test_size=20)
     dm.setup()
@@ -272,6 +292,7 @@ def test_loader_is_seeded_per_epoch_and_shards_for_ddp():
     assert set(torch.cat(shards).tolist()) == set(range(200))
 
 
+@pytest.mark.fast
 def test_stratified_split_counts():
     labels = torch.tensor([0] * 30 + [1] * 10 + [2] * 60)
     keep, held = stratified_split(labels, 0.2, seed=0)
@@ -279,6 +300,7 @@ def test_stratified_split_counts():
     assert sorted(torch.cat([keep, held]).tolist()) == list(range(100))
 
 
+@pytest.mark.fast
 def test_fake_datamodule_shapes_and_seed():
     a = FakeDataModule(input_shape=(1, 12, 12), num_classes=4, train_size=100, test_size=10, seed=5)
     b = FakeDataModule(input_shape=(1, 12, 12), num_classes=4, train_size=100, test_size=10, seed=5)
@@ -288,6 +310,7 @@ def test_fake_datamodule_shapes_and_seed():
     assert torch.equal(a._splits["train"][0], b._splits["train"][0])
 
 
+@pytest.mark.fast
 def test_bad_arguments_rejected():
     with pytest.raises(ConfigError, match="unknown dataset 'svhn'; valid datasets: mnist, fashion-mnist"):
         get_datamodule("svhn")
@@ -297,6 +320,7 @@ def test_bad_arguments_rejected():
         get_datamodule("usps", batch_size=0)
 
 
+@pytest.mark.fast
 def test_probe_batch_is_fixed_and_normalised():
     dm = get_datamodule("usps")
     dm.setup()

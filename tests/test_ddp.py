@@ -140,6 +140,7 @@ def test_a_rank_that_never_arrives_ends_the_run_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and time.time() - start < 200
 
 
+@pytest.mark.fast
 def test_a_run_leaves_its_process_group_before_the_process_exits(tmp_path):
     """train.py's run ends with the process group destroyed: gloo's threads still up at interpreter teardown can
     abort a finished run with SIGABRT (seen once in this suite's DDP test)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deepplain.callbacks import DIAGNOSTICS, AlphaScheduler, MaxNormConstraint
+from deepplain.callbacks import DIAGNOSTICS, AlphaScheduler, MaxNormConstraint, check_int, check_number
 from deepplain.callbacks.tags import OVERVIEW, OverviewScalar, overview_charts, overview_values
 from deepplain.cli import build_parser, parse_options
 from deepplain.config import merge
@@ -162,3 +162,23 @@ def test_the_families_that_take_an_option_are_read_from_their_builders_and_modul
     with pytest.raises(ConfigError, match="^--gate-bias applies to --model highway only, got --model plain$"):
         merge({"model": "plain", "dataset": "usps", "gate_bias": 1.0})
     assert "norm" not in options_for(merge({"model": "van", "dataset": "usps"}), "model")
+
+
+# -- the callbacks' argument checks ------------------------------------------------------------------------
+@pytest.mark.parametrize("call, message", [
+    (lambda: check_int("n", 0), "^n must be a positive integer, got 0$"),
+    (lambda: check_int("n", True), "^n must be a positive integer, got True$"),
+    (lambda: check_int("n", 1.0, allow_none=True), "^n must be a positive integer or None, got 1.0$"),
+    (lambda: check_int("rows", 1, low=2), "^rows must be an integer >= 2, got 1$"),
+    (lambda: check_number("share", 0, 0, 1, low_open=True), r"^share must be a number in \(0, 1\], got 0$"),
+    (lambda: check_number("x", float("nan"), 0), r"^x must be a number in \[0, inf\), got nan$"),
+    (lambda: check_number("r", 1, 0, 1, high_open=True, what="in (0, 1)"), r"^r must be in \(0, 1\), got 1$"),
+])
+def test_argument_checks_name_the_argument_in_one_line(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_argument_checks_pass_good_values_through():
+    assert check_int("n", None, allow_none=True) is None and check_int("n", 0, low=0) == 0
+    assert check_number("share", 1, 0, 1, low_open=True) == 1.0 and check_number("x", None, allow_none=True) is None

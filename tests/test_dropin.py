@@ -102,6 +102,7 @@ def test_only_deepplain_is_installed_at_the_top_level(tmp_path):
     assert proc.stdout.split() == ["[True,", "True,", "True]", "deepplain.callbacks", "deepplain.datamodules"]
 
 
+@pytest.mark.fast
 def test_callbacks_depend_on_nothing_of_deepplain():
     """Every import in deepplain/callbacks is relative to the package itself or a third-party library."""
     folder = Path(dc.__file__).parent
@@ -325,6 +326,7 @@ def test_the_users_matplotlib_backend_is_unchanged(tmp_path):
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))  # figures were drawn
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("obj", [ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor,
                                  MaxNormConstraint, AlphaScheduler, probing], ids=lambda o: o.__name__)
 def test_docstring_examples_run(obj):
@@ -334,6 +336,7 @@ def test_docstring_examples_run(obj):
     exec(compile(example, f"<{obj.__name__} example>", "exec"), {})
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("cls", [ActivationSaturationMonitor, ConditionNumberProbe, GradientFlowMonitor,
                                  MaxNormConstraint, AlphaScheduler])
 def test_init_arguments_are_typed_for_lightning_cli(cls):

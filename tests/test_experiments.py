@@ -67,6 +67,7 @@ def test_sweep_records_invalid_runs_as_failed(tmp_path):
     assert "van conv depth must be 8n+2" in (out / "runs" / "van-d27-s0" / "train.log").read_text()
 
 
+@pytest.mark.fast
 def test_grid_and_variants():
     runs = grid(["plain"], [3, 5], [0, 1], [parse_variant("bn=--norm bn"), parse_variant("none=")], ["--lr", "0.1"])
     assert len(runs) == 8 and runs[0].run_id == "plain-d3-s0-bn" and runs[0].flags == ["--norm", "bn", "--lr", "0.1"]
@@ -87,6 +88,7 @@ def fake_rows():
     return rows
 
 
+@pytest.mark.fast
 def test_aggregate_mean_and_spread_over_seeds():
     table = plots.aggregate(fake_rows(), "test_acc")
     mean, std, n = table["plain"][10]
@@ -96,6 +98,7 @@ def test_aggregate_mean_and_spread_over_seeds():
     assert "| plain | 85.00 ± 5.00 | 40.00 ± 10.00 |" in md
 
 
+@pytest.mark.fast
 def test_runs_of_different_budgets_are_labelled_not_averaged():
     rows = [dict(r, epochs_done="50") for r in fake_rows()]
     rows.append({"model": "van", "variant": "lambda0", "depth": "1", "seed": "0", "status": "completed",
@@ -105,6 +108,7 @@ def test_runs_of_different_budgets_are_labelled_not_averaged():
     assert table["van (lambda0), 10 ep"][1] == (pytest.approx(0.7), 0.0, 1)
 
 
+@pytest.mark.fast
 def test_curves_read_from_event_files(tmp_path):
 
     steps_per_epoch, residuals = 10, [1.0, 0.6, 0.2, 0.0]
@@ -126,6 +130,7 @@ def test_curves_read_from_event_files(tmp_path):
     assert curves.main(["--run", str(tmp_path / "run"), "--out", str(out)]) == 2
 
 
+@pytest.mark.fast
 def test_plots_write_figures(tmp_path):
     paths = plots.plot_sweep(fake_rows(), tmp_path / "fig", "tiny")
     assert [p.name for p in paths] == ["accuracy_vs_depth.png", "error_vs_depth.png"]
@@ -133,6 +138,7 @@ def test_plots_write_figures(tmp_path):
     assert plots.main(["--csv", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]) == 2
 
 
+@pytest.mark.fast
 def test_a_series_at_one_depth_shows_its_spread_as_an_error_bar():
     import matplotlib
     matplotlib.use("Agg")
@@ -150,6 +156,7 @@ def row(name, lr, status="completed", train=None, val=None, test=None, **after):
             "val_acc": val, "test_acc": test, "run_dir": "", "held_out": lr is not None, **after}
 
 
+@pytest.mark.fast
 def test_ablation_table_lists_paper_rows():
     rows = [row("BN + LReLU + max-norm", None, train="0.99", test="0.95", train_acc_eval=0.999, best_val_acc=0.96,
                 best_epoch=177), row("LReLU", None, "diverged", "0.2"), row("BN", None, train="0.5", test="0.4")]
@@ -163,6 +170,7 @@ def test_ablation_table_lists_paper_rows():
     assert len(experiments.ABLATION) == 7
 
 
+@pytest.mark.fast
 def test_learning_rate_grid_picks_the_best_held_out_accuracy():
     rows = [row("BN", 0.001, train="0.5", val="0.50", test="0.49"), row("BN", 0.01, train="0.9", val="0.80",
                                                                           test="0.78"),
@@ -176,6 +184,7 @@ def test_learning_rate_grid_picks_the_best_held_out_accuracy():
     assert "| BN | 50.00% / 50.00% / 51.00% | 10.00% / 20.00% / 22.00% | diverged / diverged / diverged |" in grid
 
 
+@pytest.mark.fast
 def test_experiments_use_the_preset_recipe():
     flags = to_argv(experiments.recipe_options())
     pairs = dict(zip(flags[::2], flags[1::2]))
@@ -188,6 +197,7 @@ def test_experiments_use_the_preset_recipe():
     assert held["--lr"] == "0.1" and held["--val-split"] == "0.1"
 
 
+@pytest.mark.fast
 def test_one_learning_rate_per_row_trains_each_row_once_in_the_order_given(tmp_path, monkeypatch):
     planned = []
     monkeypatch.setattr(experiments, "run_grid_stoppable", lambda runs, *a, **k: planned.extend(runs) or
@@ -202,6 +212,7 @@ def test_one_learning_rate_per_row_trains_each_row_once_in_the_order_given(tmp_p
     assert "| BN + LReLU + max-norm | 0.1 |" in (tmp_path / "t2" / "ablation.md").read_text()
 
 
+@pytest.mark.fast
 def test_the_table_so_far_trains_nothing(tmp_path, capsys):
     rates = "bn_lrelu=0.01,bn=0.001,bn_maxnorm=0.001,lrelu=0.001,maxnorm=0.001,lrelu_maxnorm=0.001,bn_lrelu_maxnorm=0.1"
     stopped = tmp_path / "t2" / "runs" / "plain-d100-s0-lrelu-lr0.001" / "version_0"
@@ -231,6 +242,7 @@ def test_the_table_so_far_trains_nothing(tmp_path, capsys):
     assert "--table-only tabulates the ablation" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("rates, says", [
     ("bn=0.01", "must give a rate for every ablation configuration: missing bn_lrelu"),
     ("naive=0.01,bn=0.01,proposed=0.1,extra=0.1", "unknown extra; missing none"),
@@ -241,6 +253,7 @@ def test_a_rate_per_row_must_name_every_row(tmp_path, capsys, rates, says):
     assert says in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.fast
 def test_a_rate_per_row_and_a_grid_exclude_each_other(tmp_path, capsys):
     assert experiments.main(["diagnostics", "--epochs", "3", "--out", str(tmp_path / "x"), "--lrs", "0.1",
                              "--lr-per-row", "naive=0.01,bn=0.01,proposed=0.1"]) == 2
@@ -310,6 +323,7 @@ def test_analyse_and_diagnostic_figures_on_a_tiny_run(tmp_path):
                                        "share_above_0.05.png", "responses_layer2.png", "responses_layer3.png"}
 
 
+@pytest.mark.fast
 def test_parallel_runs_share_the_cores(monkeypatch):
     monkeypatch.setattr(sweeps, "cpu_cores", lambda: 4)
     assert sweeps.threads_per_run(2, environ={}) == (2, "each run uses 2 of the 4 CPU cores (--parallel 2; "

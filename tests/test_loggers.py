@@ -131,6 +131,7 @@ def test_a_tracker_that_fails_is_named_once_and_the_fit_goes_on(tmp_path):
     assert trainer.global_step == 16 and (run_folder(trainer) / "figures" / "grad_flow" / "profile.png").is_file()
 
 
+@pytest.mark.fast
 def test_run_folder_without_a_logger_is_the_default_root_dir(tmp_path, monkeypatch):
     trainer = L.Trainer(logger=False, default_root_dir=str(tmp_path / "here"))
     assert run_folder(trainer) == tmp_path / "here"
@@ -223,6 +224,7 @@ def test_hparams_table_puts_the_identifying_options_first(logged_run):
     assert start.hparams["activation"].string_value == "relu"  # left unset: the value the run trains with
 
 
+@pytest.mark.fast
 def test_run_identity_names_what_the_run_trains_with():
     identity = hparams_table.run_identity(merge({"model": "plain", "dataset": "usps", "depth": 3}))
     model = build_model("plain", 3, arch="mlp", input_shape=(1, 16, 16), num_classes=10)
@@ -233,6 +235,7 @@ def test_run_identity_names_what_the_run_trains_with():
     assert "activation" not in van and van["alpha_mode"] == "lagrangian"  # an option of another family is no column
 
 
+@pytest.mark.fast
 def test_a_logger_whose_package_is_missing_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an install without the extra has: import fails
     code = cli.main([*TINY, "--epochs", "1", "--logger", "csv,wandb", "--logdir", str(tmp_path / "runs")])
@@ -243,6 +246,7 @@ def test_a_logger_whose_package_is_missing_is_one_line_and_exit_2(tmp_path, monk
     assert not (tmp_path / "runs").exists()  # before anything was written
 
 
+@pytest.mark.fast
 def test_a_tracker_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
     code = cli.main([*TINY, "--epochs", "1", "--logger", "mlflow", "--logdir", str(tmp_path / "runs")])
@@ -251,6 +255,7 @@ def test_a_tracker_that_cannot_start_is_one_line_and_exit_2(tmp_path, monkeypatc
                                                                        "run: "), err
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("spec, message", [
     ("tensorbord", "unknown logger tensorbord; valid: a comma list of wandb, mlflow, csv (tensorboard is always "
                    "written)"),

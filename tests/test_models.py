@@ -18,6 +18,7 @@ CONV_CASES = [("plain", {"depth": 8}), ("plain", {"depth": 50, "layout": "oyedot
               ("dirac", {"depth": 10}), ("resnet", {"depth": 8}), ("resnet", {"depth": 11, "block": "bottleneck"})]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dataset", list(SHAPES))
 @pytest.mark.parametrize("name,depth", MLP_CASES)
 def test_mlp_output_shapes(name, depth, dataset):
@@ -26,6 +27,7 @@ def test_mlp_output_shapes(name, depth, dataset):
     assert model(torch.randn(3, *shape)).shape == (3, classes)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "mnist", "usps"])
 @pytest.mark.parametrize("name,kwargs", CONV_CASES)
 def test_conv_output_shapes(name, kwargs, dataset):
@@ -39,6 +41,7 @@ def millions(name, depth, **kw):
     return count_parameters(build_model(name, depth, **kw)) / 1e6
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("depth,expected", [(3, 0.50), (50, 4.78)])
 def test_plainnet_table1_parameter_counts(depth, expected):
     # PlainNet paper Table I: 1,024 inputs (32x32 COIL-20), 300 units, 20 classes.
@@ -46,6 +49,7 @@ def test_plainnet_table1_parameter_counts(depth, expected):
     assert got == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.fast
 def test_oyedotun_conv50_parameter_count():
     got = millions("plain", 50, arch="conv", input_shape=(3, 32, 32), num_classes=10, layout="oyedotun-50")
     assert got == pytest.approx(0.72, rel=0.10)
@@ -53,18 +57,21 @@ def test_oyedotun_conv50_parameter_count():
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 50
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("depth,width,expected", [(28, 10, 36.5), (28, 5, 9.1), (34, 1, 0.47), (34, 2, 1.85)])
 def test_diracnet_cifar_parameter_counts(depth, width, expected):
     got = millions("dirac", depth, arch="conv", input_shape=(3, 32, 32), num_classes=10, width=width)
     assert got == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("depth,expected", [(18, 11.7), (34, 21.8)])
 def test_diracnet_imagenet_parameter_counts(depth, expected):
     got = millions("dirac", depth, arch="conv", input_shape=(3, 224, 224), num_classes=1000, layout="imagenet")
     assert got == pytest.approx(expected, rel=0.02)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("depth,block,expected", [(56, "basic", 0.85), (110, "basic", 1.7), (164, "bottleneck", 1.7)])
 def test_preact_resnet_parameter_counts(depth, block, expected):
     got = millions("resnet", depth, arch="conv", input_shape=(3, 32, 32), num_classes=10, block=block)
@@ -75,6 +82,7 @@ def first_weight(model):
     return next(m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name,arch,depth", [("plain", "mlp", 20), ("van", "mlp", 20), ("dirac", "mlp", 20),
                                              ("resnet", "mlp", 20), ("highway", "mlp", 20), ("plain", "conv", 14),
                                              ("van", "conv", 18), ("dirac", "conv", 16), ("resnet", "conv", 20)])
@@ -88,6 +96,7 @@ def test_gradients_reach_first_layer(name, arch, depth):
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name,arch,depth,message", [
     ("van", "conv", 27, "van conv depth must be 8n+2 (10, 18, 26, 34, ...; VAN-26 is n=3), got 27"),
     ("dirac", "conv", 27, "dirac conv depth must be 6n+4 (10, 16, 22, 28, 34, ...), got 27"),
@@ -104,6 +113,7 @@ def test_invalid_depths_rejected_with_valid_values(name, arch, depth, message):
 
 
 # Parameter counts of He et al. (ResNet-20/56/110: 0.27M/0.85M/1.7M; pre-activation ResNet-164/1001: 1.7M/10.2M).
+@pytest.mark.fast
 @pytest.mark.parametrize("depth,block,millions_expected", [
     (20, "basic", 0.27), (32, "basic", None), (56, "basic", 0.85), (110, "basic", 1.7), (29, "bottleneck", None),
     (164, "bottleneck", 1.7), (1001, "bottleneck", 10.2)])
@@ -118,6 +128,7 @@ def test_resnet_block_follows_depth_as_he_et_al(depth, block, millions_expected)
         assert count_parameters(model) / 1e6 == pytest.approx(millions_expected, rel=0.03)
 
 
+@pytest.mark.fast
 def test_bottleneck_and_imagenet_depth_rules():
     with pytest.raises(ConfigError, match=r"9n\+2"):
         build_model("resnet", 57, arch="conv", input_shape=(3, 32, 32), num_classes=10, block="bottleneck")
@@ -125,6 +136,7 @@ def test_bottleneck_and_imagenet_depth_rules():
         build_model("dirac", 50, arch="conv", input_shape=(3, 224, 224), num_classes=10, layout="imagenet")
 
 
+@pytest.mark.fast
 def test_unknown_model_and_option_errors():
     with pytest.raises(ConfigError, match="unknown model 'vgg'; valid models: dirac, highway, plain, resnet, resnext, van"):
         build_model("vgg", 3)
@@ -136,6 +148,7 @@ def test_unknown_model_and_option_errors():
         build_model("plain", 3, arch="mlp", activation="tanh")
 
 
+@pytest.mark.fast
 def test_plain_variants_are_flags():
     naive = build_model("plain", 3, arch="mlp", norm="none", activation="relu")
     proposed = build_model("plain", 3, arch="mlp", norm="bn", activation="lrelu", negative_slope=0.3)
@@ -146,6 +159,7 @@ def test_plain_variants_are_flags():
     assert len({id(a) for a in acts}) == 3
 
 
+@pytest.mark.fast
 def test_he_uniform_init_bound():
     model = build_model("plain", 2, arch="mlp", input_shape=(1, 20, 20), width=300, init="he-uniform",
                         activation="lrelu", negative_slope=0.3)
@@ -154,6 +168,7 @@ def test_he_uniform_init_bound():
     assert w.abs().max() <= bound + 1e-6 and w.abs().max() > 0.95 * bound
 
 
+@pytest.mark.fast
 def test_van_exposes_alpha_parameters_and_lambda_buffers():
     model = build_model("van", 4, arch="mlp", input_shape=(1, 16, 16), width=50)
     params = dict(model.named_parameters())
@@ -169,6 +184,7 @@ def test_van_exposes_alpha_parameters_and_lambda_buffers():
     assert [g.alpha.numel() for g in gates] == [16, 32, 64, 128]  # per channel, one block per group at n=1
 
 
+@pytest.mark.fast
 def test_van_with_alpha_zero_is_a_resnet_and_alpha_one_has_no_skip():
     torch.manual_seed(0)
     model = build_model("van", 2, arch="mlp", input_shape=(1, 4, 4), width=8).eval()
@@ -180,6 +196,7 @@ def test_van_with_alpha_zero_is_a_resnet_and_alpha_one_has_no_skip():
     assert torch.allclose(block(x), block.residual(x))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("arch,depth,shape", [("mlp", 5, (1, 16, 16)), ("conv", 18, (3, 32, 32))])
 def test_van_export_equals_model_when_all_alphas_are_one(arch, depth, shape):
     torch.manual_seed(0)
@@ -196,12 +213,14 @@ def test_van_export_equals_model_when_all_alphas_are_one(arch, depth, shape):
     assert torch.allclose(model(x), plain(x), atol=1e-5)
 
 
+@pytest.mark.fast
 def test_van_export_refuses_alphas_below_one():
     model = build_model("van", 3, arch="mlp", input_shape=(1, 4, 4))
     with pytest.raises(ConfigError, match="every alpha == 1; 150 of 150 alphas are below 1"):
         deepplain.fold(model)
 
 
+@pytest.mark.fast
 def test_fold_rejects_other_families():
     with pytest.raises(ConfigError, match="only a VAN .* can be exported as a plain network; 3 block.s. have ungated"):
         deepplain.fold(build_model("resnet", 3, arch="mlp"))
@@ -220,6 +239,7 @@ def randomise_batchnorm(model):
                 m.bias.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("arch,depth,shape,kw", [("conv", 16, (3, 32, 32), {"width": 2}), ("mlp", 6, (1, 16, 16), {}),
                                                  ("conv", 18, (3, 64, 64), {"layout": "imagenet"})])
 def test_dirac_fold_matches_eval_outputs(arch, depth, shape, kw):
@@ -240,6 +260,7 @@ def test_dirac_fold_matches_eval_outputs(arch, depth, shape, kw):
     assert torch.allclose(plain(x), reference, atol=1e-4 * reference.abs().max().item())
 
 
+@pytest.mark.fast
 def test_dirac_conv_parameterisation():
     torch.manual_seed(0)
     conv = DiracConv2d(4, 4)
@@ -258,12 +279,14 @@ def test_dirac_conv_parameterisation():
     assert torch.allclose(y[:, :3], torch.ones(1, 3, 4, 4)) and (y[:, 3:] == 0).all()  # partial identity
 
 
+@pytest.mark.fast
 def test_highway_gate_bias_starts_negative():
     model = build_model("highway", 3, arch="mlp", input_shape=(1, 4, 4), gate_bias=-3.0)
     for layer in model.blocks:
         assert torch.allclose(layer.gate.bias, torch.full_like(layer.gate.bias, -3.0))
 
 
+@pytest.mark.fast
 def test_highway_gate_starts_input_independent_and_deep_highway_gradients_do_not_explode():
     model = build_model("highway", 3, arch="mlp", input_shape=(1, 4, 4))
     x = torch.randn(7, 50)
@@ -281,6 +304,7 @@ def test_highway_gate_starts_input_independent_and_deep_highway_gradients_do_not
         assert first_layer_gradient("highway", seed) < 3 * first_layer_gradient("resnet", seed)
 
 
+@pytest.mark.fast
 def test_weight_decay_skips_biases_norms_and_method_scales():
     for name, arch in [("van", "conv"), ("dirac", "conv"), ("plain", "mlp")]:
         model = build_model(name, 10, arch=arch, input_shape=(3, 32, 32), num_classes=10, **(
@@ -299,6 +323,7 @@ def test_weight_decay_skips_biases_norms_and_method_scales():
             assert any(n.endswith(".a") for n in skipped) and any(n.endswith(".b") for n in skipped)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_batch_norm_keeps_the_variance_training_normalises_with(momentum):
     """deepplain's BN stores the biased batch variance (what training divides by), not PyTorch's unbiased one."""
@@ -318,6 +343,7 @@ def test_batch_norm_keeps_the_variance_training_normalises_with(momentum):
     assert torch.allclose(conv.running_var, images.var((0, 2, 3), unbiased=False), atol=1e-6)
 
 
+@pytest.mark.fast
 def test_eval_mode_reproduces_training_mode_on_the_statistics_it_saw():
     """After one batch seen with a cumulative average, eval mode gives training mode's outputs on it; with
     PyTorch's unbiased running variance a 30-layer MLP at batch 32 does not."""

@@ -25,16 +25,19 @@ def never():
     raise AssertionError("the reference was run again though the watched run was equal bit for bit")
 
 
+@pytest.mark.fast
 def test_equal_bit_for_bit_needs_no_second_reference():
     assert assert_observed_only(trace(w=[1.0, 2.0]), trace(w=[1.0, 2.0]), rerun=never) == "bit for bit"
 
 
+@pytest.mark.fast
 def test_a_difference_fails_where_the_reference_reproduces():
     with pytest.raises(AssertionError, match="w differs with the diagnostics on, and two runs without them agree"):
         assert_observed_only(trace(w=[1.0, 2.0], v=[0.0]), trace(w=[1.0, 2.0 + 1e-6], v=[0.0]),
                              rerun=lambda: trace(w=[1.0, 2.0], v=[1e-3]))
 
 
+@pytest.mark.fast
 def test_within_the_measured_spread_passes_and_beyond_it_fails():
     reference, again = trace(w=[1.0, 2.0], v=[5.0]), trace(w=[1.0, 2.0 + 1e-6], v=[5.0])
     assert assert_observed_only(reference, trace(w=[1.0, 2.0 - 2e-6], v=[5.0]), rerun=lambda: again).startswith(
@@ -45,6 +48,7 @@ def test_within_the_measured_spread_passes_and_beyond_it_fails():
         assert_observed_only(reference, trace(w=[1.0, 2.0], v=[5.0 + 1e-6]), rerun=lambda: again)
 
 
+@pytest.mark.fast
 def test_a_spread_one_pair_understates_is_measured_again_once():
     """Two references 1e-6 apart, the watched run 1e-5 off: a third reference, 4e-6 off, shows the spread is larger
     (passes); a difference beyond every pair's spread still fails; the third run is taken once for all tensors."""
@@ -64,6 +68,7 @@ def test_a_spread_one_pair_understates_is_measured_again_once():
         assert_observed_only(reference, trace(w=[2.001], u=[3.0]), rerun=lambda: next(runs))
 
 
+@pytest.mark.fast
 def test_what_no_kernel_decides_is_exact_even_where_the_weights_are_not():
     reference, again = trace(w=[1.0]), trace(w=[1.0 + 1e-6])
     changed = trace(w=[1.0])
@@ -76,6 +81,7 @@ def test_what_no_kernel_decides_is_exact_even_where_the_weights_are_not():
         assert_observed_only(reference, changed, rerun=lambda: again)
 
 
+@pytest.mark.fast
 def test_garbage_in_one_tensor_is_reported_not_compared_and_the_rest_still_counts():
     """Two references that differ by far more than the tensor's magnitude (uninitialised memory) give no spread:
     that tensor is named in a warning, and every other tensor is still compared bit for bit."""
@@ -88,6 +94,7 @@ def test_garbage_in_one_tensor_is_reported_not_compared_and_the_rest_still_count
         assert_observed_only(reference, trace(**{**weights, "t3": [3.5]}, g=[0.1, 7e12]), rerun=lambda: again)
 
 
+@pytest.mark.fast
 def test_garbage_in_the_watched_run_alone_is_reported_not_failed():
     """Uninitialised memory can hold small values in both references and a huge one in the watched run (seen: 1.7e22
     against references 4e-6 apart): named in a warning; a tensor the references reproduce must still be exact."""

@@ -179,6 +179,7 @@ def test_non_finite_weights_never_replace_a_checkpoint(step, expected_last, tmp_
             assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
 
+@pytest.mark.fast
 def test_atomic_io_refuses_non_finite_weights_and_keeps_the_old_file(tmp_path):
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()

@@ -25,6 +25,7 @@ CIFAR = dict(arch="conv", input_shape=(3, 32, 32))
 
 
 # -- ResNeXt -------------------------------------------------------------------------------------------
+@pytest.mark.fast
 @pytest.mark.parametrize("cardinality,millions", [(8, 34.4), (16, 68.1)])
 def test_resnext29_parameter_counts_match_the_paper(cardinality, millions):
     # Xie et al., Table 7 (CIFAR-10): ResNeXt-29 8x64d 34.4M, 16x64d 68.1M parameters.
@@ -33,6 +34,7 @@ def test_resnext29_parameter_counts_match_the_paper(cardinality, millions):
     assert count_parameters(model) / 1e6 == pytest.approx(millions, rel=0.002)  # 34.42M and 68.15M
 
 
+@pytest.mark.fast
 def test_resnext_with_one_group_of_16_is_our_resnet164_layer_for_layer():
     resnext = build_model("resnext", 164, **CIFAR, num_classes=10, width=1, cardinality=1, bottleneck_width=16)
     resnet = build_model("resnet", 164, **CIFAR, num_classes=10)
@@ -41,6 +43,7 @@ def test_resnext_with_one_group_of_16_is_our_resnet164_layer_for_layer():
     assert count_parameters(resnext) == count_parameters(resnet) == 1_703_258  # the 1.70M of He et al.
 
 
+@pytest.mark.fast
 def test_resnext_blocks_split_the_3x3_conv_into_cardinality_groups_doubling_per_stage():
     model = build_model("resnext", 20, **CIFAR, num_classes=10, width=1, cardinality=4, bottleneck_width=2)
     grouped = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.groups > 1]
@@ -49,6 +52,7 @@ def test_resnext_blocks_split_the_3x3_conv_into_cardinality_groups_doubling_per_
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.fast
 def test_resnext_depth_and_option_errors():
     with pytest.raises(ConfigError, match=r"resnext conv depth must be 9n\+2 .*got 30"):
         build_model("resnext", 30, **CIFAR, num_classes=10)
@@ -58,6 +62,7 @@ def test_resnext_depth_and_option_errors():
         merge({"model": "resnet", "dataset": "cifar10", "cardinality": 4})
 
 
+@pytest.mark.fast
 def test_resnext_on_mnist_takes_its_only_form_and_trains_a_step():
     config = merge({"model": "resnext", "depth": 11, "dataset": "mnist", "width": 1, "cardinality": 2,
                     "bottleneck_width": 4})
@@ -75,6 +80,7 @@ def test_resnext_on_mnist_takes_its_only_form_and_trains_a_step():
 
 
 # -- the plain net without skips -----------------------------------------------------------------------
+@pytest.mark.fast
 def test_plain_layout_resnet_is_the_resnet_chain_without_skips():
     torch.manual_seed(3)
     resnet = build_model("resnet", 29, **CIFAR, num_classes=10)  # 29: bottleneck blocks
@@ -91,6 +97,7 @@ def test_plain_layout_resnet_is_the_resnet_chain_without_skips():
     assert not any(isinstance(m, ResidualBlock) for m in plain.modules())
 
 
+@pytest.mark.fast
 def test_plain_layout_resnet_follows_the_resnet_depth_rules_and_refuses_other_layers():
     with pytest.raises(ConfigError, match=r"plain conv depth must be 6n\+2 .* or 9n\+2 .*got 165"):
         build_model("plain", 165, **CIFAR, num_classes=10, layout="resnet")
@@ -99,6 +106,7 @@ def test_plain_layout_resnet_follows_the_resnet_depth_rules_and_refuses_other_la
 
 
 # -- the coursework's VGG ------------------------------------------------------------------------------
+@pytest.mark.fast
 @pytest.mark.parametrize("preset,paper", [("vgg08-cifar100", 60_000), ("vgg38-cifar100", 336_000),
                                           ("vgg38-bn-cifar100", 339_000), ("vgg38-rc-cifar100", 336_000),
                                           ("vgg38-bn-rc-cifar100", 339_000)])
@@ -112,6 +120,7 @@ def test_coursework_presets_have_the_reports_parameter_counts(preset, paper):
     assert all(m.bias is None for m in convs)
 
 
+@pytest.mark.fast
 def test_coursework_residual_block_adds_its_input_before_the_second_activation():
     torch.manual_seed(0)
     block = CourseworkBlock(4, "none", "lrelu", 0.01, reduce=False, residual=True)
@@ -125,6 +134,7 @@ def test_coursework_residual_block_adds_its_input_before_the_second_activation()
     assert reducing(x).shape == (2, 4, 4, 4) and not reducing.residual  # a reduction block keeps no skip
 
 
+@pytest.mark.fast
 def test_coursework_rc_and_plain_differ_only_in_the_skips():
     torch.manual_seed(1)
     plain = build_model("plain", 14, **CIFAR, num_classes=100, layout="coursework", norm="none", init="default")
@@ -139,6 +149,7 @@ def test_coursework_rc_and_plain_differ_only_in_the_skips():
         build_model("resnet", 20, **CIFAR, num_classes=10, norm="none")
 
 
+@pytest.mark.fast
 def test_vgg38_vanishes_at_pytorchs_default_init_and_bn_or_skips_bring_the_gradient_back():
     """The report's Fig. 3 against Figs. 5 and its RC row: at initialisation the first conv's gradient of
     VGG38 is orders of magnitude below VGG38 + BN's and + RC's."""
@@ -155,6 +166,7 @@ def test_vgg38_vanishes_at_pytorchs_default_init_and_bn_or_skips_bring_the_gradi
 
 
 # -- the comparisons -----------------------------------------------------------------------------------
+@pytest.mark.fast
 def test_every_coursework_row_is_a_preset_and_every_row_differs():
     runs = coursework_runs({})
     assert list(runs) == list(COURSEWORK)
@@ -172,6 +184,7 @@ def write_run(folder, rows, summary_parameters=1000):
             "parameters": summary_parameters}
 
 
+@pytest.mark.fast
 def test_skips_table_counts_infinite_kappas_at_the_first_and_last_samples(tmp_path):
     rows = {}
     for name in SKIPS:
@@ -188,6 +201,7 @@ def test_skips_table_counts_infinite_kappas_at_the_first_and_last_samples(tmp_pa
     assert table[3] == "| ResNet | 1K | - (diverged at step 11) | 25.00 | 12.50 | 0 of 1 (step 0 only) | 2.0 | - |"
 
 
+@pytest.mark.fast
 def test_coursework_table_puts_the_reports_numbers_beside_ours(tmp_path):
     rows = {name: write_run(tmp_path / str(i), []) for i, name in enumerate(COURSEWORK)}
     rows["VGG38"]["status"] = "diverged"
@@ -223,6 +237,7 @@ def test_the_gpu_script_lists_the_full_cifar_comparisons_ready_to_run():
     assert sum("--depth 164" in line and "--dataset cifar10 " in line for line in lines) == len(SKIPS)
 
 
+@pytest.mark.fast
 def test_a_run_without_a_folder_reads_as_no_samples(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_run(tmp_path / "elsewhere", [(0, "condition", "kappa", "a", 1.0)])

@@ -143,6 +143,7 @@ def test_a_layer_of_nan_does_not_stop_the_users_fit(tmp_path):
     assert math.isnan(monitor.last_stats["body.5"]["mean_abs"]) and monitor.samples_taken == 3
 
 
+@pytest.mark.fast
 def test_a_diagnostics_table_cut_mid_row_loses_the_fragment_on_resume(tmp_path):
     path = tmp_path / "diagnostics.csv"
     path.write_text("step,callback,statistic,layer,value\n0,grad_flow,norm,a,1.0\n5,grad_flow,norm,a,2.0\n10,grad")
@@ -152,6 +153,7 @@ def test_a_diagnostics_table_cut_mid_row_loses_the_fragment_on_resume(tmp_path):
         assert [r["step"] for r in csv.DictReader(handle)] == ["0", "5"]
 
 
+@pytest.mark.fast
 def test_results_tables_check_ranges_and_read_excels_bom(tmp_path):
     header = "run_id,model,depth,seed,status,test_acc\n"
     for body, message in (("a,plain,4,0,completed,1.7\n", "test_acc 1.7 is not an accuracy in [0, 1]"),
@@ -185,6 +187,7 @@ def test_condition_probe_arguments_and_probes_that_cannot_measure_are_said():
     assert all(math.isinf(row["kappa"]) for row in short.last_stats.values())
 
 
+@pytest.mark.fast
 def test_experiment_arguments_are_checked_before_anything_trains(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:  # argparse's one line and exit 2
         experiments.main(["ablation", "--epochs", "3", "--out", str(tmp_path / "a"), "--lrs", "0.1,0.1"])

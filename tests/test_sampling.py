@@ -19,6 +19,7 @@ class FakeTrainer:
         self.log_every_n_steps = log_every
 
 
+@pytest.mark.fast
 def test_default_cadence_spreads_samples_over_the_run():
     for total in (230, 2001, 200_000):
         schedule = SamplingSchedule(num_samples=20)
@@ -30,6 +31,7 @@ def test_default_cadence_spreads_samples_over_the_run():
         assert len(gaps) == 1  # evenly spaced, the last step added
 
 
+@pytest.mark.fast
 def test_explicit_and_logging_cadences_include_the_last_step():
     schedule = SamplingSchedule(every_n_steps=100)
     schedule.start(FakeTrainer(350))
@@ -52,6 +54,7 @@ class Clock:
         return self.now
 
 
+@pytest.mark.fast
 def test_overhead_budget_arithmetic():
     clock = Clock()
     budget = OverheadBudget(0.5, clock=clock)

@@ -123,6 +123,7 @@ PROBES = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name,entry,build,expected", PROBES, ids=[p[0] for p in PROBES])
 def test_a_wrong_input_is_one_line_and_exit_2(name, entry, build, expected, tmp_path, capsys):
     argv = build(tmp_path)
@@ -137,6 +138,7 @@ def test_a_wrong_input_is_one_line_and_exit_2(name, entry, build, expected, tmp_
     assert not list(tmp_path.rglob("version_*")) and not list(tmp_path.rglob("runs")), "something was trained"
 
 
+@pytest.mark.fast
 @pytest.mark.timeout(120)  # expanding the 9**9 items would take far longer (and gigabytes): the timeout fails it
 def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path, capsys):
     (tmp_path / "bomb.yaml").write_text(bomb())
@@ -144,6 +146,7 @@ def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path, capsys):
     assert "anchors/aliases" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_a_sweep_folder_is_written_by_one_sweep_at_a_time(tmp_path, capsys):
     out = tmp_path / "s"
     out.mkdir()
@@ -162,6 +165,7 @@ def test_a_lock_is_released_by_a_process_that_dies(tmp_path):
         pass
 
 
+@pytest.mark.fast
 def test_a_quoted_newline_in_a_results_csv_stays_inside_its_row(tmp_path):
     path = write_csv(tmp_path / "a.csv", [["x", "plain", "1", "0", "", "usps", "failed (see\nlog)", "", "", "1"]])
     rows = read_results_csv(path)

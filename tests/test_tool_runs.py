@@ -270,6 +270,7 @@ def test_the_experiments_analysis_reads_the_data_as_the_run_did(tmp_path, monkey
     assert result["samples"] == 64 and len(result["stats"]) == 2
 
 
+@pytest.mark.fast
 def test_run_checkpoint_relocates_a_moved_folders_record(tmp_path):
     """Lightning's ModelCheckpoint drops the best score when the folder moved; RunCheckpoint keeps it."""
 

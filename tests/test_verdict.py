@@ -29,12 +29,14 @@ LAYERS = [f"layer{i}" for i in range(10)]
 
 
 # -- when -----------------------------------------------------------------------------------------------------
+@pytest.mark.fast
 @pytest.mark.parametrize("total, at, expected", [(1140, None, 50), (17100, None, 300), (5000, None, 100),
                                                  (30, None, 29), (None, None, 300), (50, 80, 49), (1000, 7, 7)])
 def test_verdict_step_rule(total, at, expected):
     assert verdict_step(total, at) == expected
 
 
+@pytest.mark.fast
 def test_the_schedule_takes_four_samples_by_the_verdict_step_of_a_long_run():
     schedule = SamplingSchedule(num_samples=20)
     long_run = SimpleNamespace(estimated_stepping_batches=17100, log_every_n_steps=50)
@@ -46,6 +48,7 @@ def test_the_schedule_takes_four_samples_by_the_verdict_step_of_a_long_run():
     assert all(schedule.due(s) for s in (75, 150, 300))
 
 
+@pytest.mark.fast
 def test_early_samples_are_never_postponed_by_the_budget():
     monitor = ActivationSaturationMonitor(max_overhead=0.01)
     monitor.schedule.serves_verdict = True
@@ -75,6 +78,7 @@ def samples(mean_abs=1.0, dead=0.0, max_abs=2.0, losses=(2.3, 2.0, 1.5, 1.0), gr
 STALLED, LEARNING = (2.30, 2.30, 2.29, 2.28), (2.3, 1.8, 1.2, 0.9)
 
 
+@pytest.mark.fast
 def test_vanished_layers_and_a_stalled_loss_fail_with_the_numbers_in_words():
     v = decide(samples(mean_abs=0.01, losses=STALLED), 50)
     assert v.word == "fails"
@@ -82,6 +86,7 @@ def test_vanished_layers_and_a_stalled_loss_fail_with_the_numbers_in_words():
     assert any("training loss at 99% of step 0's" in r for r in v.reasons)
 
 
+@pytest.mark.fast
 def test_a_vanishing_at_initialisation_that_recovers_is_not_a_pathology():
     v = decide(samples(mean_abs=1.0, losses=LEARNING), 50)
     assert v.word == "trains"
@@ -90,20 +95,24 @@ def test_a_vanishing_at_initialisation_that_recovers_is_not_a_pathology():
     assert decide(transient, 50).word == "trains"
 
 
+@pytest.mark.fast
 def test_no_pathology_and_a_falling_loss_train():
     assert decide(samples(losses=LEARNING), 50).word == "trains"
 
 
+@pytest.mark.fast
 def test_no_pathology_and_a_stalled_loss_is_unsure():
     v = decide(samples(losses=STALLED), 50)
     assert v.word == "unsure" and "no layer pathology, but training loss" in v.reasons[0]
 
 
+@pytest.mark.fast
 def test_a_pathology_while_the_loss_falls_is_unsure():
     v = decide(samples(mean_abs=0.01, losses=LEARNING), 50)
     assert v.word == "unsure" and v.reasons[0].startswith("10 of 10 layers vanished")
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kwargs, words", [
     (dict(dead=0.9), "dead (more than 50% of units never fire)"), (dict(max_abs=80.0), "exploded (max |a| > 50)"),
     (dict(near_zero=0.6), "10 of 10 layers have collapsed representations (at least 50% of singular values near zero)"),
@@ -114,6 +123,7 @@ def test_each_pathology_with_a_stalled_loss_fails(kwargs, words):
     assert v.word == "fails" and any(words in r for r in v.reasons), v.reasons
 
 
+@pytest.mark.fast
 def test_a_few_layers_are_not_a_pathology_of_the_network():
     s = samples(losses=STALLED, near_zero=0.0)
     for step in s.table[("saturation", "train/frac_dead")]:
@@ -124,6 +134,7 @@ def test_a_few_layers_are_not_a_pathology_of_the_network():
     assert decide(s, 50).signals["collapsed_share"] == pytest.approx(0.2)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kwargs, words", [(dict(grads={n: 1e-12 for n in LAYERS}), "no gradient"),
                                            (dict(dead=1.0), "10 of 10 layers dead")])
 def test_a_net_that_cannot_learn_any_more_fails_whatever_its_loss_did(kwargs, words):
@@ -131,6 +142,7 @@ def test_a_net_that_cannot_learn_any_more_fails_whatever_its_loss_did(kwargs, wo
     assert v.word == "fails" and any(words in r for r in v.reasons), v.reasons
 
 
+@pytest.mark.fast
 def test_a_threshold_can_be_overridden_for_fitting_and_is_otherwise_the_table():
     s = samples(losses=(2.3, 2.2, 2.1, 2.0))  # 87% of step 0's
     assert decide(s, 50).word == ("trains" if 2.0 / 2.3 <= THRESHOLDS["loss_learning"].value else "unsure")
@@ -138,11 +150,13 @@ def test_a_threshold_can_be_overridden_for_fitting_and_is_otherwise_the_table():
     assert decide(s, 50, {"loss_learning": 0.5}).word == "unsure"
 
 
+@pytest.mark.fast
 def test_without_a_loss_a_pathology_is_unsure_and_says_why():
     v = decide(samples(mean_abs=0.01, losses=None), 50)
     assert v.word == "unsure" and any("no training loss seen" in r for r in v.reasons)
 
 
+@pytest.mark.fast
 def test_every_threshold_says_where_it_comes_from():
     assert all(t.source and isinstance(t.value, float) for t in THRESHOLDS.values())
 
@@ -229,6 +243,7 @@ def test_without_the_activation_monitor_it_says_so_at_setup(tmp_path):
     assert trainer.global_step == 0
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True, "50"])
 def test_a_bad_step_is_refused_in_one_line(bad):
     with pytest.raises(ValueError, match="verdict step must be a positive integer"):
@@ -258,6 +273,7 @@ def test_a_foreign_module_without_a_loss_gets_a_clear_unsure_or_a_verdict(tmp_pa
     assert any("no training loss seen" in r for r in verdict.verdict.reasons)
 
 
+@pytest.mark.fast
 def test_the_verdict_is_marked_on_the_depth_time_images():
     data = np.random.default_rng(0).random((6, 5))
     plain = heat_image(data, [str(i) for i in range(6)], [str(i) for i in range(5)], "t")
@@ -275,6 +291,7 @@ def probe_check(epoch):
     return monitor, monitor._check_against_training(SimpleNamespace(current_epoch=epoch), 52, found)
 
 
+@pytest.mark.fast
 def test_eval_mode_findings_the_training_batches_contradict_in_the_first_epoch_are_no_failure(recwarn):
     monitor, kept = probe_check(epoch=0)
     assert kept["exploded"] == [] and "eval-only" not in monitor.findings.final
@@ -282,6 +299,7 @@ def test_eval_mode_findings_the_training_batches_contradict_in_the_first_epoch_a
     assert not [w for w in recwarn if issubclass(w.category, DiagnosticWarning)]
 
 
+@pytest.mark.fast
 def test_a_disagreement_past_the_first_epoch_is_a_finding_and_a_warning():
     with pytest.warns(DiagnosticWarning, match="may learn in training mode and lose it in eval mode"):
         monitor, kept = probe_check(epoch=3)
@@ -289,6 +307,7 @@ def test_a_disagreement_past_the_first_epoch_is_a_finding_and_a_warning():
 
 
 # -- the corpus: its runs, its labels, its scoring ---------------------------------------------------------------
+@pytest.mark.fast
 def test_the_corpus_is_fixed_and_spans_what_the_issue_asks():
     runs = {name: group_runs(group) for name, group in GROUPS.items()}
     assert runs == {name: group_runs(group) for name, group in GROUPS.items()}  # the same draw every time
@@ -300,6 +319,7 @@ def test_the_corpus_is_fixed_and_spans_what_the_issue_asks():
     assert all("conv" in " ".join(r.flags) for r in runs["coil20-conv"])
 
 
+@pytest.mark.fast
 def test_the_label_rule():
     assert label("completed", 0.60, chance=0.1135, ceiling=0.9708) == "trains"
     assert label("completed", 0.54, chance=0.1135, ceiling=0.9708) == "fails"  # below (0.1135 + 0.9708) / 2
@@ -307,6 +327,7 @@ def test_the_label_rule():
     assert label(RunStatus.STOPPED_EARLY, 0.2, 0.1, 0.9) is None and label("failed", None, 0.1, 0.9) is None
 
 
+@pytest.mark.fast
 def test_wilson_interval_against_its_formula():
     low, high = wilson(9, 10)
     assert (round(low, 3), round(high, 3)) == (0.596, 0.982)
@@ -318,6 +339,7 @@ def record(ratio, lab):
                   verdict_step=50, rows=rows)
 
 
+@pytest.mark.fast
 def test_the_loss_baseline_is_fitted_to_decide_most_runs_right():
     records = [record(r, "trains") for r in (0.2, 0.3, 0.5, 0.6)] + [record(r, "fails") for r in (0.9, 0.95, 1.0)]
     low, high = fit_loss_rule(records)
@@ -325,6 +347,7 @@ def test_the_loss_baseline_is_fitted_to_decide_most_runs_right():
     assert words == ["trains"] * 4 + ["fails"] * 3
 
 
+@pytest.mark.fast
 def test_read_rows_keeps_what_the_verdict_saw(tmp_path):
     path = tmp_path / "diagnostics.csv"
     path.write_text("step,callback,statistic,layer,value\n0,saturation,train/mean_abs,a,1.0\n"
@@ -333,6 +356,7 @@ def test_read_rows_keeps_what_the_verdict_saw(tmp_path):
     assert step == 50 and [r[0] for r in rows] == [0, 50]
 
 
+@pytest.mark.fast
 def test_a_run_stopped_by_its_verdict_is_finished_for_the_sweep():
     assert RunStatus.STOPPED_EARLY in FINISHED and not RunStatus.STOPPED_EARLY.resumable
 
@@ -370,6 +394,7 @@ def test_train_py_gives_the_plainnet_recipe_trains_and_goes_on(runs):
     assert summary["status"] == "completed" and summary["global_step"] > 90
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("flags, message", [
     (["--stop-if-fails", "--diagnostics", "saturation"], "--stop-if-fails needs the verdict diagnostic"),
     (["--diagnostics", "verdict"], "the verdict reads what saturation measures"),
@@ -381,6 +406,7 @@ def test_verdict_flags_are_checked_before_anything_runs(flags, message, runs, ca
     assert message in err and len(err.strip().splitlines()) == 1 and not list(runs.glob("*"))
 
 
+@pytest.mark.fast
 def test_tables_and_plots_show_a_stopped_run_for_what_it_is():
     from deepplain.experiments import _errors
     from deepplain.plots import aggregate
@@ -392,6 +418,7 @@ def test_tables_and_plots_show_a_stopped_run_for_what_it_is():
     assert aggregate(rows, "test_acc") == {"plain": {10: (0.95, 0.0, 1)}}  # its accuracy is not a result
 
 
+@pytest.mark.fast
 def test_the_readme_states_the_rules_numbers_as_the_table_has_them():
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -406,6 +433,7 @@ def test_the_readme_states_the_rules_numbers_as_the_table_has_them():
     assert t["collapsed_share"] == 0.5 and "half their\nsingular values" in section
 
 
+@pytest.mark.fast
 def test_a_histogram_of_exploded_activations_never_stops_the_fit(tmp_path):
     """A 50-layer BN + LReLU net at lr 0.01 on COIL-20 exploded past 1e20; its end-of-run histogram was "empty"
     for TensorBoard (whose buckets end at 1e20) and failed the run after its last step (three corpus runs)."""

@@ -189,6 +189,7 @@ def test_a_singular_layer_is_shown_as_17_and_counted_not_dropped(tmp_path):
     assert probe.findings.worst["singular"]["layers"][0] == "body.3"  # (and the layers after it: constant input)
 
 
+@pytest.mark.fast
 def test_probe_normalises_with_batch_statistics_until_batch_norm_has_seen_data():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU())
@@ -221,6 +222,7 @@ def test_the_table_says_which_probe_used_batch_statistics(tmp_path):
     assert marked == [0]  # the first probe only: by step 2 the running statistics have seen data
 
 
+@pytest.mark.fast
 def test_findings_keep_the_worst_sample_and_the_last():
     log = FindingsLog()
     log.update(0, "training batch", {"exploded": []})
@@ -242,6 +244,7 @@ def test_report_keeps_what_a_warning_said(tmp_path):
     assert any("exploded" in m["message"] and m["step"] == 0 for m in report["messages"])
 
 
+@pytest.mark.fast
 def test_depth_time_record_keeps_first_and_last_and_stays_bounded():
     record = DepthTimeRecord()
     for step in range(1000):
@@ -252,6 +255,7 @@ def test_depth_time_record_keeps_first_and_last_and_stays_bounded():
     assert measured[0].all() and not measured[1][[s % 2 == 1 for s in steps]].any()
 
 
+@pytest.mark.fast
 def test_table_of_a_resumed_run_drops_the_rows_measured_again(tmp_path):
     class Trainer:
         global_rank, global_step = 0, 0
@@ -292,6 +296,7 @@ def test_csv_logger_gets_scalars_and_png_figures(tmp_path):
     assert "saturation/depth_time/max_abs" in read_events(next((tmp_path / "tb").glob("version_*"))).Tags()["images"]
 
 
+@pytest.mark.fast
 def test_depth_time_image_shows_inf_nan_held_and_unmeasured_cells():
     data = np.array([[1.0, np.inf, 0.2], [np.nan, 0.5, np.nan]])
     measured = np.array([[True, True, True], [True, False, False]])
