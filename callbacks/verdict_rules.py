@@ -129,73 +129,107 @@ def _count(layers: list, total: int) -> str:
 def decide(samples: Samples, step: int, overrides: Optional[dict[str, float]] = None) -> Verdict:
     """The verdict at ``step`` from the ``samples`` recorded up to it (see the module docstring); ``overrides``
     (threshold name -> value) are for fitting a threshold on the design part of a corpus."""
-    values = {name: t.value for name, t in THRESHOLDS.items()} | dict(overrides or {})
+    thresholds = {name: t.value for name, t in THRESHOLDS.items()} | dict(overrides or {})
+    found = _Evidence(samples, step, thresholds)
+    _activation_pathologies(found)
+    _condition_pathologies(found)
+    _gradient_pathologies(found)
+    return _conclude(found, loss_ratio(samples, step))
 
-    def threshold(name: str) -> float:
-        return values[name]
 
-    since = step // 4  # persistent: in every sample from a quarter of the way on (the early samples v/4, v/2, v)
-    share = threshold("layer_share")
-    pathologies: list[str] = []
-    decisive: list[str] = []
-    signals: dict[str, float] = {}
-    notes: list[str] = []
+@dataclass
+class _Evidence:
+    """What the rules found at ``step``: pathologies (a decisive one fails the run whatever the loss), the
+    signals behind them (numbers, for scoring) and notes on what was not recorded."""
+    samples: Samples
+    step: int
+    thresholds: dict
+    pathologies: list = field(default_factory=list)
+    decisive: list = field(default_factory=list)
+    signals: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
-    def persistent(statistic: str, test, name: str, words: str) -> None:
-        series = samples.series(SATURATION, statistic, step)
-        held, total = _persistent(series, since, test)
-        signals[f"{name}_share"] = len(held) / max(total, 1)
-        if total and len(held) >= share * total:
-            first = min((s for s in series if s >= since), default=step)
-            pathologies.append(f"{_count(held, total)} {words} in every sample since step {first}")
+    @property
+    def since(self) -> int:
+        """Persistent means in every sample from a quarter of the way on (the early samples v/4, v/2, v)."""
+        return self.step // 4
+
+    def enough_layers(self, count: int, total: int) -> bool:
+        return total > 0 and count >= self.thresholds["layer_share"] * total
+
+
+def _activation_pathologies(found: _Evidence) -> None:
+    """Layers whose training-batch activations vanished, exploded or died, persistently."""
+    t = found.thresholds
+    if not found.samples.series(SATURATION, "train/mean_abs", found.step):
+        found.notes.append("no training-batch activations recorded (ActivationSaturationMonitor)")
+        return
+    for statistic, test, name, words in (
+            ("train/mean_abs", lambda v: v < t["vanished_mean_abs"], "vanished",
+             f"vanished (mean |a| < {t['vanished_mean_abs']:g})"),
+            ("train/max_abs", lambda v: v > t["exploded_max_abs"], "exploded",
+             f"exploded (max |a| > {t['exploded_max_abs']:g})"),
+            ("train/frac_dead", lambda v: v > t["dead_share"], "dead",
+             f"dead (more than {t['dead_share']:.0%} of units never fire)")):
+        series = found.samples.series(SATURATION, statistic, found.step)
+        held, total = _persistent(series, found.since, test)
+        found.signals[f"{name}_share"] = len(held) / max(total, 1)
+        if found.enough_layers(len(held), total):
+            first = min((s for s in series if s >= found.since), default=found.step)
+            found.pathologies.append(f"{_count(held, total)} {words} in every sample since step {first}")
             if name == "dead" and len(held) == total:
-                decisive.append(pathologies[-1])
+                found.decisive.append(found.pathologies[-1])
 
-    if samples.series(SATURATION, "train/mean_abs", step):
-        low, high = threshold("vanished_mean_abs"), threshold("exploded_max_abs")
-        persistent("train/mean_abs", lambda v: v < low, "vanished", f"vanished (mean |a| < {low:g})")
-        persistent("train/max_abs", lambda v: v > high, "exploded", f"exploded (max |a| > {high:g})")
-        persistent("train/frac_dead", lambda v: v > threshold("dead_share"), "dead",
-                   f"dead (more than {threshold('dead_share'):.0%} of units never fire)")
-    else:
-        notes.append("no training-batch activations recorded (ActivationSaturationMonitor)")
 
+def _condition_pathologies(found: _Evidence) -> None:
+    """Layers whose representations collapsed (PlainNet's singular hidden units, by degree)."""
+    samples, step, t = found.samples, found.step, found.thresholds
     near_zero = samples.latest(CONDITION, "near_zero", step) or samples.latest(CONDITION, "train/near_zero", step)
-    if near_zero:
-        collapsed = [n for n, v in near_zero.items() if v >= threshold("collapsed_share")]
-        signals["collapsed_share"] = len(collapsed) / len(near_zero)
-        if len(collapsed) >= share * len(near_zero):
-            pathologies.append(f"{_count(collapsed, len(near_zero))} have collapsed representations (at least "
-                               f"{threshold('collapsed_share'):.0%} of singular values near zero)")
+    if not near_zero:
+        return
+    collapsed = [n for n, v in near_zero.items() if v >= t["collapsed_share"]]
+    found.signals["collapsed_share"] = len(collapsed) / len(near_zero)
+    if found.enough_layers(len(collapsed), len(near_zero)):
+        found.pathologies.append(f"{_count(collapsed, len(near_zero))} have collapsed representations (at least "
+                                 f"{t['collapsed_share']:.0%} of singular values near zero)")
 
-    grads = samples.series(GRAD_FLOW, "norm", step)
-    if grads:
-        at = max(grads)
-        norms = [v for v in grads[at].values() if math.isfinite(v)]
-        if norms:
-            top = max(norms)
-            signals["max_gradient"] = top
-            if top < threshold("no_gradient"):
-                pathologies.append(f"no gradient: the largest layer gradient norm is {top:.1e} at step {at}")
-                decisive.append(pathologies[-1])
-            elif len(norms) >= 3 and norms[-1] > 0:
-                ratio = norms[0] / norms[-1]
-                signals["gradient_ratio"] = ratio
-                if ratio < threshold("gradient_ratio"):
-                    pathologies.append(f"gradient vanishes: at the first layer {ratio:.1e} of the last layer's at "
-                                       f"step {at}")
-                elif ratio > threshold("gradient_explosion"):
-                    pathologies.append(f"gradient explodes: at the first layer {ratio:.3g} times the last layer's at "
-                                       f"step {at}")
 
-    ratio = loss_ratio(samples, step)
+def _gradient_pathologies(found: _Evidence) -> None:
+    """No gradient at all (decisive), or a first layer's gradient vanishing or exploding against the last's."""
+    grads, t = found.samples.series(GRAD_FLOW, "norm", found.step), found.thresholds
+    if not grads:
+        return
+    at = max(grads)
+    norms = [v for v in grads[at].values() if math.isfinite(v)]
+    if not norms:
+        return
+    top = max(norms)
+    found.signals["max_gradient"] = top
+    if top < t["no_gradient"]:
+        found.pathologies.append(f"no gradient: the largest layer gradient norm is {top:.1e} at step {at}")
+        found.decisive.append(found.pathologies[-1])
+    elif len(norms) >= 3 and norms[-1] > 0:
+        ratio = norms[0] / norms[-1]
+        found.signals["gradient_ratio"] = ratio
+        if ratio < t["gradient_ratio"]:
+            found.pathologies.append(f"gradient vanishes: at the first layer {ratio:.1e} of the last layer's at "
+                                     f"step {at}")
+        elif ratio > t["gradient_explosion"]:
+            found.pathologies.append(f"gradient explodes: at the first layer {ratio:.3g} times the last layer's at "
+                                     f"step {at}")
+
+
+def _conclude(found: _Evidence, ratio: Optional[float]) -> Verdict:
+    """fails: a decisive pathology, or a pathology and a loss that did not fall; trains: no pathology and a loss
+    that fell; unsure otherwise."""
+    step, signals, notes, pathologies = found.step, found.signals, found.notes, found.pathologies
     if ratio is None:
         notes.append("no training loss seen (the training step returned none)")
     else:
         signals["loss_ratio"] = ratio
-    learning = ratio is not None and ratio <= threshold("loss_learning")
+    learning = ratio is not None and ratio <= found.thresholds["loss_learning"]
     loss_text = "" if ratio is None else f"training loss at {ratio:.0%} of step 0's"
-    if decisive or (pathologies and ratio is not None and not learning):
+    if found.decisive or (pathologies and ratio is not None and not learning):
         return Verdict("fails", step, pathologies + [loss_text], signals)
     if pathologies:
         why = f"but {loss_text}" if learning else "and the loss is unknown"

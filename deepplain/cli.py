@@ -27,6 +27,8 @@ import yaml
 from .callbacks import DIAGNOSTICS
 from .callbacks.messages import format_line
 from .datamodules.paths import resolve_data_env
+from .exits import (EXIT_BAD_INPUT, EXIT_BUG, EXIT_BY_STATUS, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_IO, EXIT_OK,
+                    describe_exits)
 from .errors import ConfigError, DatasetError, DeepplainError, DivergenceError, RunFailure
 from .inputs import OneLineParser, load_yaml
 from .plan import make_plan, resolve_config
@@ -34,14 +36,8 @@ from .presets import describe_presets
 from .registry import describe_models
 from .resume import resume_lock
 from .schema import OPTIONS, RunConfig, add_arguments, argument_groups, to_argv
-from .status import RunStatus
 from .training import run
 
-EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_IO, EXIT_STOPPED_EARLY = 0, 1, 2, 3, 4, 5
-EXIT_INTERRUPTED, EXIT_PREEMPTED = 130, 143
-EXIT_BY_STATUS = {RunStatus.COMPLETED: EXIT_OK, RunStatus.INTERRUPTED: EXIT_INTERRUPTED,
-                  RunStatus.PREEMPTED: EXIT_PREEMPTED, RunStatus.DIVERGED: EXIT_DIVERGED,
-                  RunStatus.STOPPED_EARLY: EXIT_STOPPED_EARLY}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", argument_default=argparse.SUPPRESS, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a very deep network with or without skip connections, with layer-by-layer diagnostics.",
         epilog="models:\n" + describe_models() + "\n\npresets (--preset NAME; explicit flags override them):\n"
-               + describe_presets() + "\n\nexit status: 0 completed, 2 bad input, 3 diverged, 4 I/O failure, "
-               "5 stopped early (--stop-if-fails), 130 interrupted (Ctrl-C), 143 preempted (SIGTERM)\n"
+               + describe_presets() + f"\n\nexit status: {describe_exits()}\n"
                "example: python train.py --model van --depth 26   # VAN-26 on CIFAR-10, the paper's recipe")
     groups = argument_groups(p)
     groups["configuration"].add_argument("--config", metavar="FILE.yaml", help="flag values as YAML (keys as printed "

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from .callbacks.alpha import AlphaScheduler
 from .errors import ConfigError
+from .exits import EXIT_BAD_INPUT
 from .inputs import OneLineParser, output_file
 from .rundir import SUMMARY_FILE, RunFolder
 from .status import METRIC_TAGS
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
             runs[name] = read_curves(run_dir)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     for name, curves in runs.items():
         final = curves["alpha_residual"][-1][1] if curves["alpha_residual"] else None
         removed = next((epoch for epoch, r in curves["alpha_residual"] if r == 0.0), None)

@@ -18,6 +18,7 @@ from typing import Optional
 import yaml
 
 from .errors import ConfigError, one_line
+from .exits import EXIT_BAD_INPUT
 from .rundir import LOCK_FILE
 
 MAX_TEXT_BYTES = 1 << 20  # a configuration or results file larger than 1 MiB is not one a person wrote
@@ -178,4 +179,4 @@ class OneLineParser(argparse.ArgumentParser):
     every deepplain entry point."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")

@@ -16,6 +16,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from .errors import ConfigError
+from .exits import EXIT_BAD_INPUT
 from .inputs import OneLineParser, output_dir, read_results_csv
 from .rundir import RESULTS_FILE
 from .status import RunStatus
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         paths = plot_sweep(rows, out, args.title)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     print(markdown_table(rows))
     for p_ in paths:
         print(f"wrote {p_}")

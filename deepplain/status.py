@@ -44,6 +44,21 @@ FINISHED = frozenset(s for s in RunStatus if s.finished)
 RESUMABLE = frozenset(s for s in RunStatus if s.resumable)
 
 
+class RowStatus(str, Enum):
+    """What a sweep's results.csv says of a run that has no summary of its own (yet)."""
+    NOT_STARTED = "not started"  # no summary and no checkpoint yet
+    UNFINISHED = "unfinished"    # a last.ckpt ahead of any summary: training now, or killed before it wrote one
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+
+def failed_because(reason: str) -> str:
+    """A sweep row's status for a run that failed before or without its own summary: ``failed (<reason>)``."""
+    return f"{RunStatus.FAILED} ({reason})"
+
+
 def column(default=None, csv: bool = True, factory=None) -> Any:
     """A summary field; ``csv``: it is a column of a sweep's results.csv."""
     if factory is not None:

@@ -40,17 +40,16 @@ from pathlib import Path
 from .datamodules.paths import resolve_data_env
 from .cli import parse_options
 from .errors import ConfigError
+from .exits import EXIT_BAD_INPUT
 from .files import atomic_file
 from .inputs import FolderLock, OneLineParser, output_dir, read_results_csv
 from .resume import latest_summary, resumable_checkpoint, saved_epochs, stopped_from_outside
 from .rundir import RESULTS_FILE, RUN_RECORD, SUMMARY_FILE, SWEEP_RUNS, TRAIN_LOG, RunFolder, SweepFolder
 from .schema import flag, to_argv
-from .status import FINISHED, RunStatus, RunSummary
+from .status import FINISHED, RowStatus, RunSummary, failed_because
 
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
 CSV_FIELDS = ["run_id", "variant", *RunSummary.csv_columns(), "flags"]
-NOT_STARTED = "not started"  # no summary and no checkpoint yet
-UNFINISHED = "unfinished"  # a last.ckpt ahead of any summary: training now, or killed before it wrote one
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # what torch's CPU kernels read at start-up
 # What the grid sets for each run, and where the run lives (options, and the config-file flags of train.py):
 # never given after -- or in a variant.
@@ -253,7 +252,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     if summary and summary.get("status") in FINISHED:
         return row(run, dataset, summary, skipped=True)
     if children is not None and children.stop_signal is not None:
-        return row(run, dataset, summary or {"status": NOT_STARTED})
+        return row(run, dataset, summary or {"status": RowStatus.NOT_STARTED})
     root.mkdir(parents=True, exist_ok=True)
     flags = run.train_flags(dataset, epochs)
     (root / RUN_RECORD).write_text(json.dumps({"flags": flags}))
@@ -261,9 +260,9 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
     run_folder = RunFolder.of_checkpoint(checkpoint).path if checkpoint is not None else None
     holder = FolderLock.holder(run_folder) if run_folder is not None else None
     if holder is not None:  # an earlier training of it still runs (an orphan of a killed sweep): never resume under it
-        return row(run, dataset, {"status": f"{RunStatus.FAILED} (its run folder {run_folder} is in "
-                                            f"use by pid {holder}; wait for that process to end, or stop it, then "
-                                            "run the same command)"})
+        return row(run, dataset, {"status": failed_because(f"its run folder {run_folder} is in use by pid {holder}; "
+                                                           "wait for that process to end, or stop it, then run the "
+                                                           "same command")})
     if checkpoint is not None:  # continue the interrupted run where it stopped
         cmd = [python, "-m", "deepplain", *to_argv({"resume": str(checkpoint), "progress": False})]
     else:
@@ -291,7 +290,7 @@ def run_one(run: Run, out: Path, dataset: str, epochs: int, gpu: str | None, pyt
         killed = code < 0 and -code in signal.valid_signals()
         how = f"killed by {signal.Signals(-code).name}" if killed else f"exit {code}"
         again = "; the same command resumes it" if resumable_checkpoint(root, epochs) is not None else ""
-        summary = {"status": f"{RunStatus.FAILED} ({how}{again}, see {root / TRAIN_LOG})"}
+        summary = {"status": failed_because(f"{how}{again}, see {root / TRAIN_LOG}")}
     return row(run, dataset, summary)
 
 
@@ -352,8 +351,8 @@ def state_now(run_root: Path) -> dict:
         return summary
     saved = saved_epochs(run_root)
     if saved is None or (summary and int(summary.get("epochs_done") or 0) >= saved):
-        return summary or {"status": NOT_STARTED}
-    return {"status": UNFINISHED, "epochs_done": saved}
+        return summary or {"status": RowStatus.NOT_STARTED}
+    return {"status": RowStatus.UNFINISHED, "epochs_done": saved}
 
 
 def run_grid(runs: list[Run], out: Path, dataset: str, epochs: int, parallel: int = 1, gpus=None,
@@ -448,12 +447,13 @@ def split_at_double_dash(argv) -> tuple[list[str], list[str]]:
 
 def exit_status(command) -> int:
     """A tool's ``command()`` (which returns its exit status), with the tools' two ways out: bad input is one line
-    and status 2; Ctrl-C or SIGTERM, passed on to the trainings (which saved their step), says how to resume."""
+    and ``EXIT_BAD_INPUT``; Ctrl-C or SIGTERM, passed on to the trainings (which saved their step), says how to
+    resume."""
     try:
         return command()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except Stopped as stop:
         print(stop, file=sys.stderr)
         return stop.exit_code

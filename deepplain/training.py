@@ -20,6 +20,7 @@ from torch import nn
 from lightning.pytorch.callbacks import LearningRateMonitor, RichModelSummary
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerStatus
 
 from . import hparams_table
 from .callbacks import DIAGNOSTICS, AlphaScheduler, SamplingCallback, TrainabilityVerdict
@@ -218,7 +219,7 @@ def train(run: Run) -> RunSummary:
         trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.config.resume)
         metrics.update(_floats(trainer.callback_metrics))  # trainer.test() resets callback_metrics
         verdict = verdict_of(run.diagnostics)
-        if trainer.state.status.value == "interrupted":
+        if trainer.state.status == TrainerStatus.INTERRUPTED:
             status = RunStatus.INTERRUPTED
         else:
             if verdict is not None and verdict.stopped:  # --stop-if-fails: kept resumable at the step it stopped

@@ -12,6 +12,7 @@ import pytest
 
 from datamodules import DATASETS
 from deepplain.cli import build_parser
+from deepplain.exits import EXIT_BUG, MEANING
 from deepplain.presets import PRESETS, RECIPES
 from deepplain.registry import model_names
 from deepplain.schema import DEFAULTS, OPTIONS, Range, flag, spellings
@@ -117,3 +118,9 @@ def test_the_readme_flag_table_states_every_default_and_range_of_the_schema():
             missing += [f"{flag(name)} range end {end:g}" for end in (o.valid.low, o.valid.high)
                         if not states(row, end)]
     assert missing == [], f"the README's flag table does not state: {missing}"
+
+
+def test_the_readme_exit_status_table_has_every_code_the_tools_use():
+    lines = README.split("| exit status | meaning |", 1)[1].split("\n\n", 1)[0].splitlines()
+    codes = {int(m.group(1)) for line in lines if (m := re.match(r"\| (\d+) \|", line))}
+    assert codes == {EXIT_BUG, *MEANING}  # every code train.py or a tool returns, and no other

@@ -370,7 +370,8 @@ FAST = ["--diagnostics", "saturation,grad_flow,verdict"]
 
 
 def test_train_py_stops_the_naive_100_layer_mlp_at_its_verdict_step(runs, capsys, caplog):
-    from deepplain.cli import EXIT_STOPPED_EARLY, main
+    from deepplain.cli import main
+    from deepplain.exits import EXIT_STOPPED_EARLY
     assert main([*NAIVE_100, *FAST, "--epochs", "20", "--logdir", str(runs), "--stop-if-fails"]) \
         == EXIT_STOPPED_EARLY == 5
     run = next(runs.glob("*/version_0"))
