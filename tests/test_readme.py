@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import DATASETS
+from deepplain.callbacks import DIAGNOSTICS
 from deepplain.cli import build_parser
 from deepplain.exits import EXIT_BUG, MEANING
 from deepplain.presets import PRESETS, RECIPES
@@ -124,3 +125,9 @@ def test_the_readme_exit_status_table_has_every_code_the_tools_use():
     lines = README.split("| exit status | meaning |", 1)[1].split("\n\n", 1)[0].splitlines()
     codes = {int(m.group(1)) for line in lines if (m := re.match(r"\| (\d+) \|", line))}
     assert codes == {EXIT_BUG, *MEANING}  # every code train.py or a tool returns, and no other
+
+
+def test_the_readme_names_every_diagnostic_train_py_takes():
+    first_cell = re.split(r"(?<!\\)\|", row_of("diagnostics"))[1]
+    listed = re.search(r"`--diagnostics all\\\|none\\\|([a-z_,]+)`", first_cell).group(1).split(",")
+    assert listed == list(DIAGNOSTICS)
