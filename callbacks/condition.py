@@ -9,7 +9,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
 from . import costs, figures
@@ -263,11 +262,6 @@ class ConditionNumberProbe(SamplingCallback):
             self.sample(trainer, pl_module)
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
-                           batch_idx: int) -> None:
-        self.finish_sample(trainer)
-
-    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank == 0 and self.probe_mode is not ProbeMode.TRAINING and self.probe is not None \
                 and self.probe.inputs is not None and self.last_sampled_step != trainer.global_step \
@@ -278,9 +272,6 @@ class ConditionNumberProbe(SamplingCallback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._capture is not None:  # never leave hooks behind
-            self._capture[0].__exit__(None, None, None)
-            self._capture = None
         self._stop_worker()
         super().on_exception(trainer, pl_module, exception)
 
@@ -312,7 +303,6 @@ class ConditionNumberProbe(SamplingCallback):
         self.plan: Optional[Plan] = None  # what the full samples measure (see deepplain.callbacks.costs)
         self._estimated: set[str] = set()  # the layers whose kappa is estimated, not computed from the spectrum
         self._said: set[str] = set()  # the one-off warnings already given
-        self._capture = None  # (LayerCapture, step, weights) of a training-batch sample in progress
         self._futures: list[Future] = []
         self._latest: dict[str, dict[str, float]] = {}  # each layer's latest measurement (rotating samples)
         self._latest_weights: dict[str, dict[str, float]] = {}

@@ -49,6 +49,7 @@ from typing import Any, Callable, Optional, Sequence
 import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
 from . import outputs
@@ -250,6 +251,11 @@ class SamplingCallback(Callback):
         outputs.announce(trainer)  # where the run's files go, said once
 
     @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
+                           batch_idx: int) -> None:
+        self.finish_sample(trainer)
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.draw_at_end(trainer)
         if trainer.global_rank == 0 and self.samples_taken:
@@ -262,6 +268,9 @@ class SamplingCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._capture is not None:  # never leave hooks behind
+            self._capture[0].__exit__(None, None, None)
+            self._capture = None
         # a run that diverged or was stopped is the one most in need of its pictures
         self.draw_at_end(trainer)
 
@@ -312,6 +321,7 @@ class SamplingCallback(Callback):
         self._pending: Optional[int] = None   # the due step of a postponed sample
         self._mandatory = True                # whether the sample being taken may not be postponed
         self._refused: Optional[int] = None   # the due step whose postponement was counted
+        self._capture: Optional[tuple] = None  # (LayerCapture, step, ...) of a training-batch sample in progress
 
     def state_key_fields(self) -> dict:
         """What tells two instances of this callback apart (their state is stored under it)."""

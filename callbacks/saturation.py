@@ -5,7 +5,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.types import STEP_OUTPUT
 from typing_extensions import override
 
 from . import figures
@@ -143,11 +142,6 @@ class ActivationSaturationMonitor(SamplingCallback):
             self._capture[0].__enter__()
 
     @override
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any,
-                           batch_idx: int) -> None:
-        self.finish_sample(trainer)
-
-    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.probe is None or trainer.global_rank != 0 or trainer.state.fn != "fit":
             return
@@ -170,13 +164,6 @@ class ActivationSaturationMonitor(SamplingCallback):
         super().on_train_end(trainer, pl_module)
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._capture is not None:  # never leave hooks behind
-            self._capture[0].__exit__(None, None, None)
-            self._capture = None
-        super().on_exception(trainer, pl_module, exception)
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "probes_taken": self.probes_taken, "last_probe_step": self.last_probe_step}
 
@@ -193,7 +180,6 @@ class ActivationSaturationMonitor(SamplingCallback):
         self.last_probe_step = -1
         self.last_probe_stats: dict[str, dict[str, float]] = {}
         self._warned: set[str] = set()
-        self._capture = None
 
     def state_key_fields(self) -> dict:
         types = [t.__name__ for t in self.layer_types] if self.layer_types else None

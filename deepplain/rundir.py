@@ -34,54 +34,38 @@ RUN_RECORD = "run.json"              # in a run root: the train.py flags the swe
 TRAIN_LOG = "train.log"              # in a run root: what its trainings printed
 
 
+def _inside(*parts: str) -> property:
+    """A path inside the folder, as a read-only attribute."""
+    return property(lambda self: self.path.joinpath(*parts))
+
+
 @dataclass(frozen=True)
-class RunFolder:
-    """The paths of one run folder (``<logdir>/<name>/version_N`` or ``job_<id>``)."""
+class _Folder:
     path: Path
 
     def __post_init__(self):
         object.__setattr__(self, "path", Path(self.path))
+
+
+class RunFolder(_Folder):
+    """The paths of one run folder (``<logdir>/<name>/version_N`` or ``job_<id>``)."""
+    config = _inside(CONFIG_FILE)
+    summary = _inside(SUMMARY_FILE)
+    checkpoints = _inside(CHECKPOINT_FOLDER)
+    last_checkpoint = _inside(CHECKPOINT_FOLDER, LAST_CHECKPOINT)
 
     @classmethod
     def of_checkpoint(cls, checkpoint) -> "RunFolder":
         """The run folder of a checkpoint (``<run>/checkpoints/x.ckpt``, or a SLURM ``<run>/hpc_ckpt_N.ckpt``)."""
-        checkpoint = Path(checkpoint)
-        parent = checkpoint.parent
+        parent = Path(checkpoint).parent
         return cls(parent.parent if parent.name == CHECKPOINT_FOLDER else parent)
 
-    @property
-    def config(self) -> Path:
-        return self.path / CONFIG_FILE
 
-    @property
-    def summary(self) -> Path:
-        return self.path / SUMMARY_FILE
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINT_FOLDER
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / LAST_CHECKPOINT
-
-
-@dataclass(frozen=True)
-class SweepFolder:
+class SweepFolder(_Folder):
     """The paths of a sweep's ``--out`` folder: its table and one run root per run id (each run root
     holds the run's version folders, one per attempt)."""
-    path: Path
-
-    def __post_init__(self):
-        object.__setattr__(self, "path", Path(self.path))
-
-    @property
-    def results(self) -> Path:
-        return self.path / RESULTS_FILE
-
-    @property
-    def runs(self) -> Path:
-        return self.path / SWEEP_RUNS
+    results = _inside(RESULTS_FILE)
+    runs = _inside(SWEEP_RUNS)
 
     def run_root(self, run_id: str) -> Path:
         return self.runs / run_id
