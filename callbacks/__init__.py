@@ -29,5 +29,6 @@ DIAGNOSTICS = {
 }
 
 __all__ = ["ActivationSaturationMonitor", "ConditionNumberProbe", "MaxNormConstraint", "AlphaScheduler",
-           "GradientFlowMonitor", "TrainabilityVerdict", "SamplingCallback", "condition_number", "infinity_norm_condition",
-           "weight_conditions", "apply_max_norm", "DiagnosticWarning", "DIAGNOSTICS", "check_int", "check_number"]
+           "GradientFlowMonitor", "TrainabilityVerdict", "SamplingCallback", "condition_number",
+           "infinity_norm_condition", "weight_conditions", "apply_max_norm", "DiagnosticWarning", "DIAGNOSTICS",
+           "check_int", "check_number"]

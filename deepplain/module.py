@@ -43,7 +43,8 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(self, model: str = DEFAULTS["model"], depth: int = DEPTH, arch: str = ARCH, input_shape=(1, 28, 28),
                  num_classes: int = 10, model_options: dict | None = None, optimizer: str = DEFAULTS["optimizer"],
-                 lr: float = RECIPE["lr"], momentum: float = DEFAULTS["momentum"], nesterov: bool = DEFAULTS["nesterov"],
+                 lr: float = RECIPE["lr"], momentum: float = DEFAULTS["momentum"],
+                 nesterov: bool = DEFAULTS["nesterov"],
                  weight_decay: float = RECIPE["weight_decay"], schedule: str = RECIPE["schedule"],
                  milestones=tuple(RECIPE["milestones"]),
                  gamma: float = DEFAULTS["gamma"], max_norm: float | None = DEFAULTS["max_norm"],

@@ -46,6 +46,7 @@ def builder_default(family: str, arch: str, option: str):
     """A model option's default: the builder's own (``Form.defaults``), never restated."""
     return get_family(family).form(arch).defaults()[option]
 
+
 # Where an option's value goes (``options_for``).
 MODEL, MODULE, DATAMODULE, TRAINER, RUN = "model", "module", "datamodule", "trainer", "run"
 GROUPS = {"configuration": "configuration", "model": "model", "van": "VAN", "data": "data",
@@ -168,7 +169,8 @@ class RunConfig:
                                  goes_to=MODULE, choices=FORMS)
     activation: Optional[str] = option(None, "plain family; resnet conv layout coursework", group="model",
                                        goes_to=MODEL, choices=ACTIVATIONS)
-    negative_slope: Optional[float] = option(None, f"LeakyReLU slope / PReLU initial slope (default {NEGATIVE_SLOPE:g})",
+    negative_slope: Optional[float] = option(None, "LeakyReLU slope / PReLU initial slope (default "
+                                             f"{NEGATIVE_SLOPE:g})",
                                              group="model", goes_to=MODEL, parse=float,
                                              valid=Range("in [0, 1)", 0, 1, high_open=True))
     norm: Optional[str] = option(None, group="model", goes_to=MODEL, choices=NORMS)
@@ -194,15 +196,15 @@ class RunConfig:
     max_norm_classifier: bool = option(False, "constrain the classifier too", group="model",
                                        goes_to=MODULE, switch="on")
     # VAN
-    alpha_mode: str = option(DEFAULT_ALPHA_MODE, "how alpha is driven to 1 (lagrangian: the paper's eq. 7-8, calibrated)",
-                             group="van", goes_to=MODULE,
-                             choices=ALPHA_MODES)
+    alpha_mode: str = option(DEFAULT_ALPHA_MODE, "how alpha is driven to 1 (lagrangian: the paper's eq. 7-8, "
+                                                 "calibrated)", group="van", goes_to=MODULE, choices=ALPHA_MODES)
     lambda_lr_ratio: Optional[float] = option(None, f"eta'/eta (default {PAPER_LAMBDA_LR_RATIO['mlp']:g} for MLPs, "
                                                     f"{PAPER_LAMBDA_LR_RATIO['conv']:g} for conv)", group="van",
                                               goes_to=MODULE, parse=float,
                                               valid=Range("a finite number >= 0", 0))
     phase_out: Optional[float] = option(None, "when the skips must be gone: a share of training (< 1) or an epoch "
-                                              f"(default {PAPER_PHASE_OUT[0]}/{PAPER_PHASE_OUT[1]})", group="van", goes_to=MODULE, parse=float,
+                                              f"(default {PAPER_PHASE_OUT[0]}/{PAPER_PHASE_OUT[1]})", group="van",
+                                        goes_to=MODULE, parse=float,
                                         flags=("--phase-out", "--phase-out-epochs"),
                                         valid=Range("a share of training in (0, 1) or an epoch >= 1", 0,
                                                     low_open=True))
@@ -283,7 +285,8 @@ class RunConfig:
                                                f"steps, {VERDICT_MIN_STEP} to {VERDICT_MAX_STEP})",
                                          parse=int, valid=POSITIVE_INT)
     diag_every: Optional[int] = option(None, "sampling interval in steps for every diagnostic (default: about "
-                                             f"{NUM_SAMPLES} samples spread over the run)", parse=int, valid=POSITIVE_INT,
+                                             f"{NUM_SAMPLES} samples spread over the run)", parse=int,
+                                       valid=POSITIVE_INT,
                                        resumable=True)
     logger: Optional[str] = option(None, f"loggers besides TensorBoard (always written): a comma list of "
                                          f"{', '.join(LOGGERS)}", metavar="NAMES", resumable=True)

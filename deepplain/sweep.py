@@ -37,8 +37,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .datamodules.paths import resolve_data_env
 from .cli import parse_options
+from .datamodules.paths import resolve_data_env
 from .errors import ConfigError
 from .exits import EXIT_BAD_INPUT
 from .files import atomic_file

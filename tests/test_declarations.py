@@ -15,8 +15,8 @@ from deepplain.config import merge
 from deepplain.errors import ConfigError
 from deepplain.registry import families_taking, get_family, model_names
 from deepplain.rundir import CHECKPOINT_FOLDER, LAST_CHECKPOINT, RunFolder, SweepFolder
-from deepplain.schema import (OPTIONS, flag, options_for, parse_count_or_fraction, parse_devices, parse_numbers, spellings,
-                              to_argv)
+from deepplain.schema import (OPTIONS, flag, options_for, parse_count_or_fraction, parse_devices, parse_numbers,
+                              spellings, to_argv)
 from deepplain.sweep import Run, check_identities, grid, parse_variant
 
 pytestmark = pytest.mark.fast
