@@ -133,8 +133,11 @@ def count(listing: bool) -> dict:
         for rel, line, function in places[1:]:
             copies["parameter defaults repeated"].append((rel, line, f"{name}={value} in {function}"))
     longest.sort(reverse=True)
-    totals = {fact: len(found) for fact, found in sorted(copies.items())}
-    for fact, found in sorted(copies.items()):
+    facts = ("tags", "flags in tools", "flags in messages", "run-folder paths", "defaults restated in help",
+             "parameter defaults repeated")
+    totals = {fact: len(copies[fact]) for fact in facts}
+    for fact in facts:
+        found = copies[fact]
         by_file = Counter(rel for rel, _, _ in found)
         print(f"{fact}: {len(found)}  ({', '.join(f'{f} {n}' for f, n in by_file.most_common())})")
         if listing:
