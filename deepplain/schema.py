@@ -346,9 +346,14 @@ def to_argv(values: dict) -> list[str]:
             if value == (o.switch == "on"):
                 argv.append(flag(name))
             continue
-        # str() of a float is its shortest exact spelling, so the value parses back unchanged
-        argv += [flag(name), ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)]
+        argv += [flag(name), spelled(value)]
     return argv
+
+
+def spelled(value) -> str:
+    """A value as a train.py argument: a list comma-joined; str() of a float is its shortest exact spelling, so
+    the value parses back unchanged."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def from_dict(values: dict) -> RunConfig:

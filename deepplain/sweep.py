@@ -45,7 +45,7 @@ from .files import atomic_file
 from .inputs import FolderLock, OneLineParser, output_dir, read_results_csv
 from .resume import latest_summary, resumable_checkpoint, saved_epochs, stopped_from_outside
 from .rundir import RESULTS_FILE, RUN_RECORD, SUMMARY_FILE, SWEEP_RUNS, TRAIN_LOG, RunFolder, SweepFolder
-from .schema import flag, to_argv
+from .schema import flag, spelled, to_argv
 from .status import FINISHED, RowStatus, RunSummary, failed_because
 
 # The run's summary fields (``status.RunSummary``) between the sweep's own columns.
@@ -171,10 +171,7 @@ def check_identities(runs: list[Run], out: Path, dataset: str, epochs: int) -> N
 
 
 def _shown(options: dict, name: str) -> str:
-    if name not in options:
-        return "(not given)"
-    value = options[name]
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return spelled(options[name]) if name in options else "(not given)"
 
 
 class Children:
